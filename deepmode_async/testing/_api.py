@@ -1,0 +1,386 @@
+"""The eight endpoints of the DeepMode API, with every documented rule enforced."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hmac
+import secrets
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from .._formats import ACCEPTED_FORMATS
+from .._types import Gender, ModelType, Ratio, RemixMode
+from ._http import Problem, drop_connection, field_error, read_form, read_json_object
+from ._records import Endpoint, MockModel, RecordedRequest, UploadedFile, iso
+
+if TYPE_CHECKING:
+    from ._mock import MockDeepMode
+
+MAX_TRAINING_IMAGES: Final = 30
+MAX_NUM_IMAGES: Final = 8
+MODEL_LIFETIME: Final = dt.timedelta(days=30)
+RECORD: Final = web.RequestKey("record", RecordedRequest)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Fields:
+    """Reads the fields of a JSON object or a form, collecting FastAPI-style 422 errors."""
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self.data = data
+        self.errors: list[dict[str, Any]] = []
+
+    def text(
+        self,
+        name: str,
+        *,
+        required: bool = False,
+        default: str | None = None,
+        choices: type[Gender | ModelType | Ratio | RemixMode] | None = None,
+        url: bool = False,
+        non_empty: bool = False,
+    ) -> str | None:
+        value = self.data.get(name)
+        if value is None:
+            if required:
+                self.errors.append(field_error(name, "missing", "Field required"))
+            return default
+        if not isinstance(value, str):
+            self.errors.append(field_error(name, "string_type", "Input should be a string", value))
+        elif non_empty and not value.strip():
+            msg = "String should have at least 1 character"
+            self.errors.append(field_error(name, "string_too_short", msg, value))
+        elif choices is not None and value not in set(choices):
+            allowed = " or ".join(f"'{choice}'" for choice in choices)
+            self.errors.append(field_error(name, "enum", f"Input should be {allowed}", value))
+        elif url and not is_http_url(value):
+            msg = "Input should be an absolute http or https URL"
+            self.errors.append(field_error(name, "url_parsing", msg, value))
+        else:
+            return value
+        return default
+
+    def required(
+        self,
+        name: str,
+        *,
+        choices: type[Gender | ModelType | Ratio | RemixMode] | None = None,
+        non_empty: bool = False,
+    ) -> str:
+        """A required text field ("" when it is wrong: `check` then answers 422)."""
+        return self.text(name, required=True, choices=choices, non_empty=non_empty) or ""
+
+    def integer(self, name: str, *, default: int, low: int, high: int) -> int:
+        value = self.data.get(name, default)
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.errors.append(field_error(name, "int_type", "Input should be an integer", value))
+        elif not low <= value <= high:
+            msg = f"Input should be between {low} and {high}"
+            self.errors.append(field_error(name, "range", msg, value))
+        else:
+            return value
+        return default
+
+    def boolean(self, name: str, *, default: bool) -> bool:
+        value = self.data.get(name, default)
+        if isinstance(value, bool):
+            return value
+        self.errors.append(field_error(name, "bool_type", "Input should be a boolean", value))
+        return default
+
+    def url_list(self, name: str) -> list[str]:
+        value = self.data.get(name)
+        if not isinstance(value, list):
+            self.errors.append(
+                field_error(name, "list_type", "Input should be a valid list", value)
+            )
+            return []
+        if not 1 <= len(value) <= MAX_TRAINING_IMAGES:
+            msg = f"List should have 1 to {MAX_TRAINING_IMAGES} items, not {len(value)}"
+            self.errors.append(field_error(name, "too_long" if value else "too_short", msg))
+        for index, item in enumerate(value):
+            if not isinstance(item, str) or not is_http_url(item):
+                msg = "Input should be an absolute http or https URL"
+                self.errors.append(
+                    {**field_error(name, "url_parsing", msg, item), "loc": ["body", name, index]}
+                )
+        return value
+
+    def check(self, extra: list[dict[str, Any]] | None = None) -> None:
+        """Answer 422 with every problem found so far."""
+        if self.errors or extra:
+            raise Problem(422, self.errors + (extra or []))
+
+
+def is_http_url(value: str) -> bool:
+    """True for an absolute http(s) URL with a host, as the API needs for callbacks and images."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def check_images(files: list[UploadedFile], field: str, *, low: int, high: int) -> None:
+    """The count (422) and the content (400) of the uploaded images of one field."""
+    if not files:
+        raise Problem(422, [field_error(field, "missing", "Field required")])
+    if not low <= len(files) <= high:
+        msg = f"List should have {low} to {high} items, not {len(files)}"
+        raise Problem(422, [field_error(field, "too_long", msg)])
+    for index, upload in enumerate(files, 1):
+        if upload.format is None:
+            raise Problem(
+                400,
+                f"Image {index} ({upload.filename!r}, {upload.size} bytes) is not a valid image: "
+                f"accepted formats are {ACCEPTED_FORMATS}",
+            )
+
+
+class DeepModeApi:
+    """The API host: one aiohttp handler per endpoint, over the state held by the mock."""
+
+    def __init__(self, mock: MockDeepMode) -> None:
+        self.mock = mock
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.middleware])
+        routes = [
+            ("POST", "/api/models", "create_model", self.create_model),
+            ("POST", "/api/models/{model_id}/extend", "extend_model", self.extend_model),
+            ("POST", "/api/images/generate", "generate", self.generate),
+            ("GET", "/api/images/{image_id}", "retrieve_image", self.retrieve_image),
+            ("POST", "/api/images/upscale", "upscale", self.upscale),
+            ("POST", "/api/remix/generate", "remix", self.remix),
+            ("POST", "/api/face-id-remix", "face_id_remix", self.face_id_remix),
+            ("GET", "/api/check-balance", "balance", self.balance),
+        ]
+        for method, path, name, handler in routes:
+            app.router.add_route(method, path, handler, name=name)
+        return app
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Record, misbehave on demand, rate-limit, authenticate, then answer or explain."""
+        mock = self.mock
+        record = mock._record(request)
+        request[RECORD] = record
+        mock._enter()
+        try:
+            response = await self._answer(request, handler, record)
+        except asyncio.CancelledError:
+            record.disconnected = True
+            raise
+        finally:
+            mock._leave()
+        response.headers["x-request-id"] = record.request_id
+        record.status = response.status
+        return response
+
+    async def _answer(
+        self, request: web.Request, handler: Handler, record: RecordedRequest
+    ) -> web.StreamResponse:
+        mock = self.mock
+        fault = mock._take_fault(record.endpoint)
+        try:
+            if record.endpoint is None:  # aiohttp raises its 404 or 405, answered below
+                return await handler(request)
+            if fault is not None and fault.kind == "status":
+                return fault.response()
+            if fault is not None and fault.kind == "drop" and not fault.after_processing:
+                return drop_connection(request)
+            if fault is not None and fault.kind == "stall":
+                await asyncio.sleep(fault.seconds)
+            mock._check_rate_limit()
+            self._authenticate(request)
+            response = await handler(request)
+            if fault is not None and fault.kind == "drop":
+                return drop_connection(request)
+            return response
+        except Problem as problem:
+            return web.json_response(
+                {"detail": problem.detail}, status=problem.status, headers=problem.headers
+            )
+        except web.HTTPException as exc:  # aiohttp's own 404/405 for unknown routes and methods
+            return web.json_response({"detail": exc.reason}, status=exc.status, headers=exc.headers)
+
+    def _authenticate(self, request: web.Request) -> None:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Problem(401, "Not authenticated", headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(token.encode(), self.mock.api_key.encode()):
+            raise Problem(401, "Invalid API key", headers={"WWW-Authenticate": "Bearer"})
+
+    # ----------------------------------------------------------------- endpoints
+
+    async def create_model(self, request: web.Request) -> web.StreamResponse:
+        mock, record = self.mock, request[RECORD]
+        if request.content_type == "multipart/form-data":
+            form = await read_form(request, record, frozenset({"images"}), mock.max_upload_size)
+            fields = Fields(form.fields)
+            images = form.files.get("images", [])
+            image_count = len(images)
+        else:
+            fields = Fields(await read_json_object(request, record, mock.max_json_size))
+            image_count = len(fields.url_list("image_urls"))
+        gender = fields.required("gender", choices=Gender)
+        model_type = fields.required("model_type", choices=ModelType)
+        name = fields.text("name")
+        callback = fields.text("callback", url=True)
+        fields.check()
+        if request.content_type == "multipart/form-data":
+            check_images(images, "images", low=1, high=MAX_TRAINING_IMAGES)
+        elif mock.fetch_image_urls:
+            await mock._fetch_training_urls(fields.data["image_urls"])
+        mock._charge("create_model", record)
+        now = mock.now()
+        model = MockModel(
+            id=new_id(21),
+            name=name,
+            gender=gender,
+            model_type=model_type,
+            created_at=now,
+            expire_at=now + MODEL_LIFETIME,
+            image_count=image_count,
+        )
+        mock.models[model.id] = model
+        mock._spawn(mock._train(model, callback))
+        await mock._work("create_model")
+        return web.json_response({"message": "Created model successfully"})
+
+    async def extend_model(self, request: web.Request) -> web.StreamResponse:
+        model = self._model(request.match_info["model_id"], trained=False)
+        self.mock._charge("extend_model", request[RECORD])
+        model.expire_at += MODEL_LIFETIME
+        await self.mock._work("extend_model")
+        return web.json_response({"updated_expire_at": iso(model.expire_at)})
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        mock, record = self.mock, request[RECORD]
+        fields = Fields(await read_json_object(request, record, mock.max_json_size))
+        model_id = fields.required("model_id", non_empty=True)
+        prompt = fields.required("prompt", non_empty=True)
+        negative_prompt = fields.text("negative_prompt")
+        num_images = fields.integer("num_images", default=1, low=1, high=MAX_NUM_IMAGES)
+        upscale = fields.boolean("upscale", default=False)
+        ratio = fields.text("ratio", default=Ratio.PORTRAIT, choices=Ratio) or Ratio.PORTRAIT
+        callback = fields.text("callback", url=True)
+        fields.check()
+        self._model(model_id)
+        mock._charge("generate", record)
+
+        def make_images() -> dict[str, Any]:
+            images = [
+                mock._add_image(model_id, prompt, negative_prompt, upscaled=upscale, ratio=ratio)
+                for _ in range(num_images)
+            ]
+            return {"images": [mock._image_json(image) for image in images]}
+
+        if callback is not None:
+            mock._spawn(mock._work_then_deliver("generate", "generation", callback, make_images))
+            return web.json_response({"message": "Generating images..."})
+        await mock._work("generate")
+        return web.json_response(make_images())
+
+    async def retrieve_image(self, request: web.Request) -> web.StreamResponse:
+        image = self.mock.images.get(request.match_info["image_id"])
+        if image is None:
+            raise Problem(404, f"Image {request.match_info['image_id']!r} not found")
+        await self.mock._work("retrieve_image")
+        return web.json_response(self.mock._image_json(image))
+
+    async def upscale(self, request: web.Request) -> web.StreamResponse:
+        mock, record = self.mock, request[RECORD]
+        fields = Fields(await read_json_object(request, record, mock.max_json_size))
+        image_id = fields.required("image_id", non_empty=True)
+        callback = fields.text("callback", url=True)
+        fields.check()
+        source = mock.images.get(image_id)
+        if source is None:
+            raise Problem(404, f"Image {image_id!r} not found")
+        mock._charge("upscale", record)
+
+        def make_image() -> dict[str, Any]:
+            image = mock._add_image(
+                source.model_id,
+                source.prompt,
+                source.negative_prompt,
+                upscaled=True,
+                ratio=source.ratio,
+            )
+            return mock._image_json(image)
+
+        if callback is not None:
+            mock._spawn(mock._work_then_deliver("upscale", "upscale", callback, make_image))
+            return web.json_response({"message": "Upscaling images..."})
+        await mock._work("upscale")
+        return web.json_response(make_image())
+
+    async def remix(self, request: web.Request) -> web.StreamResponse:
+        return await self._remix(request, "remix", ("artwork_image", "mask_image"))
+
+    async def face_id_remix(self, request: web.Request) -> web.StreamResponse:
+        images = ("identity_image", "artwork_image", "mask_image")
+        return await self._remix(request, "face_id_remix", images)
+
+    async def _remix(
+        self, request: web.Request, endpoint: Endpoint, image_fields: tuple[str, ...]
+    ) -> web.StreamResponse:
+        mock, record = self.mock, request[RECORD]
+        if request.content_type != "multipart/form-data":
+            raise Problem(415, "Content-Type must be multipart/form-data")
+        form = await read_form(request, record, frozenset(image_fields), mock.max_upload_size)
+        fields = Fields(form.fields)
+        model_id = fields.required("model_id", non_empty=True) if endpoint == "remix" else None
+        fields.text("prompt", default="")
+        fields.text("negative_prompt", default="")
+        mode = fields.text("mode", default=RemixMode.SYNC, choices=RemixMode)
+        missing = [
+            field_error(name, "missing", "Field required")
+            for name in image_fields
+            if name not in form.files
+        ]
+        fields.check(missing)
+        for name in image_fields:
+            check_images(form.files[name], name, low=1, high=1)
+        if model_id is not None:
+            self._model(model_id)
+        mock._charge(endpoint, record)
+        if mode == RemixMode.SYNC:
+            await mock._work(endpoint)
+            remix = mock._add_remix(endpoint, model_id, ready_in=0.0)
+        else:  # answers at once; the image appears on the image host when the work is done
+            remix = mock._add_remix(endpoint, model_id, ready_in=mock.latency.get(endpoint, 0.0))
+        return web.json_response(mock._remix_json(remix))
+
+    async def balance(self, request: web.Request) -> web.StreamResponse:
+        await self.mock._work("balance")
+        return web.json_response({"remaining_balance": self.mock.balance})
+
+    # ----------------------------------------------------------------- helpers
+
+    def _model(self, model_id: str, *, trained: bool = True) -> MockModel:
+        """The model, or the answer the API gives for an unknown, untrained or expired one."""
+        model = self.mock.models.get(model_id)
+        if model is None:
+            raise Problem(404, f"Model {model_id!r} not found")
+        if trained and not model.active:
+            raise Problem(409, f"Model {model_id!r} is still training")
+        if trained and model.expire_at <= self.mock.now():
+            raise Problem(403, f"Model {model_id!r} expired at {iso(model.expire_at)}; extend it")
+        return model
+
+
+def new_id(length: int) -> str:
+    """A random lowercase hex id of `length` characters, like the API's."""
+    return secrets.token_hex((length + 1) // 2)[:length]
+
+
+def new_file_name() -> str:
+    return f"{uuid.uuid4()}.jpeg"

@@ -1,0 +1,167 @@
+"""Plumbing shared by the mock's two hosts: problems, faults and bounded body reading."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Final, Literal
+
+import aiohttp
+import attrs
+from aiohttp import web
+
+from .._formats import SNIFF_BYTES, sniff_image_format
+from ._records import RecordedRequest, UploadedFile
+
+CHUNK: Final = 256 * 1024
+MAX_TEXT_FIELD: Final = 64 * 1024
+MAX_PARTS: Final = 100
+
+
+class Problem(Exception):
+    """An error answer: FastAPI's `{"detail": ...}` on the API, Azure's XML on the image host."""
+
+    def __init__(
+        self, status: int, detail: Any, *, code: str = "", headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(status, detail)
+        self.status = status
+        self.detail = detail
+        self.code = code  # Azure error code, used by the image host only
+        self.headers = dict(headers or {})
+
+
+def field_error(loc: str | int, type_: str, msg: str, value: Any = None) -> dict[str, Any]:
+    """One item of a FastAPI 422 `detail` list."""
+    return {"type": type_, "loc": ["body", loc], "msg": msg, "input": value}
+
+
+@attrs.frozen
+class Fault:
+    """A misbehaviour queued for the next call of an endpoint (see `MockDeepMode.fail` & co)."""
+
+    kind: Literal["status", "drop", "stall", "truncate"]
+    status: int = 500
+    detail: Any = None
+    body: bytes | None = None
+    content_type: str = "application/json"
+    retry_after: str | None = None
+    after_processing: bool = False
+    seconds: float = 0.0
+    after_bytes: int | None = None
+
+    def response(self) -> web.Response:
+        """The answer of a `status` fault: the given body, or `{"detail": ...}`."""
+        headers = {"Retry-After": self.retry_after} if self.retry_after is not None else {}
+        if self.body is not None:
+            return web.Response(
+                status=self.status, body=self.body, headers=headers, content_type=self.content_type
+            )
+        detail = self.detail if self.detail is not None else f"Injected fault {self.status}"
+        return web.json_response({"detail": detail}, status=self.status, headers=headers)
+
+
+def drop_connection(request: web.Request) -> web.Response:
+    """Close the connection without an answer; the returned response is never sent."""
+    if request.transport is not None:
+        request.transport.close()
+    return web.Response()
+
+
+def format_retry_after(value: float | str | None) -> str | None:
+    """`Retry-After` as a header value: seconds (a whole number when it is one) or a date."""
+    if value is None or isinstance(value, str):
+        return value
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes:
+    """The whole body, or 413 as soon as it is known to exceed `limit`."""
+    if request.content_length is not None and request.content_length > limit:
+        raise Problem(413, f"Request body is larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise Problem(413, f"Request body is larger than {limit} bytes")
+    return bytes(body)
+
+
+async def read_json_object(request: web.Request, record: RecordedRequest, limit: int) -> Any:
+    """Parse a JSON object body as FastAPI would, answering 415/413/422 for bad ones."""
+    if request.content_type != "application/json":
+        raise Problem(415, "Content-Type must be application/json")
+    raw = await read_limited(request, limit)
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+        raise Problem(422, [field_error(0, "json_invalid", f"JSON decode error: {exc}")]) from None
+    record.json = data
+    if not isinstance(data, dict):
+        msg = "Input should be a valid dictionary or object to extract fields from"
+        raise Problem(422, [field_error(0, "model_attributes_type", msg, data)])
+    return data
+
+
+@attrs.define
+class Form:
+    """A streamed multipart body: its text fields and the files of `file_fields`."""
+
+    fields: dict[str, str] = attrs.Factory(dict)
+    files: dict[str, list[UploadedFile]] = attrs.Factory(dict)
+
+
+async def read_form(
+    request: web.Request, record: RecordedRequest, file_fields: frozenset[str], limit: int
+) -> Form:
+    """Stream a multipart body part by part, keeping only what validation needs.
+
+    File contents are counted and sniffed, never held, so a 600 MB training upload
+    costs the mock a few kilobytes.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise Problem(413, f"Request body is larger than {limit} bytes")
+    form = Form()
+    total = 0
+    try:
+        reader = await request.multipart()
+        for _ in range(MAX_PARTS + 1):
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, aiohttp.BodyPartReader) or part.name is None:
+                raise Problem(422, [field_error(0, "multipart", "Nested or unnamed form parts")])
+            is_file = part.name in file_fields
+            kept, size = bytearray(), 0
+            while chunk := await part.read_chunk(CHUNK):
+                size += len(chunk)
+                total += len(chunk)
+                if total > limit:
+                    raise Problem(413, f"Request body is larger than {limit} bytes")
+                if is_file:
+                    kept += chunk[: max(0, SNIFF_BYTES - len(kept))]
+                elif size > MAX_TEXT_FIELD:
+                    raise Problem(413, f"Form field {part.name!r} exceeds {MAX_TEXT_FIELD} bytes")
+                else:
+                    kept += chunk
+            if is_file:
+                if part.filename is None:
+                    msg = "Expected UploadFile, received: <class 'str'>"
+                    raise Problem(422, [field_error(part.name, "value_error", msg)])
+                upload = UploadedFile(
+                    field=part.name,
+                    filename=part.filename,
+                    content_type=part.headers.get("Content-Type"),
+                    size=size,
+                    format=sniff_image_format(bytes(kept)),
+                )
+                form.files.setdefault(part.name, []).append(upload)
+                record.files.append(upload)
+            else:
+                form.fields[part.name] = record.form[part.name] = kept.decode()
+        else:
+            raise Problem(413, f"More than {MAX_PARTS} form parts")
+    except (ValueError, AssertionError, aiohttp.ClientPayloadError) as exc:
+        # Malformed multipart (no boundary, broken headers, bad UTF-8) is the sender's fault.
+        raise Problem(400, f"Malformed multipart body: {exc}") from None
+    return form
