@@ -150,7 +150,9 @@ class DeepModeApi:
         self.mock = mock
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.middleware])
+        app = web.Application(
+            middlewares=[self.middleware], client_max_size=self.mock.max_json_size
+        )
         routes = [
             ("POST", "/api/models", "create_model", self.create_model),
             ("POST", "/api/models/{model_id}/extend", "extend_model", self.extend_model),
@@ -227,7 +229,7 @@ class DeepModeApi:
             images = form.files.get("images", [])
             image_count = len(images)
         else:
-            fields = Fields(await read_json_object(request, record, mock.max_json_size))
+            fields = Fields(await read_json_object(request, record))
             image_count = len(fields.url_list("image_urls"))
         gender = fields.required("gender", choices=Gender)
         model_type = fields.required("model_type", choices=ModelType)
@@ -263,7 +265,7 @@ class DeepModeApi:
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         mock, record = self.mock, request[RECORD]
-        fields = Fields(await read_json_object(request, record, mock.max_json_size))
+        fields = Fields(await read_json_object(request, record))
         model_id = fields.required("model_id", non_empty=True)
         prompt = fields.required("prompt", non_empty=True)
         negative_prompt = fields.text("negative_prompt")
@@ -297,7 +299,7 @@ class DeepModeApi:
 
     async def upscale(self, request: web.Request) -> web.StreamResponse:
         mock, record = self.mock, request[RECORD]
-        fields = Fields(await read_json_object(request, record, mock.max_json_size))
+        fields = Fields(await read_json_object(request, record))
         image_id = fields.required("image_id", non_empty=True)
         callback = fields.text("callback", url=True)
         fields.check()

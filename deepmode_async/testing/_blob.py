@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import functools
 import hashlib
 import hmac
+import math
 import secrets
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -23,6 +26,15 @@ if TYPE_CHECKING:
 
 SAS_VERSION: Final = "2023-11-03"
 _SAS_TIME: Final = "%Y-%m-%dT%H:%M:%SZ"
+
+
+@functools.lru_cache(maxsize=1024)
+def _sas_time(epoch_second: int) -> str:
+    """Azure's SAS time format; cached because a burst of URLs shares a few seconds."""
+    return time.strftime(_SAS_TIME, time.gmtime(epoch_second))
+
+
+_PERCENT_ENCODE: Final = str.maketrans({":": "%3A", "+": "%2B", "/": "%2F", "=": "%3D"})
 
 
 class UrlSigner:
@@ -42,29 +54,33 @@ class UrlSigner:
         message = "\n".join((path, start, expiry, "r", SAS_VERSION, "b")).encode()
         return base64.b64encode(hmac.digest(self._key, message, hashlib.sha256)).decode()
 
-    def _query(self, path: str, start: str, expiry: str) -> str:
-        sig = self._signature(path, start, expiry)
-        values = {"st": start, "se": expiry, "sp": "r", "sv": SAS_VERSION, "sr": "b", "sig": sig}
-        return "&".join(f"{key}={quote(value, safe='')}" for key, value in values.items())
+    def _query(self, start: str, expiry: str, signature: str) -> str:
+        # Only these four characters in times and base64 need escaping: a translation
+        # table is exact for them and many times faster than `urllib.parse.quote`.
+        start, expiry, signature = (
+            v.translate(_PERCENT_ENCODE) for v in (start, expiry, signature)
+        )
+        return f"st={start}&se={expiry}&sp=r&sv={SAS_VERSION}&sr=b&sig={signature}"
 
     def sign(self, path: str) -> str:
         """A signed query string for `path`, valid from now for `ttl` seconds."""
-        now = self._now()
-        expiry = (now + dt.timedelta(seconds=self.ttl)).strftime(_SAS_TIME)
+        now = int(self._now().timestamp())
+        expiry = _sas_time(now + math.ceil(self.ttl))
         # Azure backdates the start time to allow for clock skew; choosing how far back
         # lets every URL carry both `%2B` and `%2F`, so re-encoding bugs never hide.
         for skew in range(300):
-            start = (now - dt.timedelta(seconds=skew)).strftime(_SAS_TIME)
-            query = self._query(path, start, expiry)
-            if "%2B" in query and "%2F" in query:
+            start = _sas_time(now - skew)
+            signature = self._signature(path, start, expiry)
+            if "+" in signature and "/" in signature:
                 break
-        return query
+        return self._query(start, expiry, signature)
 
     def check(self, path: str, raw_query: str) -> None:
         """Raise the image host's 403 unless `raw_query` is exactly a valid, unexpired one."""
         values = dict(item.partition("=")[::2] for item in raw_query.split("&"))
         start, expiry = unquote(values.get("st", "")), unquote(values.get("se", ""))
-        if not hmac.compare_digest(raw_query, self._query(path, start, expiry)):
+        expected = self._query(start, expiry, self._signature(path, start, expiry))
+        if not hmac.compare_digest(raw_query.encode(), expected.encode()):
             message = "Signature did not match. String to sign used was r, " + path
             raise Problem(403, message, code="AuthenticationFailed")
         expires = dt.datetime.strptime(expiry, _SAS_TIME).replace(tzinfo=dt.UTC)

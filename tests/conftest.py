@@ -1,0 +1,85 @@
+"""Shared fixtures: a running mock on the test's loop, a raw aiohttp client, a receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from deepmode_async.testing import MockDeepMode
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # aiohttp runs on asyncio only
+
+
+@pytest.fixture
+async def mock() -> AsyncIterator[MockDeepMode]:
+    """A mock on the test's own event loop, with the default options."""
+    async with MockDeepMode(callback_backoff=0.01) as server:
+        yield server
+
+
+@pytest.fixture
+async def http(mock: MockDeepMode) -> AsyncIterator[aiohttp.ClientSession]:
+    """Raw aiohttp, authenticated for the mock's API (never reuse it for the image host)."""
+    headers = {"Authorization": f"Bearer {mock.api_key}"}
+    async with aiohttp.ClientSession(mock.base_url, headers=headers) as session:
+        yield session
+
+
+@pytest.fixture
+async def plain() -> AsyncIterator[aiohttp.ClientSession]:
+    """Raw aiohttp without credentials, for the image host and callbacks."""
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+class Receiver:
+    """A callback endpoint on loopback that records what it is sent."""
+
+    def __init__(self) -> None:
+        self.bodies: list[Any] = []
+        self.statuses: list[int] = []  # answers to give, in order; 200 when exhausted
+        self.url = ""
+        self.arrived = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        status = self.statuses.pop(0) if self.statuses else 200
+        if status < 300:
+            self.bodies.append(await request.json())
+            self.arrived.set()
+        return web.Response(status=status)
+
+    async def next_body(self, timeout: float = 5.0) -> Any:
+        await asyncio.wait_for(self.arrived.wait(), timeout)
+        self.arrived.clear()
+        return self.bodies[-1]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    app = web.Application()
+    recv = Receiver()
+    app.router.add_post("/callback", recv.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    recv.url = f"http://127.0.0.1:{runner.addresses[0][1]}/callback"
+    yield recv
+    await runner.cleanup()
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until `predicate()` holds, failing the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)

@@ -1,0 +1,46 @@
+"""Smoke test of the built wheel in a fresh venv (run by `make smoke`, not by pytest).
+
+It must import the installed package, not the source tree, so it is run from
+another directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import json
+import pathlib
+import urllib.request
+
+import deepmode_async
+from deepmode_async.testing import MockDeepMode
+
+
+def main() -> None:
+    package_dir = pathlib.Path(deepmode_async.__file__).parent
+    assert "site-packages" in str(package_dir), f"not the installed wheel: {package_dir}"
+    assert (package_dir / "py.typed").is_file(), "py.typed is missing from the wheel"
+    plugins = importlib.metadata.entry_points(group="pytest11")
+    assert any(ep.value == "deepmode_async.testing._plugin" for ep in plugins), "no pytest plugin"
+
+    # The thread-backed mock, called with the standard library.
+    with MockDeepMode(balance=42) as mock:
+        request = urllib.request.Request(  # noqa: S310 (an http URL on loopback)
+            f"{mock.base_url}/api/check-balance",
+            headers={"Authorization": f"Bearer {mock.api_key}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            assert json.load(response) == {"remaining_balance": 42}
+
+    # The async form on this loop.
+    async def async_form() -> None:
+        async with MockDeepMode() as mock:
+            assert mock.base_url.startswith("http://127.0.0.1:")
+
+    asyncio.run(async_form())
+    version = deepmode_async.__version__
+    print(f"wheel smoke test passed: deepmode_async {version} from {package_dir}")
+
+
+if __name__ == "__main__":
+    main()
