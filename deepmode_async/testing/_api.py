@@ -209,8 +209,9 @@ class DeepModeApi:
             return web.json_response(
                 {"detail": problem.detail}, status=problem.status, headers=problem.headers
             )
-        except web.HTTPException as exc:  # aiohttp's own 404/405 for unknown routes and methods
-            return web.json_response({"detail": exc.reason}, status=exc.status, headers=exc.headers)
+        except web.HTTPException as exc:  # aiohttp's own: unknown route or method, body too large
+            headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}
+            return web.json_response({"detail": exc.reason}, status=exc.status, headers=headers)
 
     def _authenticate(self, request: web.Request) -> None:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")

@@ -9,6 +9,7 @@ from typing import Any, Final, Literal
 import aiohttp
 import attrs
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .._formats import SNIFF_BYTES, sniff_image_format
 from ._records import RecordedRequest, UploadedFile
@@ -152,7 +153,7 @@ async def read_form(
                 form.fields[part.name] = record.form[part.name] = kept.decode()
         else:
             raise Problem(413, f"More than {MAX_PARTS} form parts")
-    except (ValueError, AssertionError, aiohttp.ClientPayloadError) as exc:
+    except (ValueError, AssertionError, aiohttp.ClientPayloadError, HttpProcessingError) as exc:
         # Malformed multipart (no boundary, broken headers, bad UTF-8) is the sender's fault.
         raise Problem(400, f"Malformed multipart body: {exc}") from None
     return form
