@@ -96,6 +96,9 @@ class Fields:
 
     def url_list(self, name: str) -> list[str]:
         value = self.data.get(name)
+        if value is None:
+            self.errors.append(field_error(name, "missing", "Field required"))
+            return []
         if not isinstance(value, list):
             self.errors.append(
                 field_error(name, "list_type", "Input should be a valid list", value)

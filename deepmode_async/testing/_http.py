@@ -83,10 +83,13 @@ async def read_json_object(request: web.Request, record: RecordedRequest) -> Any
     """
     if request.content_type != "application/json":
         raise Problem(415, "Content-Type must be application/json")
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except web.RequestPayloadError as exc:  # e.g. a Content-Encoding the body does not have
+        raise Problem(400, f"Malformed body: {exc}") from None
     try:
         data = json.loads(raw)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+    except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd nesting
         raise Problem(422, [field_error(0, "json_invalid", f"JSON decode error: {exc}")]) from None
     record.json = data
     if not isinstance(data, dict):
@@ -153,7 +156,13 @@ async def read_form(
                 form.fields[part.name] = record.form[part.name] = kept.decode()
         else:
             raise Problem(413, f"More than {MAX_PARTS} form parts")
-    except (ValueError, AssertionError, aiohttp.ClientPayloadError, HttpProcessingError) as exc:
+    except (
+        ValueError,
+        AssertionError,
+        HttpProcessingError,
+        aiohttp.ClientPayloadError,
+        web.RequestPayloadError,
+    ) as exc:
         # Malformed multipart (no boundary, broken headers, bad UTF-8) is the sender's fault.
         raise Problem(400, f"Malformed multipart body: {exc}") from None
     return form
