@@ -28,6 +28,7 @@ test: lint coverage smoke
 coverage: $(STAMP)
 	$(BIN)/coverage erase
 	$(BIN)/coverage run -m pytest
+	$(BIN)/coverage combine --quiet
 	$(BIN)/coverage report
 
 # Build the wheel, install it into a fresh venv and use it from outside the source tree.

@@ -57,8 +57,8 @@ class Receiver:
             self.arrived.set()
         return web.Response(status=status)
 
-    async def next_body(self, timeout: float = 5.0) -> Any:
-        await asyncio.wait_for(self.arrived.wait(), timeout)
+    async def next_body(self, within: float = 5.0) -> Any:
+        await asyncio.wait_for(self.arrived.wait(), within)
         self.arrived.clear()
         return self.bodies[-1]
 
@@ -76,9 +76,9 @@ async def receiver() -> AsyncIterator[Receiver]:
     await runner.cleanup()
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until `predicate()` holds, failing the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait until `predicate()` holds, failing the test after `within` seconds."""
+    deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")

@@ -875,3 +875,39 @@ async def test_the_api_key_never_reaches_the_records() -> None:
         assert len(mock.requests) == 2
         assert all(r.headers["Authorization"] == "[redacted]" for r in mock.requests)
         assert secret not in repr(mock.requests)
+
+
+# --------------------------------------------------------------------------- fetched URLs
+
+
+async def test_fetch_image_urls_rejects_what_is_not_a_reachable_image(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with MockDeepMode(fetch_image_urls=True) as fetching:
+        model = fetching.add_model()
+        headers = {"Authorization": f"Bearer {fetching.api_key}"}
+        async with aiohttp.ClientSession(fetching.base_url, headers=headers) as api:
+            async with api.post(GENERATE, json={"model_id": model.id, "prompt": "p"}) as response:
+                image_url = (await response.json())["images"][0]["image_url"]
+            with socket.socket() as closed:
+                closed.bind(("127.0.0.1", 0))
+                unreachable = f"http://127.0.0.1:{closed.getsockname()[1]}/face.jpg"
+            cases = {
+                "a real image": ([image_url], 200, None),
+                "not an image": ([image_url, f"{fetching.base_url}{BALANCE}"], 400, "URL 2"),
+                "unreachable": ([unreachable], 400, "could not be fetched"),
+            }
+            for name, (urls, status, detail) in cases.items():
+                body = {**TRAINING, "image_urls": urls}
+                async with api.post(MODELS, json=body) as response:
+                    assert response.status == status, name
+                    if detail is not None:
+                        assert detail in (await response.json())["detail"], name
+            assert [charge.endpoint for charge in fetching.ledger] == ["generate", "create_model"]
+
+
+async def test_a_url_that_does_not_parse_is_422(http: aiohttp.ClientSession) -> None:
+    body = {**TRAINING, "image_urls": ["http://[::1/face.jpg"]}
+    async with http.post(MODELS, json=body) as response:
+        assert response.status == 422
+        assert (await response.json())["detail"][0]["type"] == "url_parsing"

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import attrs
 import pytest
 import yarl
+from conftest import Receiver, eventually
 from multidict import CIMultiDictProxy
 
-from conftest import Receiver, eventually
-from deepmode_async.testing import COSTS, ENDPOINTS, Endpoint, MockDeepMode, sample_image
+from deepmode_async.testing import (
+    COSTS,
+    ENDPOINTS,
+    Endpoint,
+    MockDeepMode,
+    RecordedRequest,
+    sample_image,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -29,8 +37,6 @@ class Answer:
     body: bytes
 
     def json(self) -> Any:
-        import json
-
         return json.loads(self.body)
 
 
@@ -47,15 +53,13 @@ class Env:
 
 
 @pytest.fixture
-async def env(
-    mock: MockDeepMode, http: aiohttp.ClientSession, plain: aiohttp.ClientSession
-) -> AsyncIterator[Env]:
+async def env(mock: MockDeepMode, http: aiohttp.ClientSession, plain: aiohttp.ClientSession) -> Env:
     model_id = mock.add_model().id
     body = {"model_id": model_id, "prompt": "a lighthouse"}
     async with http.post("/api/images/generate", json=body) as response:
         assert response.status == 200
         (image,) = (await response.json())["images"]
-    yield Env(mock, http, plain, model_id, image)
+    return Env(mock, http, plain, model_id, image)
 
 
 async def answer(request: Any) -> Answer:
@@ -140,7 +144,7 @@ def snapshot(mock: MockDeepMode) -> Snapshot:
     )
 
 
-def records(mock: MockDeepMode, endpoint: Endpoint) -> list[Any]:
+def records(mock: MockDeepMode, endpoint: Endpoint) -> list[RecordedRequest]:
     return [r for r in mock.requests if r.endpoint == endpoint]
 
 

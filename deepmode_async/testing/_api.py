@@ -15,7 +15,7 @@ from aiohttp import web
 
 from .._formats import ACCEPTED_FORMATS
 from .._types import Gender, ModelType, Ratio, RemixMode
-from ._http import Problem, drop_connection, field_error, read_form, read_json_object
+from ._http import Problem, drop_connection, field_error, note_answer, read_form, read_json_object
 from ._records import Endpoint, MockModel, RecordedRequest, UploadedFile, iso
 
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ class DeepModeApi:
         finally:
             mock._leave()
         response.headers["x-request-id"] = record.request_id
-        record.status = response.status
+        note_answer(record, request, response)
         return response
 
     async def _answer(

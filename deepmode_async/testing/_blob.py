@@ -17,7 +17,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from ._http import CHUNK, Problem, drop_connection
+from ._http import CHUNK, Problem, drop_connection, note_answer
 from ._records import RecordedRequest
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ class BlobHost:
         except asyncio.CancelledError:
             record.disconnected = True
             raise
-        record.status = response.status
+        note_answer(record, request, response)
         return response
 
     async def _answer(

@@ -69,6 +69,14 @@ def drop_connection(request: web.Request) -> web.Response:
     return web.Response()
 
 
+def note_answer(
+    record: RecordedRequest, request: web.Request, response: web.StreamResponse
+) -> None:
+    """Record the status sent, unless the connection was dropped instead of answered."""
+    if request.transport is not None and not request.transport.is_closing():
+        record.status = response.status
+
+
 def format_retry_after(value: float | str | None) -> str | None:
     """`Retry-After` as a header value: seconds (a whole number when it is one) or a date."""
     if value is None or isinstance(value, str):

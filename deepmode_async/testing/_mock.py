@@ -14,6 +14,7 @@ from typing import Any, Final, Self
 import aiohttp
 import anyio.from_thread
 from aiohttp import web
+from yarl import URL
 
 from .._formats import SNIFF_BYTES, sniff_image_format
 from ._api import DeepModeApi, new_file_name, new_id
@@ -30,6 +31,7 @@ from ._records import (
     MockModel,
     MockRemix,
     RecordedRequest,
+    check_endpoint,
     iso,
 )
 from ._samples import sample_image
@@ -95,12 +97,15 @@ class MockDeepMode:
         self.balance = balance
         self.training_delay = training_delay
         self.latency: dict[Endpoint, float] = (
-            dict(latency)
+            {check_endpoint(name): seconds for name, seconds in latency.items()}
             if isinstance(latency, Mapping)
             else dict.fromkeys(ENDPOINTS, float(latency))
         )
         self.image_bytes = sample_image("jpeg", size=image_size)
-        self.costs: dict[Endpoint, int] = {**COSTS, **(costs or {})}
+        self.costs: dict[Endpoint, int] = {
+            **COSTS,
+            **{check_endpoint(name): cost for name, cost in (costs or {}).items()},
+        }
         self.callback_retries = callback_retries
         self.callback_backoff = callback_backoff
         self.fetch_image_urls = fetch_image_urls
@@ -308,7 +313,7 @@ class MockDeepMode:
 
     def set_latency(self, endpoint: Endpoint, seconds: float) -> None:
         """How long each call of `endpoint` takes on the server from now on."""
-        self.latency[endpoint] = seconds
+        self.latency[check_endpoint(endpoint)] = seconds
 
     def clear_faults(self) -> None:
         """Forget every queued fault and the concurrency limit."""
@@ -316,9 +321,7 @@ class MockDeepMode:
         self._rate_limit = None
 
     def _queue(self, endpoint: Endpoint, times: int, fault: Fault) -> None:
-        if endpoint not in ENDPOINTS:
-            raise ValueError(f"unknown endpoint {endpoint!r}")
-        self._faults[endpoint].extend([fault] * times)
+        self._faults[check_endpoint(endpoint)].extend([fault] * times)
 
     def _take_fault(self, endpoint: Endpoint | None) -> Fault | None:
         queue = self._faults.get(endpoint) if endpoint is not None else None
@@ -471,7 +474,11 @@ class MockDeepMode:
         assert self._http is not None
         for index, url in enumerate(urls, 1):
             try:
-                async with self._http.get(url, timeout=aiohttp.ClientTimeout(total=30)) as response:
+                # Signed URLs must go out byte for byte: yarl would re-encode their queries.
+                target = URL(url, encoded=True)
+                async with self._http.get(
+                    target, timeout=aiohttp.ClientTimeout(total=30)
+                ) as response:
                     head = await response.content.read(SNIFF_BYTES) if response.ok else b""
             except Exception as exc:
                 raise Problem(400, f"Image URL {index} could not be fetched: {exc}") from None

@@ -25,6 +25,15 @@ Endpoint = Literal[
 
 ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
 
+
+def check_endpoint(endpoint: str) -> Endpoint:
+    """`endpoint` if it names one, else a `ValueError` listing the names (catches typos)."""
+    for known in ENDPOINTS:
+        if endpoint == known:
+            return known
+    raise ValueError(f"unknown endpoint {endpoint!r}: expected one of {', '.join(ENDPOINTS)}")
+
+
 CallbackKind = Literal["model", "generation", "upscale"]
 
 COSTS: dict[Endpoint, int] = {
@@ -120,6 +129,9 @@ class UploadedFile:
 @attrs.define
 class RecordedRequest:
     """One request the mock received. `status` and `disconnected` are filled in as it ends.
+
+    `status` stays `None` when no answer was sent (the connection was dropped, or the
+    client hung up first, which also sets `disconnected`).
 
     `headers` has the value of `Authorization` replaced by `[redacted]`, so tests can
     assert whether it was sent without the key ending up in their output.

@@ -1,0 +1,254 @@
+"""Starting and stopping the mock: async and thread-backed, the pytest plugin, the process."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+import requests
+from conftest import Receiver, eventually
+
+from deepmode_async.testing import MockDeepMode
+
+pytest_plugins = ["pytester"]
+
+TRAINING = {"image_urls": ["https://example.com/me.jpg"], "gender": "man", "model_type": "amateur"}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+# ------------------------------------------------------------------ the thread-backed form
+
+
+def test_thread_backed_mock_serves_sync_code() -> None:
+    with MockDeepMode(balance=5) as mock, requests.Session() as session:
+        session.headers.update(bearer(mock.api_key))
+        balance_url = f"{mock.base_url}/api/check-balance"
+
+        assert session.get(balance_url, timeout=5).json() == {"remaining_balance": 5}
+
+        body = {"model_id": mock.add_model().id, "prompt": "a lighthouse", "num_images": 2}
+        generated = session.post(f"{mock.base_url}/api/images/generate", json=body, timeout=5)
+        assert generated.status_code == 200, generated.text
+        images = generated.json()["images"]
+        assert len(images) == 2
+        assert session.get(balance_url, timeout=5).json() == {"remaining_balance": 4}
+        assert [charge.endpoint for charge in mock.ledger] == ["generate"]
+
+        # requests keeps the signed URL's escapes as they are; no key goes to the image host.
+        image = requests.get(images[0]["image_url"], timeout=5)
+        assert (image.status_code, image.content) == (200, mock.image_bytes)
+
+        # Faults set from this thread reach the server's loop.
+        mock.fail("balance", 503, retry_after=2)
+        failed = session.get(balance_url, timeout=5)
+        assert (failed.status_code, failed.headers["Retry-After"]) == (503, "2")
+        assert failed.json() == {"detail": "Injected fault 503"}
+        assert session.get(balance_url, timeout=5).status_code == 200
+
+        urls = (mock.base_url, mock.blob_base_url)
+
+    for url in urls:
+        with pytest.raises(requests.ConnectionError):
+            requests.get(url, timeout=2)
+    with pytest.raises(RuntimeError, match="not running"):
+        _ = mock.base_url
+
+
+def test_thread_backed_mock_cannot_be_entered_twice() -> None:
+    with MockDeepMode() as mock:
+        with pytest.raises(RuntimeError, match="already running"), mock:
+            pass  # pragma: no cover
+        response = requests.get(
+            f"{mock.base_url}/api/check-balance", headers=bearer(mock.api_key), timeout=5
+        )
+        assert response.status_code == 200
+
+
+# ------------------------------------------------------------------ state and repr
+
+
+@pytest.mark.parametrize("attribute", ["base_url", "blob_base_url"])
+def test_urls_before_start_raise_a_clear_error(attribute: str) -> None:
+    mock = MockDeepMode()
+    with pytest.raises(RuntimeError, match=r"MockDeepMode is not running: use `async with`"):
+        getattr(mock, attribute)
+
+
+@pytest.mark.anyio
+async def test_starting_twice_raises_and_the_mock_keeps_serving() -> None:
+    async with MockDeepMode() as mock:
+        base_url = mock.base_url
+        with pytest.raises(RuntimeError, match="already running"):
+            await mock.start()
+        assert mock.base_url == base_url
+        async with (
+            aiohttp.ClientSession(headers=bearer(mock.api_key)) as http,
+            http.get(f"{base_url}/api/check-balance") as response,
+        ):
+            assert response.status == 200
+
+
+@pytest.mark.anyio
+async def test_repr_shows_where_and_never_the_key() -> None:
+    secret = "sk-live-do-not-print-me"
+    mock = MockDeepMode(api_key=secret)
+    assert "not running" in repr(mock)
+    async with mock:
+        shown = repr(mock)
+        assert mock.base_url in shown
+        assert secret not in shown
+        assert secret not in str(mock)
+    assert "not running" in repr(mock)
+    assert secret not in repr(mock)
+
+
+# ------------------------------------------------------------------ stopping with work under way
+
+
+@pytest.mark.anyio
+async def test_stop_is_prompt_with_a_stalled_request_and_a_training_model(
+    receiver: Receiver,
+) -> None:
+    mock = MockDeepMode(training_delay=60)
+    await mock.start()
+    try:
+        async with aiohttp.ClientSession(mock.base_url, headers=bearer(mock.api_key)) as http:
+            body = {**TRAINING, "callback": receiver.url}
+            async with http.post("/api/models", json=body) as response:
+                assert response.status == 200
+            (model,) = mock.models.values()
+            assert not model.active
+
+            async def stalled_call() -> int:
+                async with http.get("/api/check-balance") as response:
+                    return response.status
+
+            mock.stall("balance")  # an hour
+            stalled = asyncio.create_task(stalled_call())
+            await eventually(lambda: mock.in_flight == 1)
+
+            started = time.monotonic()
+            await asyncio.wait_for(mock.stop(), 5)
+            elapsed = time.monotonic() - started
+
+            # The client learns that the server went away, without waiting for the stall.
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await asyncio.wait_for(stalled, 2)
+    finally:
+        await mock.stop()  # a second stop is harmless
+
+    assert elapsed < 2
+    assert not model.active  # training was cancelled, not completed
+    assert mock.callbacks == []
+    assert receiver.bodies == []
+    with pytest.raises(RuntimeError, match="not running"):
+        _ = mock.base_url
+
+
+# ------------------------------------------------------------------ the pytest plugin
+
+PLUGIN_USER = """
+import os
+
+import pytest
+import requests
+
+seen = {}
+
+
+def balance(base_url, key):
+    response = requests.get(
+        f"{base_url}/api/check-balance", headers={"Authorization": f"Bearer {key}"}, timeout=5
+    )
+    return response.status_code, response.json()
+
+
+@pytest.mark.deepmode_mock(balance=7, api_key="plugin-key")
+def test_marker_options_reach_the_mock(deepmode_mock):
+    assert deepmode_mock.api_key == "plugin-key"
+    assert balance(deepmode_mock.base_url, "plugin-key") == (200, {"remaining_balance": 7})
+    seen["base_url"] = deepmode_mock.base_url
+
+
+def test_the_mock_was_stopped_after_its_test():
+    with pytest.raises(requests.ConnectionError):
+        requests.get(seen["base_url"], timeout=2)
+
+
+@pytest.mark.deepmode_mock(balance=7)
+def test_env_points_clients_at_the_mock(deepmode_env):
+    key, base_url = os.environ["DEEPMODE_API_KEY"], os.environ["DEEPMODE_BASE_URL"]
+    assert (key, base_url) == (deepmode_env.api_key, deepmode_env.base_url)
+    assert balance(base_url, key) == (200, {"remaining_balance": 7})
+    seen["env_url"] = base_url
+
+
+def test_env_is_restored_afterwards():
+    assert "DEEPMODE_API_KEY" not in os.environ
+    assert "DEEPMODE_BASE_URL" not in os.environ
+
+
+def test_default_mock(deepmode_mock):
+    assert balance(deepmode_mock.base_url, "mock-key") == (200, {"remaining_balance": 10000})
+"""
+
+
+def test_pytest_plugin_fixtures(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DEEPMODE_API_KEY", raising=False)
+    monkeypatch.delenv("DEEPMODE_BASE_URL", raising=False)
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    pytester.makepyfile(test_uses_plugin=PLUGIN_USER)
+
+    # The plugin comes from the installed package's `pytest11` entry point, nothing else.
+    result = pytester.runpytest_subprocess("-W", "error", "--strict-markers")
+
+    result.assert_outcomes(passed=5)
+
+
+# ------------------------------------------------------------------ the mock as a process
+
+
+def test_module_serves_until_sigint() -> None:
+    command = [sys.executable, "-m", "deepmode_async.testing", "--port", "0", "--api-key", "k123"]
+    with subprocess.Popen(  # noqa: S603
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        watchdog = threading.Timer(20, process.kill)  # a hung child must not hang the suite
+        watchdog.start()
+        try:
+            assert process.stdout is not None
+            printed: dict[str, Any] = {}
+            for line in process.stdout:
+                name, _, value = line.strip().partition("=")
+                printed[name] = value
+                if name == "DEEPMODE_API_KEY":
+                    break
+            assert printed.get("DEEPMODE_API_KEY") == "k123", printed
+            base_url = printed["DEEPMODE_BASE_URL"]
+            assert base_url.startswith("http://127.0.0.1:")
+
+            url = f"{base_url}/api/check-balance"
+            ok = requests.get(url, headers=bearer("k123"), timeout=5)
+            assert (ok.status_code, ok.json()) == (200, {"remaining_balance": 10000})
+            refused = requests.get(url, headers=bearer("mock-key"), timeout=5)
+            assert refused.status_code == 401
+            assert refused.json() == {"detail": "Invalid API key"}
+
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=5)
+            assert process.returncode == 0, stderr
+            assert "mock stopped" in stderr
+        finally:
+            watchdog.cancel()
+            if process.poll() is None:
+                process.kill()
