@@ -472,6 +472,9 @@ QUEUERS: dict[str, Callable[[MockDeepMode], None]] = {
     "drop": lambda mock: mock.drop("Generate"),  # type: ignore[arg-type]
     "stall": lambda mock: mock.stall("check-balance", seconds=1),  # type: ignore[arg-type]
     "fail-path": lambda mock: mock.fail("/api/images/generate", 500),  # type: ignore[arg-type]
+    "latency": lambda mock: mock.set_latency("generat", 1),  # type: ignore[arg-type]
+    "latency-option": lambda mock: MockDeepMode(latency={"generat": 1}),  # type: ignore[dict-item]
+    "costs-option": lambda mock: MockDeepMode(costs={"generat": 1}),  # type: ignore[dict-item]
 }
 
 
@@ -483,6 +486,11 @@ async def test_an_unknown_endpoint_name_raises(
         queue(mock)
     async with http.get("/api/check-balance") as response:
         assert response.status == 200
+
+
+async def test_stalling_mid_body_is_for_downloads_only(mock: MockDeepMode) -> None:
+    with pytest.raises(ValueError, match="download"):
+        mock.stall("generate", after_bytes=10)
 
 
 # ------------------------------------------------------------------ performance

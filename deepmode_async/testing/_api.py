@@ -15,7 +15,15 @@ from aiohttp import web
 
 from .._formats import ACCEPTED_FORMATS
 from .._types import Gender, ModelType, Ratio, RemixMode
-from ._http import Problem, drop_connection, field_error, note_answer, read_form, read_json_object
+from ._http import (
+    Problem,
+    drop_connection,
+    field_error,
+    misbehave_before,
+    note_answer,
+    read_form,
+    read_json_object,
+)
 from ._records import Endpoint, MockModel, RecordedRequest, UploadedFile, iso
 
 if TYPE_CHECKING:
@@ -196,12 +204,8 @@ class DeepModeApi:
         try:
             if record.endpoint is None:  # aiohttp raises its 404 or 405, answered below
                 return await handler(request)
-            if fault is not None and fault.kind == "status":
-                return fault.response()
-            if fault is not None and fault.kind == "drop" and not fault.after_processing:
-                return drop_connection(request)
-            if fault is not None and fault.kind == "stall":
-                await asyncio.sleep(fault.seconds)
+            if (early := await misbehave_before(fault, request)) is not None:
+                return early
             mock._check_rate_limit()
             self._authenticate(request)
             response = await handler(request)

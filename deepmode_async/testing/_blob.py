@@ -17,7 +17,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from ._http import CHUNK, Problem, drop_connection, note_answer
+from ._http import CHUNK, Problem, drop_connection, misbehave_before, note_answer
 from ._records import RecordedRequest
 
 if TYPE_CHECKING:
@@ -135,12 +135,8 @@ class BlobHost:
     async def download(self, request: web.Request) -> web.StreamResponse:
         mock = self.mock
         fault = mock._take_fault("download")
-        if fault is not None and fault.kind == "status":
-            return fault.response()
-        if fault is not None and fault.kind == "drop":
-            return drop_connection(request)
-        if fault is not None and fault.kind == "stall" and fault.after_bytes is None:
-            await asyncio.sleep(fault.seconds)
+        if (early := await misbehave_before(fault, request)) is not None:
+            return early
         mock.signer.check(request.path, request.rel_url.raw_query_string)
         ready_at = mock._blobs.get(request.path)
         if ready_at is None or ready_at > mock.now():

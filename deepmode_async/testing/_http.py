@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 from typing import Any, Final, Literal
@@ -60,6 +61,19 @@ class Fault:
             )
         detail = self.detail if self.detail is not None else f"Injected fault {self.status}"
         return web.json_response({"detail": detail}, status=self.status, headers=headers)
+
+
+async def misbehave_before(fault: Fault | None, request: web.Request) -> web.Response | None:
+    """Carry out what `fault` does before a call is processed; a response ends the call."""
+    if fault is None:
+        return None
+    if fault.kind == "status":
+        return fault.response()
+    if fault.kind == "drop" and not fault.after_processing:
+        return drop_connection(request)
+    if fault.kind == "stall" and fault.after_bytes is None:
+        await asyncio.sleep(fault.seconds)
+    return None
 
 
 def drop_connection(request: web.Request) -> web.Response:

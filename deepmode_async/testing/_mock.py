@@ -297,6 +297,8 @@ class MockDeepMode:
         For `download`, `after_bytes` sends that much of the image first and stalls
         mid-body. A client that gives up shows as `disconnected` in `requests`.
         """
+        if after_bytes is not None and endpoint != "download":
+            raise ValueError("after_bytes applies to the `download` endpoint only")
         self._queue(endpoint, times, Fault("stall", seconds=seconds, after_bytes=after_bytes))
 
     def truncate(self, *, times: int = 1) -> None:
