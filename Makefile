@@ -46,4 +46,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/mock_throughput.py
 
 clean:
-	rm -rf $(VENV) $(SMOKE) dist .coverage .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SMOKE) dist .coverage .coverage.* .mypy_cache .ruff_cache .hypothesis deepmode-demo

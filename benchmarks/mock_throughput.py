@@ -44,10 +44,13 @@ async def mock_process(latency: float) -> AsyncIterator[tuple[str, str, int]]:
     process = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE)
     assert process.stdout is not None
     settings: dict[str, str] = {}
-    while len(settings) < 2:
-        key, _, value = (await process.stdout.readline()).decode().strip().partition("=")
-        settings[key] = value
     try:
+        while len(settings) < 2:
+            line = await process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the mock exited with {await process.wait()} before serving")
+            key, _, value = line.decode().strip().partition("=")
+            settings[key] = value
         yield settings["DEEPMODE_BASE_URL"], settings["DEEPMODE_API_KEY"], process.pid
     finally:
         process.terminate()

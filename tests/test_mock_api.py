@@ -875,6 +875,12 @@ async def test_the_api_key_never_reaches_the_records() -> None:
         assert len(mock.requests) == 2
         assert all(r.headers["Authorization"] == "[redacted]" for r in mock.requests)
         assert secret not in repr(mock.requests)
+        extra = {"Cookie": f"session={secret}", "Proxy-Authorization": f"Basic {secret}"}
+        async with http.get(BALANCE, headers=extra) as response:
+            assert response.status == 200
+        last = mock.requests[-1]
+        assert last.headers["Cookie"] == last.headers["Proxy-Authorization"] == "[redacted]"
+        assert secret not in repr(mock.requests)
 
 
 # --------------------------------------------------------------------------- fetched URLs

@@ -523,3 +523,54 @@ async def test_the_mock_is_not_a_bottleneck() -> None:
     assert mock.peak_in_flight <= in_flight
     assert mock.peak_in_flight >= in_flight // 2
     assert elapsed < 5, f"{calls} calls took {elapsed:.2f} s (ideal {calls / in_flight * 0.05} s)"
+
+
+# ------------------------------------------------------------------ the server acted, slowly
+
+
+@pytest.mark.parametrize("slow", ["stall after processing", "latency"])
+async def test_a_client_giving_up_on_a_slow_paid_call_was_still_charged(
+    mock: MockDeepMode, http: aiohttp.ClientSession, slow: str
+) -> None:
+    model = mock.add_model()
+    if slow == "latency":
+        mock.set_latency("generate", 5)
+    else:
+        mock.stall("generate", seconds=5, after_processing=True)
+    body = {"model_id": model.id, "prompt": "p", "num_images": 2}
+    with pytest.raises(TimeoutError):
+        async with http.post(
+            "/api/images/generate", json=body, timeout=aiohttp.ClientTimeout(total=0.2)
+        ):
+            pass
+    (record,) = records(mock, "generate")
+    await eventually(lambda: record.disconnected)
+    # What a slow real server leaves behind: the charge and the images, never half of it.
+    assert [charge.request_id for charge in mock.ledger] == [record.request_id]
+    assert len(mock.images) == 2
+    assert record.status is None
+
+
+async def test_an_after_processing_fault_waits_for_an_accepted_call(
+    mock: MockDeepMode, http: aiohttp.ClientSession
+) -> None:
+    model = mock.add_model()
+    mock.drop("generate", after_processing=True)
+    async with http.post("/api/images/generate", json={"model_id": model.id}) as response:
+        assert response.status == 422  # rejected: not the call the fault is meant for
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        async with http.post("/api/images/generate", json={"model_id": model.id, "prompt": "p"}):
+            pass
+    assert len(mock.ledger) == 1
+    async with http.post(
+        "/api/images/generate", json={"model_id": model.id, "prompt": "p"}
+    ) as response:
+        assert response.status == 200
+    assert len(mock.ledger) == 2
+
+
+async def test_after_processing_makes_no_sense_for_downloads(mock: MockDeepMode) -> None:
+    with pytest.raises(ValueError, match="truncate"):
+        mock.drop("download", after_processing=True)
+    with pytest.raises(ValueError, match="after_bytes"):
+        mock.stall("download", after_processing=True)

@@ -151,3 +151,30 @@ def test_any_identifier_in_the_path(server: ServerFixture, segment: str) -> None
     quoted = urllib.parse.quote(segment, safe="")
     check(session.get(f"{mock.base_url}/api/images/{quoted}", timeout=10))
     check(session.post(f"{mock.base_url}/api/models/{quoted}/extend", timeout=10))
+
+
+# Visible ASCII and obs-text (>= 0x80), as HTTP allows in a header value; control
+# characters are refused by aiohttp's parser before the mock sees the request.
+header_bytes = st.lists(st.integers(0x21, 0xFF).filter(lambda c: c != 0x7F), max_size=40).map(bytes)
+
+
+@FUZZ
+@given(token=header_bytes)
+def test_any_authorization_header(server: ServerFixture, token: bytes) -> None:
+    mock, _, _ = server
+    response = requests.get(
+        f"{mock.base_url}/api/check-balance",
+        headers={"Authorization": b"Bearer " + token},
+        timeout=10,
+    )
+    check(response)
+    assert response.status_code == (200 if token == mock.api_key.encode() else 401)
+
+
+@FUZZ
+@given(disposition=header_bytes, data=st.binary(max_size=40))
+def test_any_content_disposition(server: ServerFixture, disposition: bytes, data: bytes) -> None:
+    mock, session, _ = server
+    body = b"--b\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + data + b"\r\n--b--\r\n"
+    headers = {"Content-Type": "multipart/form-data; boundary=b"}
+    check(session.post(f"{mock.base_url}/api/models", data=body, headers=headers, timeout=10))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -153,6 +155,66 @@ async def test_stop_is_prompt_with_a_stalled_request_and_a_training_model(
     assert receiver.bodies == []
     with pytest.raises(RuntimeError, match="not running"):
         _ = mock.base_url
+
+
+@pytest.mark.anyio
+async def test_a_call_finishing_during_stop_starts_no_work(receiver: Receiver) -> None:
+    mock = MockDeepMode()
+    await mock.start()
+    mock.stall("create_model", seconds=0.1)  # shorter than the mock's shutdown grace
+    async with aiohttp.ClientSession(mock.base_url, headers=bearer(mock.api_key)) as http:
+        call = asyncio.create_task(
+            http.post("/api/models", json={**TRAINING, "callback": receiver.url})
+        )
+        await eventually(lambda: mock.in_flight == 1)
+        await mock.stop()
+        with contextlib.suppress(aiohttp.ClientError):
+            (await call).close()
+    await asyncio.sleep(0.2)
+    assert all(not model.active for model in mock.models.values())
+    assert mock.callbacks == []
+    assert receiver.bodies == []
+
+
+@pytest.mark.anyio
+async def test_a_failed_start_releases_what_it_bound() -> None:
+    with socket.socket() as taken, socket.socket() as probe:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        probe.bind(("127.0.0.1", 0))
+        api_port = probe.getsockname()[1]
+        probe.close()
+        mock = MockDeepMode(port=api_port, blob_port=taken.getsockname()[1])
+        with pytest.raises(OSError, match="in use"):
+            await mock.start()
+    with pytest.raises(ConnectionRefusedError):  # the API port was released again
+        socket.create_connection(("127.0.0.1", api_port), timeout=1).close()
+    await mock.stop()  # harmless after a failed start
+
+
+def test_inspection_is_safe_while_another_thread_serves() -> None:
+    with MockDeepMode() as mock, requests.Session() as session:
+        model = mock.add_model()
+        session.headers.update(bearer(mock.api_key))
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                body = {"model_id": model.id, "prompt": "p", "num_images": 8}
+                session.post(f"{mock.base_url}/api/images/generate", json=body, timeout=10)
+
+        worker = threading.Thread(target=load)
+        worker.start()
+        try:
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:  # iterating while the loop thread adds
+                assert all(image.model_id == model.id for image in mock.images.values())
+                assert sum(charge.cost for charge in mock.ledger) >= 0
+                assert all(r.method for r in mock.requests)
+        finally:
+            stop.set()
+            worker.join()
+        assert len(mock.images) == 8 * len(mock.ledger) > 0
 
 
 # ------------------------------------------------------------------ the pytest plugin

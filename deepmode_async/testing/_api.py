@@ -208,8 +208,15 @@ class DeepModeApi:
                 return early
             mock._check_rate_limit()
             self._authenticate(request)
-            response = await handler(request)
-            if fault is not None and fault.kind == "drop":
+            try:
+                response = await handler(request)
+            except Problem:
+                if fault is not None and fault.after_processing:
+                    mock._requeue_fault(record.endpoint, fault)  # meant for a processed call
+                raise
+            if fault is not None and fault.after_processing and fault.kind == "stall":
+                await asyncio.sleep(fault.seconds)
+            if fault is not None and fault.after_processing and fault.kind == "drop":
                 return drop_connection(request)
             return response
         except Problem as problem:
@@ -224,7 +231,9 @@ class DeepModeApi:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Problem(401, "Not authenticated", headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(token.encode(), self.mock.api_key.encode()):
+        # aiohttp decodes headers with surrogateescape: encode back the same way.
+        sent = token.encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(sent, self.mock.api_key.encode()):
             raise Problem(401, "Invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
     # ----------------------------------------------------------------- endpoints
@@ -249,17 +258,8 @@ class DeepModeApi:
         elif mock.fetch_image_urls:
             await mock._fetch_training_urls(fields.data["image_urls"])
         mock._charge("create_model", record)
-        now = mock.now()
-        model = MockModel(
-            id=new_id(21),
-            name=name,
-            gender=gender,
-            model_type=model_type,
-            created_at=now,
-            expire_at=now + MODEL_LIFETIME,
-            image_count=image_count,
-        )
-        mock.models[model.id] = model
+        model = mock.add_model(name=name, gender=gender, model_type=model_type, active=False)
+        model.image_count = image_count
         mock._spawn(mock._train(model, callback))
         await mock._work("create_model")
         return web.json_response({"message": "Created model successfully"})
@@ -279,7 +279,7 @@ class DeepModeApi:
         negative_prompt = fields.text("negative_prompt")
         num_images = fields.integer("num_images", default=1, low=1, high=MAX_NUM_IMAGES)
         upscale = fields.boolean("upscale", default=False)
-        ratio = fields.text("ratio", default=Ratio.PORTRAIT, choices=Ratio) or Ratio.PORTRAIT
+        ratio = fields.text("ratio", default=Ratio.PORTRAIT.value, choices=Ratio) or "portrait"
         callback = fields.text("callback", url=True)
         fields.check()
         self._model(model_id)
@@ -295,11 +295,14 @@ class DeepModeApi:
         if callback is not None:
             mock._spawn(mock._work_then_deliver("generate", "generation", callback, make_images))
             return web.json_response({"message": "Generating images..."})
+        # The result exists before the simulated work: a client that gives up meanwhile
+        # leaves what a slow real server would, a charge and its images.
+        result = make_images()
         await mock._work("generate")
-        return web.json_response(make_images())
+        return web.json_response(result)
 
     async def retrieve_image(self, request: web.Request) -> web.StreamResponse:
-        image = self.mock.images.get(request.match_info["image_id"])
+        image = self.mock._images.get(request.match_info["image_id"])
         if image is None:
             raise Problem(404, f"Image {request.match_info['image_id']!r} not found")
         await self.mock._work("retrieve_image")
@@ -311,7 +314,7 @@ class DeepModeApi:
         image_id = fields.required("image_id", non_empty=True)
         callback = fields.text("callback", url=True)
         fields.check()
-        source = mock.images.get(image_id)
+        source = mock._images.get(image_id)
         if source is None:
             raise Problem(404, f"Image {image_id!r} not found")
         mock._charge("upscale", record)
@@ -329,8 +332,9 @@ class DeepModeApi:
         if callback is not None:
             mock._spawn(mock._work_then_deliver("upscale", "upscale", callback, make_image))
             return web.json_response({"message": "Upscaling images..."})
+        result = make_image()
         await mock._work("upscale")
-        return web.json_response(make_image())
+        return web.json_response(result)
 
     async def remix(self, request: web.Request) -> web.StreamResponse:
         return await self._remix(request, "remix", ("artwork_image", "mask_image"))
@@ -350,7 +354,7 @@ class DeepModeApi:
         model_id = fields.required("model_id", non_empty=True) if endpoint == "remix" else None
         fields.text("prompt", default="")
         fields.text("negative_prompt", default="")
-        mode = fields.text("mode", default=RemixMode.SYNC, choices=RemixMode)
+        mode = fields.text("mode", default=RemixMode.SYNC.value, choices=RemixMode)
         missing = [
             field_error(name, "missing", "Field required")
             for name in image_fields
@@ -362,11 +366,10 @@ class DeepModeApi:
         if model_id is not None:
             self._model(model_id)
         mock._charge(endpoint, record)
+        # Ready when the work is done; sync mode waits for it, async answers at once.
+        remix = mock._add_remix(endpoint, model_id, ready_in=mock.latency.get(endpoint, 0.0))
         if mode == RemixMode.SYNC:
             await mock._work(endpoint)
-            remix = mock._add_remix(endpoint, model_id, ready_in=0.0)
-        else:  # answers at once; the image appears on the image host when the work is done
-            remix = mock._add_remix(endpoint, model_id, ready_in=mock.latency.get(endpoint, 0.0))
         return web.json_response(mock._remix_json(remix))
 
     async def balance(self, request: web.Request) -> web.StreamResponse:
@@ -377,7 +380,7 @@ class DeepModeApi:
 
     def _model(self, model_id: str, *, trained: bool = True) -> MockModel:
         """The model, or the answer the API gives for an unknown, untrained or expired one."""
-        model = self.mock.models.get(model_id)
+        model = self.mock._models.get(model_id)
         if model is None:
             raise Problem(404, f"Model {model_id!r} not found")
         if trained and not model.active:

@@ -41,8 +41,9 @@ class UrlSigner:
     """Signs blob paths like an Azure SAS token and checks what comes back byte for byte.
 
     The query is percent-encoded as Azure does (`%3A` in times, `%2B`, `%2F` and `%3D`
-    in the signature), and the check compares the raw query string: a client that
-    re-encodes or decodes any of it gets the 403 that Azure would give.
+    in the signature). The check is stricter than Azure's, on purpose: it compares the
+    raw query string, so a client that re-encodes or decodes any of it gets a 403
+    (Azure itself tolerates some of that, but not a `%2B` turned into `+`).
     """
 
     def __init__(self, now: Callable[[], dt.datetime], ttl: float) -> None:
@@ -85,7 +86,7 @@ class UrlSigner:
             raise Problem(403, message, code="AuthenticationFailed")
         expires = dt.datetime.strptime(expiry, _SAS_TIME).replace(tzinfo=dt.UTC)
         if expires <= self._now():
-            message = f"Signed expiry time [{expiry}] must be after signed start time"
+            message = "Signature not valid in the specified time frame: expired at " + expiry
             raise Problem(403, message, code="AuthenticationFailed")
 
 
@@ -137,12 +138,12 @@ class BlobHost:
         fault = mock._take_fault("download")
         if (early := await misbehave_before(fault, request)) is not None:
             return early
-        mock.signer.check(request.path, request.rel_url.raw_query_string)
+        mock._signer.check(request.path, request.rel_url.raw_query_string)
         ready_at = mock._blobs.get(request.path)
         if ready_at is None or ready_at > mock.now():
             raise Problem(404, "The specified blob does not exist.", code="BlobNotFound")
         await mock._work("download")
-        body = mock.image_bytes
+        body = mock._image_bytes
         if fault is None or (fault.kind == "stall" and fault.after_bytes is None):
             return web.Response(body=body, content_type="image/jpeg")
         # Misbehave mid-body: a stall after some bytes, or a truncation half-way.

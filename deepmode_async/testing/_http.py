@@ -69,7 +69,9 @@ async def misbehave_before(fault: Fault | None, request: web.Request) -> web.Res
         return None
     if fault.kind == "status":
         return fault.response()
-    if fault.kind == "drop" and not fault.after_processing:
+    if fault.after_processing:
+        return None
+    if fault.kind == "drop":
         return drop_connection(request)
     if fault.kind == "stall" and fault.after_bytes is None:
         await asyncio.sleep(fault.seconds)
@@ -184,6 +186,9 @@ async def read_form(
         HttpProcessingError,
         aiohttp.ClientPayloadError,
         web.RequestPayloadError,
+        # Warnings, raised as errors when a test suite runs with `-W error`:
+        aiohttp.BadContentDispositionHeader,
+        aiohttp.BadContentDispositionParam,
     ) as exc:
         # Malformed multipart (no boundary, broken headers, bad UTF-8) is the sender's fault.
         raise Problem(400, f"Malformed multipart body: {exc}") from None

@@ -37,6 +37,7 @@ from ._records import (
 from ._samples import sample_image
 
 _REDACTED: Final = "[redacted]"
+_SECRET_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "cookie"})
 _SHUTDOWN_TIMEOUT: Final = 0.25  # a mock need not let stalled handlers finish
 
 
@@ -101,7 +102,7 @@ class MockDeepMode:
             if isinstance(latency, Mapping)
             else dict.fromkeys(ENDPOINTS, float(latency))
         )
-        self.image_bytes = sample_image("jpeg", size=image_size)
+        self._image_bytes = sample_image("jpeg", size=image_size)
         self.costs: dict[Endpoint, int] = {
             **COSTS,
             **{check_endpoint(name): cost for name, cost in (costs or {}).items()},
@@ -111,14 +112,14 @@ class MockDeepMode:
         self.fetch_image_urls = fetch_image_urls
         self.max_upload_size = max_upload_size
         self.max_json_size = max_json_size
-        self.signer = UrlSigner(self.now, url_ttl)
+        self._signer = UrlSigner(self.now, url_ttl)
         self._listen = (host, port, blob_port)
 
-        self.models: dict[str, MockModel] = {}
-        self.images: dict[str, MockImage] = {}
-        self.remixes: dict[str, MockRemix] = {}
-        self.ledger: list[Charge] = []
-        self.callbacks: list[CallbackDelivery] = []
+        self._models: dict[str, MockModel] = {}
+        self._images: dict[str, MockImage] = {}
+        self._remixes: dict[str, MockRemix] = {}
+        self._ledger: list[Charge] = []
+        self._callbacks: list[CallbackDelivery] = []
         self.in_flight = 0
         self.peak_in_flight = 0
         self._requests: collections.deque[RecordedRequest] = collections.deque(
@@ -135,6 +136,7 @@ class MockDeepMode:
         self._http: aiohttp.ClientSession | None = None
         self._urls: tuple[str, str] | None = None
         self._portal: contextlib.ExitStack | None = None
+        self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -155,32 +157,41 @@ class MockDeepMode:
 
     async def start(self) -> None:
         """Start both hosts on the running event loop."""
-        if self._urls is not None:
+        if self._urls is not None or self._runners:
             raise RuntimeError("MockDeepMode is already running")
+        self._stopping = False
+        self._http = aiohttp.ClientSession()
         host, port, blob_port = self._listen
         urls = []
-        for app, wanted_port in (
-            (DeepModeApi(self).app(), port),
-            (BlobHost(self).app(), blob_port),
-        ):
-            runner = web.AppRunner(
-                app, handler_cancellation=True, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT
-            )
-            await runner.setup()
-            self._runners.append(runner)
-            await web.TCPSite(runner, host, wanted_port).start()
-            urls.append(f"http://{host}:{runner.addresses[0][1]}")
+        try:
+            for app, wanted_port in (
+                (DeepModeApi(self).app(), port),
+                (BlobHost(self).app(), blob_port),
+            ):
+                runner = web.AppRunner(
+                    app,
+                    handler_cancellation=True,
+                    access_log=None,
+                    shutdown_timeout=_SHUTDOWN_TIMEOUT,
+                )
+                await runner.setup()
+                self._runners.append(runner)
+                await web.TCPSite(runner, host, wanted_port).start()
+                urls.append(str(URL.build(scheme="http", host=host, port=runner.addresses[0][1])))
+        except BaseException:
+            await self.stop()  # e.g. a port in use: release what did start
+            raise
         self._urls = (urls[0], urls[1])
-        self._http = aiohttp.ClientSession()
 
     async def stop(self) -> None:
-        """Stop serving, cancel training and callbacks still under way."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Stop serving, then cancel training and callbacks still under way."""
+        self._stopping = True  # calls finishing during shutdown start no new work
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._http is not None:
             await self._http.close()
         self._urls = None
@@ -218,10 +229,43 @@ class MockDeepMode:
 
     # ------------------------------------------------------------------ inspection
 
+    # Each inspection property returns a copy, taken atomically: the thread-backed form
+    # serves (and mutates the originals) on another thread while a test reads them.
+
     @property
     def requests(self) -> list[RecordedRequest]:
-        """Every request seen so far (both hosts), oldest first, as a snapshot list."""
+        """Every request seen so far (both hosts), oldest first."""
         return list(self._requests)
+
+    @property
+    def image_bytes(self) -> bytes:
+        """What the image host serves for every image: a real JPEG of `image_size` bytes."""
+        return self._image_bytes
+
+    @property
+    def models(self) -> dict[str, MockModel]:
+        """Models by id, trained or training (the records themselves: edit them to test)."""
+        return dict(self._models)
+
+    @property
+    def images(self) -> dict[str, MockImage]:
+        """Generated and upscaled images by id."""
+        return dict(self._images)
+
+    @property
+    def remixes(self) -> dict[str, MockRemix]:
+        """Remix and face-id remix results by id."""
+        return dict(self._remixes)
+
+    @property
+    def ledger(self) -> list[Charge]:
+        """Every charge, oldest first."""
+        return list(self._ledger)
+
+    @property
+    def callbacks(self) -> list[CallbackDelivery]:
+        """Every callback delivery, finished or under way, oldest first."""
+        return list(self._callbacks)
 
     def now(self) -> dt.datetime:
         """The mock's clock: the real time plus whatever `advance_clock` added."""
@@ -250,7 +294,7 @@ class MockDeepMode:
             expire_at=now + dt.timedelta(days=30),
             active=active,
         )
-        self.models[model.id] = model
+        self._models[model.id] = model
         return model
 
     # ------------------------------------------------------------------ faults
@@ -279,9 +323,12 @@ class MockDeepMode:
     def drop(self, endpoint: Endpoint, *, times: int = 1, after_processing: bool = False) -> None:
         """Close the connection instead of answering the next `times` calls of `endpoint`.
 
-        With `after_processing`, the call is carried out (and charged) first: the
-        ambiguous failure after which a client must not send a paid call again.
+        With `after_processing`, each call is carried out (and charged) first: the
+        ambiguous failure after which a client must not send a paid call again. Such a
+        fault waits for a call that is accepted: a rejected one (401, 422...) leaves it.
         """
+        if after_processing and endpoint == "download":
+            raise ValueError("after_processing does not apply to downloads; see truncate()")
         self._queue(endpoint, times, Fault("drop", after_processing=after_processing))
 
     def stall(
@@ -290,16 +337,25 @@ class MockDeepMode:
         *,
         seconds: float = 3600.0,
         times: int = 1,
+        after_processing: bool = False,
         after_bytes: int | None = None,
     ) -> None:
-        """Hold the next `times` calls of `endpoint` for `seconds` before answering.
+        """Hold the next `times` calls of `endpoint` for `seconds`, then answer normally.
 
-        For `download`, `after_bytes` sends that much of the image first and stalls
-        mid-body. A client that gives up shows as `disconnected` in `requests`.
+        By default a call is held before anything happens (nothing is charged). With
+        `after_processing` it is carried out first and its answer held: a client that
+        times out cannot know it was charged. For `download`, `after_bytes` sends that
+        much of the image first and stalls mid-body. A client that gives up shows as
+        `disconnected` in `requests`.
         """
         if after_bytes is not None and endpoint != "download":
             raise ValueError("after_bytes applies to the `download` endpoint only")
-        self._queue(endpoint, times, Fault("stall", seconds=seconds, after_bytes=after_bytes))
+        if after_processing and endpoint == "download":
+            raise ValueError("after_processing does not apply to downloads; see after_bytes")
+        fault = Fault(
+            "stall", seconds=seconds, after_processing=after_processing, after_bytes=after_bytes
+        )
+        self._queue(endpoint, times, fault)
 
     def truncate(self, *, times: int = 1) -> None:
         """Send only half of the next `times` downloaded images, then close the connection."""
@@ -325,6 +381,9 @@ class MockDeepMode:
     def _queue(self, endpoint: Endpoint, times: int, fault: Fault) -> None:
         self._faults[check_endpoint(endpoint)].extend([fault] * times)
 
+    def _requeue_fault(self, endpoint: Endpoint, fault: Fault) -> None:
+        self._faults[endpoint].appendleft(fault)
+
     def _take_fault(self, endpoint: Endpoint | None) -> Fault | None:
         queue = self._faults.get(endpoint) if endpoint is not None else None
         return queue.popleft() if queue else None
@@ -333,7 +392,7 @@ class MockDeepMode:
 
     def _record(self, request: web.Request) -> RecordedRequest:
         headers = {
-            name: _REDACTED if name.lower() == "authorization" else value
+            name: _REDACTED if name.lower() in _SECRET_HEADERS else value
             for name, value in request.headers.items()
         }
         route = request.match_info.route.name
@@ -367,7 +426,7 @@ class MockDeepMode:
             message = f"Insufficient credits: this call costs {cost}, the balance is {self.balance}"
             raise Problem(402, message)
         self.balance -= cost
-        self.ledger.append(Charge(endpoint, cost, self.balance, record.request_id))
+        self._ledger.append(Charge(endpoint, cost, self.balance, record.request_id))
 
     async def _work(self, endpoint: Endpoint) -> None:
         """The time the real service would take to do the work of one call."""
@@ -375,6 +434,9 @@ class MockDeepMode:
             await asyncio.sleep(seconds)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        if self._stopping:
+            coroutine.close()
+            return
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -393,7 +455,7 @@ class MockDeepMode:
             ratio=ratio,
             blob_path=f"/deepmode-user-image/{file_name}",
         )
-        self.images[image.id] = image
+        self._images[image.id] = image
         self._blobs[image.blob_path] = self.now()
         return image
 
@@ -411,12 +473,12 @@ class MockDeepMode:
             ready_at=now + dt.timedelta(seconds=ready_in),
             blob_path=f"/{container}/{file_name}",
         )
-        self.remixes[remix.id] = remix
+        self._remixes[remix.id] = remix
         self._blobs[remix.blob_path] = remix.ready_at
         return remix
 
     def _signed_url(self, blob_path: str) -> str:
-        return f"{self.blob_base_url}{blob_path}?{self.signer.sign(blob_path)}"
+        return f"{self.blob_base_url}{blob_path}?{self._signer.sign(blob_path)}"
 
     def _image_json(self, image: MockImage) -> dict[str, Any]:
         return {
@@ -454,7 +516,7 @@ class MockDeepMode:
     async def _deliver(self, kind: CallbackKind, url: str, body: Any) -> None:
         """POST `body` to `url`, retrying with backoff; the outcome goes to `callbacks`."""
         delivery = CallbackDelivery(kind, url, body)
-        self.callbacks.append(delivery)
+        self._callbacks.append(delivery)
         assert self._http is not None
         for attempt in range(self.callback_retries + 1):
             if attempt:
@@ -481,7 +543,12 @@ class MockDeepMode:
                 async with self._http.get(
                     target, timeout=aiohttp.ClientTimeout(total=30)
                 ) as response:
-                    head = await response.content.read(SNIFF_BYTES) if response.ok else b""
+                    head = b""
+                    while response.ok and len(head) < SNIFF_BYTES:
+                        chunk = await response.content.read(SNIFF_BYTES - len(head))
+                        if not chunk:
+                            break
+                        head += chunk
             except Exception as exc:
                 raise Problem(400, f"Image URL {index} could not be fetched: {exc}") from None
             if sniff_image_format(head) is None:

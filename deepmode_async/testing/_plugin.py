@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
-from ._mock import MockDeepMode
+if TYPE_CHECKING:  # imported by the fixture: pytest starts up without loading aiohttp
+    from ._mock import MockDeepMode
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -22,6 +24,8 @@ def deepmode_mock(request: pytest.FixtureRequest) -> Iterator[MockDeepMode]:
 
     Pass constructor options with `@pytest.mark.deepmode_mock(balance=10, ...)`.
     """
+    from ._mock import MockDeepMode
+
     marker = request.node.get_closest_marker("deepmode_mock")
     options = marker.kwargs if marker is not None else {}
     with MockDeepMode(**options) as mock:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Literal, get_args
 
 import attrs
@@ -36,14 +38,16 @@ def check_endpoint(endpoint: str) -> Endpoint:
 
 CallbackKind = Literal["model", "generation", "upscale"]
 
-COSTS: dict[Endpoint, int] = {
-    "create_model": 50,
-    "extend_model": 20,
-    "generate": 1,
-    "upscale": 3,
-    "remix": 1,
-    "face_id_remix": 1,
-}
+COSTS: Mapping[Endpoint, int] = MappingProxyType(
+    {
+        "create_model": 50,
+        "extend_model": 20,
+        "generate": 1,
+        "upscale": 3,
+        "remix": 1,
+        "face_id_remix": 1,
+    }
+)
 """Credits each endpoint costs, as documented; endpoints not listed are free."""
 
 
