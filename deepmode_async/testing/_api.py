@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hmac
 import secrets
 import uuid
@@ -24,14 +23,21 @@ from ._http import (
     read_form,
     read_json_object,
 )
-from ._records import Endpoint, MockModel, RecordedRequest, UploadedFile, iso
+from ._records import (
+    MODEL_LIFETIME,
+    CallbackKind,
+    Endpoint,
+    MockModel,
+    RecordedRequest,
+    UploadedFile,
+    iso,
+)
 
 if TYPE_CHECKING:
     from ._mock import MockDeepMode
 
 MAX_TRAINING_IMAGES: Final = 30
 MAX_NUM_IMAGES: Final = 8
-MODEL_LIFETIME: Final = dt.timedelta(days=30)
 RECORD: Final = web.RequestKey("record", RecordedRequest)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -292,14 +298,9 @@ class DeepModeApi:
             ]
             return {"images": [mock._image_json(image) for image in images]}
 
-        if callback is not None:
-            mock._spawn(mock._work_then_deliver("generate", "generation", callback, make_images))
-            return web.json_response({"message": "Generating images..."})
-        # The result exists before the simulated work: a client that gives up meanwhile
-        # leaves what a slow real server would, a charge and its images.
-        result = make_images()
-        await mock._work("generate")
-        return web.json_response(result)
+        return await self._in_mode(
+            "generate", "generation", callback, "Generating images...", make_images
+        )
 
     async def retrieve_image(self, request: web.Request) -> web.StreamResponse:
         image = self.mock._images.get(request.match_info["image_id"])
@@ -329,11 +330,28 @@ class DeepModeApi:
             )
             return mock._image_json(image)
 
+        return await self._in_mode(
+            "upscale", "upscale", callback, "Upscaling images...", make_image
+        )
+
+    async def _in_mode(
+        self,
+        endpoint: Endpoint,
+        kind: CallbackKind,
+        callback: str | None,
+        accepted: str,
+        make_result: Callable[[], Any],
+    ) -> web.StreamResponse:
+        """Sync mode answers with the result when the work is done; callback mode answers
+        `{"message": accepted}` at once and POSTs the same result to `callback` later."""
+        mock = self.mock
         if callback is not None:
-            mock._spawn(mock._work_then_deliver("upscale", "upscale", callback, make_image))
-            return web.json_response({"message": "Upscaling images..."})
-        result = make_image()
-        await mock._work("upscale")
+            mock._spawn(mock._work_then_deliver(endpoint, kind, callback, make_result))
+            return web.json_response({"message": accepted})
+        # The result exists before the simulated work: a client that gives up meanwhile
+        # leaves what a slow real server would, a charge and its result.
+        result = make_result()
+        await mock._work(endpoint)
         return web.json_response(result)
 
     async def remix(self, request: web.Request) -> web.StreamResponse:

@@ -23,6 +23,7 @@ from ._http import Fault, Problem, format_retry_after
 from ._records import (
     COSTS,
     ENDPOINTS,
+    MODEL_LIFETIME,
     CallbackDelivery,
     CallbackKind,
     Charge,
@@ -291,7 +292,7 @@ class MockDeepMode:
             gender=gender,
             model_type=model_type,
             created_at=now,
-            expire_at=now + dt.timedelta(days=30),
+            expire_at=now + MODEL_LIFETIME,
             active=active,
         )
         self._models[model.id] = model

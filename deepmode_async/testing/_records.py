@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Literal, get_args
+from typing import Any, Final, Literal, get_args
 
 import attrs
 
@@ -49,6 +49,10 @@ COSTS: Mapping[Endpoint, int] = MappingProxyType(
     }
 )
 """Credits each endpoint costs, as documented; endpoints not listed are free."""
+
+
+MODEL_LIFETIME: Final = dt.timedelta(days=30)
+"""How long a model lives after training, and what an extension adds."""
 
 
 def iso(moment: dt.datetime, *, fraction: bool = False) -> str:
