@@ -153,12 +153,16 @@ async def rejected(
     mock: MockDeepMode, http: aiohttp.ClientSession, call: Call, status: int
 ) -> Reply:
     """Make `call`, which must fail with `status` and `{"detail": ...}` and change nothing."""
-    state = (mock.balance, len(mock.ledger), len(mock.models), len(mock.images), len(mock.remixes))
+
+    def state() -> tuple[int, ...]:
+        counts = (mock.ledger, mock.models, mock.images, mock.remixes, mock.callbacks)
+        return (mock.balance, *map(len, counts))
+
+    before = state()
     reply = await send(http, call)
     assert reply.status == status, reply.body
     assert list(reply.body) == ["detail"]
-    after = (mock.balance, len(mock.ledger), len(mock.models), len(mock.images), len(mock.remixes))
-    assert after == state
+    assert state() == before
     [record] = [r for r in mock.requests if r.request_id == reply.request_id]
     assert record.status == status
     return reply

@@ -440,13 +440,12 @@ async def test_a_single_latency_applies_to_every_endpoint() -> None:
         ) as http,
     ):
         assert mock.latency == dict.fromkeys(ENDPOINTS, 0.1)
-        async with http.get("/api/check-balance") as response:
+        body = {"model_id": mock.add_model().id, "prompt": "p"}
+        for call in (http.get("/api/check-balance"), http.post("/api/images/generate", json=body)):
             started = time.monotonic()
-            assert response.status == 200
-        started = time.monotonic()
-        async with http.get("/api/check-balance") as response:
-            assert response.status == 200
-        assert time.monotonic() - started >= 0.1
+            async with call as response:
+                assert response.status == 200
+            assert time.monotonic() - started >= 0.1
 
 
 # ------------------------------------------------------------------ clearing and naming

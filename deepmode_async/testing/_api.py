@@ -267,14 +267,14 @@ class DeepModeApi:
         model = mock.add_model(name=name, gender=gender, model_type=model_type, active=False)
         model.image_count = image_count
         mock._spawn(mock._train(model, callback))
-        await mock._work("create_model")
+        await mock._simulate_work("create_model")
         return web.json_response({"message": "Created model successfully"})
 
     async def extend_model(self, request: web.Request) -> web.StreamResponse:
         model = self._model(request.match_info["model_id"], trained=False)
         self.mock._charge("extend_model", request[RECORD])
         model.expire_at += MODEL_LIFETIME
-        await self.mock._work("extend_model")
+        await self.mock._simulate_work("extend_model")
         return web.json_response({"updated_expire_at": iso(model.expire_at)})
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
@@ -306,7 +306,7 @@ class DeepModeApi:
         image = self.mock._images.get(request.match_info["image_id"])
         if image is None:
             raise Problem(404, f"Image {request.match_info['image_id']!r} not found")
-        await self.mock._work("retrieve_image")
+        await self.mock._simulate_work("retrieve_image")
         return web.json_response(self.mock._image_json(image))
 
     async def upscale(self, request: web.Request) -> web.StreamResponse:
@@ -351,7 +351,7 @@ class DeepModeApi:
         # The result exists before the simulated work: a client that gives up meanwhile
         # leaves what a slow real server would, a charge and its result.
         result = make_result()
-        await mock._work(endpoint)
+        await mock._simulate_work(endpoint)
         return web.json_response(result)
 
     async def remix(self, request: web.Request) -> web.StreamResponse:
@@ -387,11 +387,11 @@ class DeepModeApi:
         # Ready when the work is done; sync mode waits for it, async answers at once.
         remix = mock._add_remix(endpoint, model_id, ready_in=mock.latency.get(endpoint, 0.0))
         if mode == RemixMode.SYNC:
-            await mock._work(endpoint)
+            await mock._simulate_work(endpoint)
         return web.json_response(mock._remix_json(remix))
 
     async def balance(self, request: web.Request) -> web.StreamResponse:
-        await self.mock._work("balance")
+        await self.mock._simulate_work("balance")
         return web.json_response({"remaining_balance": self.mock.balance})
 
     # ----------------------------------------------------------------- helpers

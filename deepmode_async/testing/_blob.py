@@ -142,7 +142,7 @@ class BlobHost:
         ready_at = mock._blobs.get(request.path)
         if ready_at is None or ready_at > mock.now():
             raise Problem(404, "The specified blob does not exist.", code="BlobNotFound")
-        await mock._work("download")
+        await mock._simulate_work("download")
         body = mock._image_bytes
         if fault is None or (fault.kind == "stall" and fault.after_bytes is None):
             return web.Response(body=body, content_type="image/jpeg")

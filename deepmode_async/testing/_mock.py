@@ -429,7 +429,7 @@ class MockDeepMode:
         self.balance -= cost
         self._ledger.append(Charge(endpoint, cost, self.balance, record.request_id))
 
-    async def _work(self, endpoint: Endpoint) -> None:
+    async def _simulate_work(self, endpoint: Endpoint) -> None:
         """The time the real service would take to do the work of one call."""
         if seconds := self.latency.get(endpoint, 0.0):
             await asyncio.sleep(seconds)
@@ -511,7 +511,7 @@ class MockDeepMode:
     async def _work_then_deliver(
         self, endpoint: Endpoint, kind: CallbackKind, url: str, result: Callable[[], Any]
     ) -> None:
-        await self._work(endpoint)
+        await self._simulate_work(endpoint)
         await self._deliver(kind, url, result())
 
     async def _deliver(self, kind: CallbackKind, url: str, body: Any) -> None:
