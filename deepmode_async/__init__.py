@@ -1,13 +1,92 @@
 """deepmode_async: the async-first Python SDK for the DeepMode image API.
 
-The client arrives in a later release; this one ships the API's enums and
-`deepmode_async.testing.MockDeepMode`, a faithful mock of the whole API.
+```python
+from deepmode_async import AsyncClient
+
+async with AsyncClient() as dm:  # the key comes from $DEEPMODE_API_KEY
+    generation = await dm.images.generate(model_id="...", prompt="a lighthouse at dusk")
+    paths = await dm.images.download(generation, "out/")
+```
+
+`deepmode_async.testing.MockDeepMode` is a faithful mock of the whole API for tests.
 """
 
 from __future__ import annotations
 
-from ._types import Gender, ModelType, Ratio, RemixMode
+from ._client import AsyncClient
+from ._downloads import DownloadProgress
+from ._errors import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    DeepModeError,
+    DownloadError,
+    InsufficientCreditsError,
+    InternalServerError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RateLimitError,
+    RequestInfo,
+    ResponseValidationError,
+    UnprocessableEntityError,
+    ValidationError,
+)
+from ._transport import Timeout
+from ._types import (
+    Accepted,
+    Balance,
+    Gender,
+    Generation,
+    Image,
+    Model,
+    ModelCreated,
+    ModelExtension,
+    ModelType,
+    Ratio,
+    RemixMode,
+    RemixResult,
+)
+from ._version import __version__
 
-__version__ = "0.1.0.dev0"
-
-__all__ = ["Gender", "ModelType", "Ratio", "RemixMode", "__version__"]
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APIStatusError",
+    "APITimeoutError",
+    "Accepted",
+    "AsyncClient",
+    "AuthenticationError",
+    "BadRequestError",
+    "Balance",
+    "ConflictError",
+    "DeepModeError",
+    "DownloadError",
+    "DownloadProgress",
+    "Gender",
+    "Generation",
+    "Image",
+    "InsufficientCreditsError",
+    "InternalServerError",
+    "Model",
+    "ModelCreated",
+    "ModelExtension",
+    "ModelType",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "Ratio",
+    "RemixMode",
+    "RemixResult",
+    "RequestInfo",
+    "ResponseValidationError",
+    "Timeout",
+    "UnprocessableEntityError",
+    "ValidationError",
+    "__version__",
+]

@@ -1,0 +1,167 @@
+"""`AsyncClient`: configuration, the session's life, and the resources."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Final, Self
+
+import aiohttp
+from yarl import URL
+
+from ._errors import DeepModeError, ValidationError
+from ._transport import RetryPolicy, Timeout, Transport, coerce_timeout, log
+from .resources import Account, Images, Models
+
+DEFAULT_BASE_URL: Final = "https://api.deepmode.ai"
+_LOG_LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+
+
+class AsyncClient:
+    """The DeepMode API on one aiohttp session: `dm.models`, `dm.images`, `dm.account`.
+
+    ```python
+    async with AsyncClient() as dm:  # key from $DEEPMODE_API_KEY
+        generation = await dm.images.generate(model_id=..., prompt="a lighthouse")
+        await dm.images.download(generation, "out/")
+    ```
+
+    `api_key` defaults to `$DEEPMODE_API_KEY`, `base_url` to `$DEEPMODE_BASE_URL`, then
+    the public API. `timeout` is a `Timeout` or a number (the read timeout) and applies to
+    each attempt; every method takes `timeout=` for itself. `max_retries` bounds the
+    retries of one call (0: none), `max_connections` the connections open at once.
+    A `session` you pass is used as is and not closed by the client; otherwise one is
+    created on first use, in the running event loop, and closed by `aclose()`.
+    `default_headers` are sent with every API request (never to the image host).
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        base_url: str | None = None,
+        timeout: Timeout | float | None = None,
+        max_retries: int = 2,
+        max_connections: int = 100,
+        session: aiohttp.ClientSession | None = None,
+        default_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        _configure_logging(os.environ.get("DEEPMODE_LOG"))
+        key = _api_key(api_key if api_key is not None else os.environ.get("DEEPMODE_API_KEY"))
+        url = _base_url(base_url or os.environ.get("DEEPMODE_BASE_URL") or DEFAULT_BASE_URL)
+        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
+            raise ValidationError(f"max_retries must be an int >= 0, not {max_retries!r}")
+        if (
+            not isinstance(max_connections, int)
+            or isinstance(max_connections, bool)
+            or max_connections < 1
+        ):
+            raise ValidationError(f"max_connections must be an int >= 1, not {max_connections!r}")
+        if session is not None and not isinstance(session, aiohttp.ClientSession):
+            raise ValidationError("session must be an aiohttp.ClientSession or None")
+        self._transport = Transport(
+            api_key=key,
+            base_url=url,
+            timeout=coerce_timeout(timeout, Timeout()),
+            retry=RetryPolicy(max_retries=max_retries),
+            max_connections=max_connections,
+            session=session,
+            default_headers=_headers(default_headers),
+        )
+        self.models: Final = Models(self._transport)
+        self.images: Final = Images(self._transport)
+        self.account: Final = Account(self._transport)
+
+    @property
+    def base_url(self) -> str:
+        """The API's base URL."""
+        return str(self._transport.base_url)
+
+    @property
+    def timeout(self) -> Timeout:
+        """The timeout of every call that does not pass its own."""
+        return self._transport.timeout
+
+    @property
+    def max_retries(self) -> int:
+        return self._transport.retry.max_retries
+
+    @property
+    def closed(self) -> bool:
+        """True once `aclose()` was called; calls then raise `DeepModeError`."""
+        return self._transport.closed
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    async def aclose(self) -> None:
+        """Close the client's session (not one you passed in). Closing twice is harmless."""
+        await self._transport.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def _api_key(key: object) -> str:
+    if key is None or key == "":
+        raise DeepModeError(
+            "No API key: pass AsyncClient(api_key=...) or set the DEEPMODE_API_KEY "
+            "environment variable (keys are at https://deepmode.ai, under API)"
+        )
+    if not isinstance(key, str):
+        raise ValidationError(f"api_key must be a str, not {type(key).__name__}")
+    if not key.isascii() or not key.isprintable() or key != key.strip() or " " in key:
+        # Never echo it: even a malformed key is a secret.
+        raise ValidationError("api_key contains spaces or characters a key cannot have")
+    return key
+
+
+def _base_url(value: object) -> URL:
+    if not isinstance(value, str):
+        raise ValidationError(f"base_url must be a str, not {type(value).__name__}")
+    try:
+        url = URL(value)
+    except ValueError:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host or url.query_string:
+        raise ValidationError(f"base_url must be an http(s) URL without a query, not {value!r}")
+    return url
+
+
+def _headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise ValidationError("default_headers must be a mapping of str to str")
+    if any(k.lower() == "authorization" for k in headers):
+        raise ValidationError("default_headers must not set Authorization: pass api_key=")
+    return dict(headers)
+
+
+def _configure_logging(level_name: str | None) -> None:
+    """`DEEPMODE_LOG=debug|info|warning`: log to stderr, unless the app set up logging."""
+    if not level_name:
+        return
+    level = _LOG_LEVELS.get(level_name.strip().lower())
+    if level is None:
+        raise ValidationError(
+            f"DEEPMODE_LOG must be one of {', '.join(_LOG_LEVELS)}, not {level_name!r}"
+        )
+    log.setLevel(level)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        log.addHandler(handler)

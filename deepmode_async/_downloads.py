@@ -1,0 +1,306 @@
+"""Downloads: parallel, bounded, atomic, with names that cannot escape their directory.
+
+Each image streams into a hidden temporary file in the destination directory and is
+renamed into place only when complete, so no partial file is ever visible under its
+final name and nothing is left behind on an error or a cancellation. The signed URL is
+sent byte for byte, to the image host only, without the API key; an expired one (403)
+is refreshed once through `images.retrieve`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import re
+import tempfile
+import unicodedata
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Final, TypeAlias
+
+import aiohttp
+import anyio
+import anyio.to_thread
+import attrs
+from yarl import URL
+
+from ._errors import APIError, DeepModeError, DownloadError, PermissionDeniedError, ValidationError
+from ._transport import Timeout, Transport
+from ._types import Generation, Image, RemixResult
+
+#: What `images.download` accepts: one of these or an iterable of them.
+Downloadable: TypeAlias = Image | RemixResult | Generation
+
+_CHUNK_SIZE: Final = 1024 * 1024
+#: Bytes of UTF-8 a file name may take: well under the 255 of common file systems, to
+#: leave room for the `-2` of a duplicate and for the temporary file's affixes.
+_MAX_NAME_BYTES: Final = 200
+_UNSAFE_CHARACTERS: Final = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
+_WINDOWS_RESERVED: Final = frozenset(
+    {"con", "prn", "aux", "nul"}
+    | {f"com{i}" for i in range(1, 10)}
+    | {f"lpt{i}" for i in range(1, 10)}
+)
+
+
+@attrs.frozen
+class DownloadProgress:
+    """How far a download is: files finished of all files, and bytes received so far."""
+
+    files_done: int
+    files_total: int
+    bytes_done: int
+
+
+ProgressCallback: TypeAlias = Callable[[DownloadProgress], object]
+
+
+def flatten(items: Downloadable | Iterable[Downloadable]) -> list[Image | RemixResult]:
+    """The images to download, in order, from an image, a generation or an iterable."""
+    found: list[Image | RemixResult] = []
+    pending = [items] if isinstance(items, Image | RemixResult | Generation) else items
+    try:
+        iterator = iter(pending)
+    except TypeError:
+        raise ValidationError(
+            "items must be an Image, a RemixResult, a Generation or an iterable of them, "
+            f"not {type(items).__name__}"
+        ) from None
+    for item in iterator:
+        if isinstance(item, Generation):
+            found.extend(item.images)
+        elif isinstance(item, Image | RemixResult):
+            found.append(item)
+        else:
+            raise ValidationError(
+                f"items must be Images, RemixResults or Generations, not {type(item).__name__}"
+            )
+    return found
+
+
+def safe_file_name(name: str, fallback: str = "image.jpeg") -> str:
+    """`name` as a plain file name: no directories, no `..`, no control characters,
+    nothing Windows reserves, and at most 200 bytes of UTF-8 (the extension is kept)."""
+    name = unicodedata.normalize("NFC", name.replace("\\", "/").rsplit("/", 1)[-1])
+    name = _UNSAFE_CHARACTERS.sub("_", name)
+    name = "".join(ch if ch.isprintable() else "_" for ch in name)
+    name = name.strip(" .")  # no hidden files, no "..", no trailing dot (Windows drops it)
+    if not name:
+        return fallback
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or len(suffix) > 16:
+        stem, suffix = name, ""
+    if stem.split(".")[0].lower() in _WINDOWS_RESERVED:
+        stem = f"_{stem}"
+    suffix = f".{suffix}" if suffix else ""
+    while len((stem + suffix).encode()) > _MAX_NAME_BYTES:
+        stem = stem[:-1]
+    return (stem.rstrip(" .") or "image") + suffix
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """`names` with `-2`, `-3`... added where one repeats (ignoring case, as some disks do)."""
+    seen: set[str] = set()
+    result: list[str] = []
+    for name in names:
+        candidate, counter = name, 1
+        while candidate.lower() in seen:
+            counter += 1
+            candidate = _numbered(name, counter)
+        seen.add(candidate.lower())
+        result.append(candidate)
+    return result
+
+
+def _numbered(name: str, counter: int) -> str:
+    stem, dot, suffix = name.rpartition(".")
+    return f"{stem}-{counter}.{suffix}" if dot and stem else f"{name}-{counter}"
+
+
+def check_destination(dest: str | os.PathLike[str]) -> pathlib.Path:
+    """The destination directory, created if missing, or a `ValidationError`."""
+    if not isinstance(dest, str | os.PathLike):
+        raise ValidationError(f"dest must be a directory path, not {type(dest).__name__}")
+    path = pathlib.Path(dest)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValidationError(f"dest {str(path)!r} exists and is not a directory") from None
+    except OSError as exc:
+        raise ValidationError(f"cannot create dest {str(path)!r}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValidationError(f"dest {str(path)!r} is not writable")
+    return path
+
+
+class Downloader:
+    """Downloads images through the transport; `refresh` re-signs an expired URL."""
+
+    def __init__(self, transport: Transport, refresh: Callable[[str], Awaitable[Image]]) -> None:
+        self._transport = transport
+        self._refresh = refresh
+
+    async def download(
+        self,
+        images: Sequence[Image | RemixResult],
+        dest: pathlib.Path,
+        *,
+        concurrency: int,
+        overwrite: bool,
+        progress: ProgressCallback | None,
+        timeout: Timeout | None,
+    ) -> list[pathlib.Path]:
+        """Download `images` into `dest`; the paths follow their order.
+
+        The first failure cancels the downloads still running and is raised; files
+        already complete stay.
+        """
+        names = unique_names(
+            [
+                safe_file_name(image.file_name, safe_file_name(f"{image.id}.jpeg"))
+                for image in images
+            ]
+        )
+        tracker = _Tracker(len(images), progress)
+        paths: list[pathlib.Path | None] = [None] * len(images)
+        limiter = anyio.Semaphore(concurrency)
+
+        async def run(index: int) -> None:
+            async with limiter:
+                paths[index] = await self._one(
+                    images[index], dest / names[index], overwrite, tracker, timeout
+                )
+            tracker.file_done()
+
+        try:
+            async with anyio.create_task_group() as group:
+                for index in range(len(images)):
+                    group.start_soon(run, index)
+        except BaseExceptionGroup as failures:
+            raise _first_leaf(failures) from None
+        return [path for path in paths if path is not None]
+
+    async def _one(
+        self,
+        image: Image | RemixResult,
+        target: pathlib.Path,
+        overwrite: bool,
+        tracker: _Tracker,
+        timeout: Timeout | None,
+    ) -> pathlib.Path:
+        url = image.image_url
+        refreshed = False
+        while True:
+            try:
+                request = self._transport.plain_request(_signed_url(url, image))
+                consume = _FileWriter(target, overwrite, tracker).consume
+                return await self._transport.send(request, consume, timeout=timeout)
+            except PermissionDeniedError as exc:
+                if refreshed or not isinstance(image, Image):
+                    raise _failed(image, "its URL has expired or was refused (403)") from exc
+                url = await self._refreshed_url(image)
+                refreshed = True
+            except APIError as exc:
+                raise _failed(image, str(exc)) from exc
+            except OSError as exc:  # the local disk, not the network
+                raise _failed(image, f"cannot write {str(target)!r}: {exc}") from exc
+
+    async def _refreshed_url(self, image: Image) -> str:
+        try:
+            fresh = await self._refresh(image.id)
+        except DeepModeError as exc:
+            raise _failed(image, f"its URL expired and could not be refreshed: {exc}") from exc
+        return fresh.image_url
+
+
+def _signed_url(url: str, image: Image | RemixResult) -> URL:
+    try:
+        parsed = URL(url, encoded=True)  # byte for byte: re-encoding breaks the signature
+    except (TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        raise _failed(image, "its image_url is not an absolute http(s) URL")
+    return parsed
+
+
+def _failed(image: Image | RemixResult, reason: str) -> DownloadError:
+    return DownloadError(f"Could not download image {image.id}: {reason}", image_id=image.id)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+class _Tracker:
+    """Counts files and bytes for the progress callback."""
+
+    def __init__(self, total: int, callback: ProgressCallback | None) -> None:
+        self.total = total
+        self.files = 0
+        self.bytes = 0
+        self.callback = callback
+
+    def add_bytes(self, count: int) -> None:
+        self.bytes += count
+        if self.callback is not None:
+            self.callback(DownloadProgress(self.files, self.total, self.bytes))
+
+    def file_done(self) -> None:
+        self.files += 1
+        if self.callback is not None:
+            self.callback(DownloadProgress(self.files, self.total, self.bytes))
+
+
+class _FileWriter:
+    """Streams one answer into a temporary file and renames it into place when complete."""
+
+    def __init__(self, target: pathlib.Path, overwrite: bool, tracker: _Tracker) -> None:
+        self.target = target
+        self.overwrite = overwrite
+        self.tracker = tracker
+
+    async def consume(self, response: aiohttp.ClientResponse) -> pathlib.Path:
+        fd, temp_name = tempfile.mkstemp(
+            dir=self.target.parent, prefix=f".{self.target.name[:40]}.", suffix=".part"
+        )
+        received = 0
+        try:
+            with os.fdopen(fd, "wb") as file:
+                async for chunk in response.content.iter_chunked(_CHUNK_SIZE):
+                    await anyio.to_thread.run_sync(file.write, chunk)
+                    received += len(chunk)
+                    self.tracker.add_bytes(len(chunk))
+            expected = response.content_length
+            if expected is not None and received != expected:
+                raise aiohttp.ClientPayloadError(f"received {received} of {expected} bytes")
+            return await anyio.to_thread.run_sync(self._move_into_place, pathlib.Path(temp_name))
+        except BaseException:
+            if received:
+                self.tracker.add_bytes(-received)  # a retry starts this file over
+            with contextlib.suppress(OSError):
+                os.unlink(temp_name)
+            raise
+
+    def _move_into_place(self, temp: pathlib.Path) -> pathlib.Path:
+        if self.overwrite:
+            os.replace(temp, self.target)
+            return self.target
+        counter = 1
+        candidate = self.target
+        while True:
+            try:
+                os.link(temp, candidate)  # fails if the name is taken: never clobbers
+            except FileExistsError:
+                counter += 1
+                candidate = self.target.with_name(_numbered(self.target.name, counter))
+                continue
+            except OSError:  # no hard links on this file system
+                if candidate.exists():
+                    counter += 1
+                    candidate = self.target.with_name(_numbered(self.target.name, counter))
+                    continue
+                os.replace(temp, candidate)
+                return candidate
+            temp.unlink()
+            return candidate

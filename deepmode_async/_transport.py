@@ -1,0 +1,387 @@
+"""One request, done right: auth scoping, timeouts, retries, error mapping and logging.
+
+Every byte the SDK sends goes through `Transport.send`. It decides whether a failed
+attempt may be repeated (`RetryPolicy`), turns every failure into the error tree of
+`_errors`, and logs one line per attempt with secrets and signed query strings left out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import platform
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final, TypeVar
+
+import aiohttp
+import attrs
+from yarl import URL
+
+from ._convert import parse_json
+from ._errors import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    DeepModeError,
+    RequestInfo,
+    ResponseValidationError,
+    ValidationError,
+    parse_retry_after,
+    status_error,
+)
+from ._version import __version__
+
+T = TypeVar("T")
+
+log: Final = logging.getLogger("deepmode_async")
+
+#: An error answer is read up to this size for its detail; the rest is not worth memory.
+_ERROR_BODY_LIMIT: Final = 64 * 1024
+#: A JSON answer larger than this is not one the API sends.
+_JSON_BODY_LIMIT: Final = 32 * 1024 * 1024
+
+
+@attrs.frozen
+class Timeout:
+    """How long a request may take, in seconds (`None`: no limit), for each attempt.
+
+    `connect` bounds establishing a connection, `read` the wait for each piece of the
+    answer (sync-mode generation can take minutes, hence 600 s), `total` one whole
+    attempt. Waiting between retries never counts. Change one with `attrs.evolve`.
+    """
+
+    connect: float | None = 10.0
+    read: float | None = 600.0
+    total: float | None = None
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("connect", "read", "total"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
+            ):
+                raise ValidationError(
+                    f"Timeout.{name} must be a positive number of seconds or None"
+                )
+
+
+def coerce_timeout(value: Timeout | float | None, default: Timeout) -> Timeout:
+    """A `Timeout` from what a user may pass: a `Timeout`, a number (the read timeout) or None."""
+    if value is None:
+        return default
+    if isinstance(value, Timeout):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return attrs.evolve(default, read=value)
+    raise ValidationError(f"timeout must be a Timeout, a number of seconds or None, not {value!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def _client_timeout(timeout: Timeout) -> aiohttp.ClientTimeout:
+    # `sock_connect`, not `connect`: waiting for a free pooled connection is not a failure.
+    return aiohttp.ClientTimeout(
+        total=timeout.total, sock_connect=timeout.connect, sock_read=timeout.read
+    )
+
+
+# Statuses after which the server certainly did not act, and a request may be repeated
+# whatever it costs: 429, and 503 when it says when to come back.
+_RETRY_ANY: Final = frozenset({429})
+# Statuses that are worth another try for calls that are safe to repeat.
+_RETRY_SAFE: Final = frozenset({408, 429, 500, 502, 503, 504})
+
+
+@attrs.frozen
+class RetryPolicy:
+    """When to try a failed attempt again, and after how long.
+
+    Calls that spend credits (`idempotent=False`) are repeated only when the server
+    certainly did not act on them: the connection failed before the request was sent,
+    429, or 503 with `Retry-After`. Reads and downloads are repeated after any transient
+    failure. Delays grow exponentially with full jitter up to `backoff_cap`; a server's
+    `Retry-After` is honoured up to `retry_after_cap` (a longer one is raised instead).
+    """
+
+    max_retries: int = 2
+    backoff_base: float = 0.5
+    backoff_cap: float = 8.0
+    retry_after_cap: float = 60.0
+
+    def delay(self, error: APIError, attempt: int, *, idempotent: bool) -> float | None:
+        """Seconds to wait before attempt `attempt + 1`, or None to give up with `error`."""
+        if attempt > self.max_retries or not self._may_retry(error, idempotent=idempotent):
+            return None
+        retry_after = None
+        if isinstance(error, APIStatusError):
+            retry_after = parse_retry_after(error.headers.get("Retry-After"))
+        if retry_after is not None:
+            return retry_after if retry_after <= self.retry_after_cap else None
+        return random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1)))
+
+    @staticmethod
+    def _may_retry(error: APIError, *, idempotent: bool) -> bool:
+        if isinstance(error, APIStatusError):
+            status = error.status_code
+            if status in _RETRY_ANY or (status == 503 and "Retry-After" in error.headers):
+                return True
+            return idempotent and status in _RETRY_SAFE
+        if isinstance(error, APIConnectionError):
+            return idempotent or not request_was_sent(error)
+        return False
+
+
+def request_was_sent(error: APIConnectionError) -> bool:
+    """False only when the connection failed before any byte of the request left."""
+    return not isinstance(
+        error.__cause__, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError
+    )
+
+
+@attrs.frozen
+class Request:
+    """One logical request, possibly sent several times.
+
+    `body` makes the body for one attempt: a multipart payload streams files from disk
+    and can be written once only, so each retry asks for a new one.
+    """
+
+    method: str
+    url: URL
+    idempotent: bool
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+    body: Callable[[], Any] | None = None
+    authenticated: bool = True
+
+    @property
+    def info(self) -> RequestInfo:
+        return RequestInfo(self.method, redact_url(self.url))
+
+
+def redact_url(url: URL) -> str:
+    """The URL without its query string, which for an image URL is a signed secret."""
+    text = str(url)
+    base, sep, _ = text.partition("?")
+    return f"{base}?[redacted]" if sep else text
+
+
+def json_body(payload: Mapping[str, Any]) -> Callable[[], bytes]:
+    """A body factory for a JSON object, encoded once however often it is sent."""
+    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    return lambda: data
+
+
+class Transport:
+    """Sends requests on one aiohttp session, created lazily inside the running loop."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: URL,
+        timeout: Timeout,
+        retry: RetryPolicy,
+        max_connections: int,
+        session: aiohttp.ClientSession | None,
+        default_headers: Mapping[str, str],
+    ) -> None:
+        self.base_url = base_url
+        self.timeout = timeout
+        self.retry = retry
+        self._max_connections = max_connections
+        self._session = session
+        self._owns_session = session is None
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        user_agent = (
+            f"deepmode-async/{__version__} aiohttp/{aiohttp.__version__} "
+            f"python/{platform.python_version()}"
+        )
+        # Default headers go to the API only, like the key: they may carry secrets too.
+        self._api_headers: Final = {
+            "User-Agent": user_agent,
+            **default_headers,
+            "Authorization": f"Bearer {api_key}",
+        }
+        self._plain_headers: Final = {"User-Agent": user_agent}
+
+    def api_url(self, path: str) -> URL:
+        """The URL of an API path whose variable segments are already percent-encoded."""
+        return URL(str(self.base_url).rstrip("/") + path, encoded=True)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def aclose(self) -> None:
+        """Close the session if this transport created it; later calls raise."""
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None and self._owns_session:
+            await session.close()
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise DeepModeError("This client is closed; create a new one to make more calls")
+        loop = asyncio.get_running_loop()
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None),
+                cookie_jar=aiohttp.DummyCookieJar(),  # a stateless API; no cookies to leak
+            )
+            self._loop = loop
+        elif self._owns_session and self._loop is not loop:
+            raise DeepModeError(
+                "This AsyncClient belongs to the event loop it was first used in; "
+                "create one client per event loop (or use the blocking Client)"
+            )
+        return self._session
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        idempotent: bool,
+        body: Callable[[], Any] | None = None,
+        content_type: str | None = "application/json",
+        timeout: Timeout | None = None,
+    ) -> Any:
+        """Call an API path and return its JSON answer (raising for anything else)."""
+        headers = self._api_headers
+        if body is not None and content_type is not None:
+            headers = {**headers, "Content-Type": content_type}
+        request = Request(method, self.api_url(path), idempotent, headers, body)
+        return await self.send(request, _read_json, timeout=timeout)
+
+    def plain_request(self, url: URL) -> Request:
+        """A GET to another host (the image host): no key, no default headers."""
+        return Request("GET", url, True, self._plain_headers, authenticated=False)
+
+    async def send(
+        self,
+        request: Request,
+        consume: Callable[[aiohttp.ClientResponse], Awaitable[T]],
+        *,
+        timeout: Timeout | None = None,
+    ) -> T:
+        """Send `request` (again, as the retry policy allows) and `consume` a 2xx answer.
+
+        `consume` runs within the attempt, so a connection lost while it reads the body
+        is a failed attempt like any other.
+        """
+        session = self._get_session()
+        client_timeout = _client_timeout(timeout or self.timeout)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._attempt(session, request, consume, client_timeout, attempt)
+            except APIError as error:
+                delay = self.retry.delay(error, attempt, idempotent=request.idempotent)
+                if delay is None:
+                    raise
+                log.warning(
+                    "%s failed (%s); retry %d of %d in %.2f s",
+                    request.info,
+                    _short(error),
+                    attempt,
+                    self.retry.max_retries,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def _attempt(
+        self,
+        session: aiohttp.ClientSession,
+        request: Request,
+        consume: Callable[[aiohttp.ClientResponse], Awaitable[T]],
+        timeout: aiohttp.ClientTimeout,
+        attempt: int,
+    ) -> T:
+        started = time.perf_counter()
+        status: int | str = "no answer"
+        try:
+            async with session.request(
+                request.method,
+                request.url,
+                data=request.body() if request.body is not None else None,
+                headers=request.headers,
+                timeout=timeout,
+            ) as response:
+                status = response.status
+                if status >= 400:
+                    body = await _read_capped(response, _ERROR_BODY_LIMIT)
+                    raise status_error(request.info, status, body, response.headers)
+                return await consume(response)
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            status = "timeout"
+            raise APITimeoutError(
+                f"{request.info} timed out: {_timeout_cause(exc)}", request=request.info
+            ) from exc
+        except aiohttp.ClientError as exc:
+            status = type(exc).__name__
+            raise APIConnectionError(
+                f"{request.info} failed: {_describe_client_error(exc)}", request=request.info
+            ) from exc
+        finally:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "%s -> %s in %.1f ms (attempt %d)",
+                    request.info,
+                    status,
+                    (time.perf_counter() - started) * 1000,
+                    attempt,
+                )
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """At most `limit` bytes of a body: an error page does not get to fill memory."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await response.content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+async def _read_json(response: aiohttp.ClientResponse) -> Any:
+    what = f"{response.method} {response.url.path}"
+    if response.content_length is not None and response.content_length > _JSON_BODY_LIMIT:
+        raise ResponseValidationError(
+            f"{what} answered with {response.content_length} bytes, too many for JSON"
+        )
+    return parse_json(await _read_capped(response, _JSON_BODY_LIMIT), what)
+
+
+def _timeout_cause(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "could not connect in time"
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return "no data from the server within the read timeout"
+    return "the whole attempt took longer than the total timeout"
+
+
+def _describe_client_error(exc: aiohttp.ClientError) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {exc.host}:{exc.port} ({exc.os_error.strerror or exc})"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection without answering"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the answer was cut off before its end"
+    return str(exc) or type(exc).__name__
+
+
+def _short(error: APIError) -> str:
+    if isinstance(error, APIStatusError):
+        return f"HTTP {error.status_code}"
+    return type(error).__name__

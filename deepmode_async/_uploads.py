@@ -1,0 +1,258 @@
+"""Image inputs: checked by content before anything is sent, streamed when they are sent.
+
+A path is inspected (size, first bytes) once, then opened only while its part of the
+multipart body is written, in chunks, from a worker thread. So any number of large or
+concurrent uploads keeps memory and open file descriptors flat, and a retry simply
+writes the body again.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import stat
+from collections.abc import Callable, Sequence
+from typing import IO, Any, Final, TypeAlias
+
+import aiohttp
+import anyio.to_thread
+import attrs
+from aiohttp.abc import AbstractStreamWriter
+
+from ._errors import DeepModeError, ValidationError
+from ._formats import ACCEPTED_FORMATS, SNIFF_BYTES, ImageFormat, sniff_image_format
+
+#: Anything that can be uploaded as an image.
+ImageInput: TypeAlias = (
+    str
+    | os.PathLike[str]
+    | bytes
+    | IO[bytes]
+    | tuple[str, bytes | IO[bytes]]
+    | tuple[str, bytes | IO[bytes], str]
+)
+
+#: Bytes read from disk per step: aiohttp's own choice for files.
+CHUNK_SIZE: Final = 256 * 1024
+
+_CONTENT_TYPES: Final[dict[ImageFormat, str]] = {
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "heic": "image/heic",
+}
+_EXTENSIONS: Final = frozenset({".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif"})
+
+
+class UploadSourceChanged(DeepModeError):
+    """A file changed (or vanished) between its check and its upload."""
+
+
+@attrs.frozen
+class UploadFile:
+    """One checked image, ready to become a multipart part as often as needed."""
+
+    field: str
+    filename: str
+    content_type: str
+    size: int
+    source: pathlib.Path | bytes | IO[bytes]
+    start: int = 0  # where a file object's image begins
+
+    def payload(self) -> aiohttp.payload.Payload:
+        """A fresh payload for one attempt to send this file."""
+        if isinstance(self.source, bytes):
+            return aiohttp.payload.BytesPayload(self.source, content_type=self.content_type)
+        return _StreamedFile(self)
+
+
+class _StreamedFile(aiohttp.payload.Payload):
+    """A part that opens (or rewinds) its source only while being written."""
+
+    def __init__(self, upload: UploadFile) -> None:
+        super().__init__(upload.source, content_type=upload.content_type)
+        self._upload = upload
+        self._size = upload.size
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return f"<{self._upload.size} bytes of {self._upload.filename}>"
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        upload = self._upload
+        remaining = upload.size if content_length is None else min(upload.size, content_length)
+        file: IO[bytes]
+        if isinstance(upload.source, pathlib.Path):
+            try:
+                file = await anyio.to_thread.run_sync(upload.source.open, "rb")
+            except OSError as exc:
+                raise UploadSourceChanged(
+                    f"{upload.filename!r} could not be opened for upload: {exc.strerror}"
+                ) from exc
+            close: Callable[[], Any] = file.close
+        else:
+            file = upload.source  # type: ignore[assignment]  # bytes never reach this payload
+            await anyio.to_thread.run_sync(file.seek, upload.start)
+            close = _nothing  # the caller's file object stays open: it is theirs
+        try:
+            while remaining > 0:
+                chunk = await anyio.to_thread.run_sync(file.read, min(CHUNK_SIZE, remaining))
+                if not chunk:
+                    raise UploadSourceChanged(
+                        f"{upload.filename!r} became shorter while it was uploaded "
+                        f"({upload.size - remaining} of {upload.size} bytes sent)"
+                    )
+                await writer.write(chunk)
+                remaining -= len(chunk)
+        finally:
+            close()
+
+
+def _nothing() -> None:
+    pass
+
+
+def multipart(
+    fields: Sequence[tuple[str, str]], files: Sequence[UploadFile]
+) -> Callable[[], aiohttp.MultipartWriter]:
+    """A body factory: a new multipart form (text fields, then files) for each attempt."""
+
+    def build() -> aiohttp.MultipartWriter:
+        writer = aiohttp.MultipartWriter("form-data")
+        for name, value in fields:
+            part = writer.append(value, {"Content-Type": "text/plain; charset=utf-8"})
+            part.set_content_disposition("form-data", name=name)
+        for upload in files:
+            part = writer.append_payload(upload.payload())
+            part.set_content_disposition("form-data", name=upload.field, filename=upload.filename)
+        return writer
+
+    return build
+
+
+async def prepare(field: str, inputs: Sequence[ImageInput]) -> list[UploadFile]:
+    """Check every input and describe it for upload, or raise `ValidationError`.
+
+    Paths and file objects are inspected in a worker thread (a few bytes each), so a
+    slow disk does not stall the event loop.
+    """
+    labels = [f"{field}[{index}]" if len(inputs) > 1 else field for index in range(len(inputs))]
+    if all(isinstance(item, bytes) for item in inputs):
+        return [_inspect(label, field, item) for label, item in zip(labels, inputs, strict=True)]
+
+    def inspect_all() -> list[UploadFile]:
+        return [_inspect(label, field, item) for label, item in zip(labels, inputs, strict=True)]
+
+    return await anyio.to_thread.run_sync(inspect_all)
+
+
+def _inspect(label: str, field: str, item: ImageInput) -> UploadFile:
+    content_type: str | None = None
+    if isinstance(item, tuple):
+        if len(item) not in (2, 3) or not isinstance(item[0], str):
+            raise ValidationError(
+                f"{label}: a tuple must be (filename, bytes or file object[, content_type])"
+            )
+        filename, source = item[0], item[1]
+        if len(item) == 3:
+            content_type = item[2]
+            if not isinstance(content_type, str):
+                raise ValidationError(f"{label}: the content type in the tuple must be a str")
+        if isinstance(source, str | os.PathLike):
+            raise ValidationError(f"{label}: give a path alone, not inside a tuple")
+        upload = _inspect_source(label, field, source, filename)
+    else:
+        upload = _inspect_source(label, field, item, None)
+    return attrs.evolve(upload, content_type=content_type) if content_type else upload
+
+
+def _inspect_source(label: str, field: str, source: object, filename: str | None) -> UploadFile:
+    if isinstance(source, str | os.PathLike):
+        path = pathlib.Path(source)
+        head, size = _inspect_path(label, path)
+        return _described(label, field, head, size, path, filename or path.name)
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        return _described(label, field, data[:SNIFF_BYTES], len(data), data, filename)
+    if isinstance(source, io.IOBase) or hasattr(source, "read"):
+        return _inspect_file_object(label, field, source, filename)
+    raise ValidationError(
+        f"{label} must be a path, bytes, a binary file object or a (filename, data) tuple, "
+        f"not {type(source).__name__}"
+    )
+
+
+def _inspect_path(label: str, path: pathlib.Path) -> tuple[bytes, int]:
+    try:
+        status = path.stat()
+        if stat.S_ISDIR(status.st_mode):
+            raise ValidationError(f"{label}: {str(path)!r} is a directory, not an image")
+        if not stat.S_ISREG(status.st_mode):  # a pipe or a device: no size, maybe no end
+            raise ValidationError(f"{label}: {str(path)!r} is not a regular file")
+        with path.open("rb") as file:
+            head = file.read(SNIFF_BYTES)
+    except FileNotFoundError:
+        raise ValidationError(f"{label}: no such file: {str(path)!r}") from None
+    except PermissionError:
+        raise ValidationError(f"{label}: no permission to read {str(path)!r}") from None
+    except OSError as exc:
+        raise ValidationError(f"{label}: cannot read {str(path)!r}: {exc.strerror}") from None
+    return head, status.st_size
+
+
+def _inspect_file_object(label: str, field: str, file: Any, filename: str | None) -> UploadFile:
+    name = getattr(file, "name", None)
+    if filename is None and isinstance(name, str):
+        filename = os.path.basename(name)
+    try:
+        if getattr(file, "closed", False):
+            raise ValidationError(f"{label}: the file object is closed")
+        if not _seekable(file):  # a pipe or a socket: it can be read once only, so keep it
+            data = file.read()
+            if not isinstance(data, bytes):
+                raise ValidationError(f"{label}: the file object must be opened in binary mode")
+            return _described(label, field, data[:SNIFF_BYTES], len(data), data, filename)
+        start = file.tell()
+        head = file.read(SNIFF_BYTES)
+        if not isinstance(head, bytes):
+            raise ValidationError(f"{label}: the file object must be opened in binary mode")
+        size = file.seek(0, os.SEEK_END) - start
+        file.seek(start)
+    except OSError as exc:
+        raise ValidationError(f"{label}: cannot read the file object: {exc}") from None
+    return attrs.evolve(_described(label, field, head, size, file, filename), start=start)
+
+
+def _seekable(file: Any) -> bool:
+    try:
+        return bool(file.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _described(
+    label: str,
+    field: str,
+    head: bytes,
+    size: int,
+    source: pathlib.Path | bytes | IO[bytes],
+    filename: str | None,
+) -> UploadFile:
+    image_format = sniff_image_format(head)
+    if image_format is None:
+        what = f" ({filename!r})" if filename else ""
+        raise ValidationError(
+            f"{label}{what} is not an image the API accepts: by its content it is not "
+            f"{ACCEPTED_FORMATS}" + (" (it is empty)" if size == 0 else "")
+        )
+    base = field.rstrip("s")
+    if not filename:
+        filename = f"{base}.{image_format}"
+    elif pathlib.PurePath(filename).suffix.lower() not in _EXTENSIONS:
+        filename = f"{filename}.{image_format}"  # servers may go by the extension too
+    return UploadFile(field, filename, _CONTENT_TYPES[image_format], size, source)

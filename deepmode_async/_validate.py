@@ -1,0 +1,105 @@
+"""Checks of arguments against the API's documented rules, made before any byte is sent.
+
+Each returns the value as it goes on the wire, or raises `ValidationError` naming the
+argument, what it got and what would do.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+from collections.abc import Sequence
+from typing import Any, Final, TypeVar
+from urllib.parse import quote, urlsplit
+
+from ._errors import ValidationError
+
+E = TypeVar("E", bound=enum.StrEnum)
+
+MAX_TRAINING_IMAGES: Final = 30
+MAX_NUM_IMAGES: Final = 8
+
+
+def choice(name: str, value: Any, enum_cls: type[E]) -> str:
+    """An enum member or its string value, as the string the API takes."""
+    if isinstance(value, enum_cls):
+        return value.value
+    if isinstance(value, str) and value in enum_cls._value2member_map_:
+        return value
+    allowed = ", ".join(repr(member.value) for member in enum_cls)
+    raise ValidationError(
+        f"{name} must be one of {allowed} (or {enum_cls.__name__}.*), not {value!r}"
+    )
+
+
+def text(name: str, value: Any) -> str:
+    """Any string, including an empty one."""
+    if not isinstance(value, str):
+        raise ValidationError(f"{name} must be a str, not {type(value).__name__}")
+    return value
+
+
+def optional_text(name: str, value: Any) -> str | None:
+    return None if value is None else text(name, value)
+
+
+def non_empty(name: str, value: Any) -> str:
+    """A string with something besides whitespace in it."""
+    if not text(name, value).strip():
+        raise ValidationError(f"{name} must not be empty")
+    return str(value)
+
+
+def integer(name: str, value: Any, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValidationError(f"{name} must be an int, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValidationError(f"{name} must be from {low} to {high}, not {value}")
+    return value
+
+
+def positive(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValidationError(f"{name} must be a positive int, not {value!r}")
+    return value
+
+
+def boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValidationError(f"{name} must be True or False, not {value!r}")
+    return value
+
+
+def http_url(name: str, value: Any) -> str:
+    """An absolute http(s) URL with a host (the API fetches or POSTs to it)."""
+    text(name, value)
+    try:
+        parts = urlsplit(value)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        valid = False
+    if not valid or any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ValidationError(f"{name} must be an absolute http or https URL, not {value!r}")
+    return str(value)
+
+
+def optional_url(name: str, value: Any) -> str | None:
+    return None if value is None else http_url(name, value)
+
+
+def path_segment(name: str, value: Any) -> str:
+    """An identifier percent-encoded so it stays one path segment (`/`, `..` included)."""
+    non_empty(name, value)
+    return quote(value, safe="").replace(".", "%2E")
+
+
+def count(name: str, items: Sequence[Any], low: int, high: int) -> None:
+    if not low <= len(items) <= high:
+        raise ValidationError(f"{name} must hold {low} to {high} items, not {len(items)}")
+
+
+def as_list(name: str, value: Any) -> list[Any]:
+    """A list from a sequence or another iterable; a lone str or bytes is not a list."""
+    if isinstance(value, str | bytes | bytearray | io.IOBase) or not hasattr(value, "__iter__"):
+        raise ValidationError(f"{name} must be a list, not {type(value).__name__}")
+    return list(value)

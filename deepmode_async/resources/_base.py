@@ -1,0 +1,40 @@
+"""What every resource shares: the transport, and the one way to call and convert."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .._convert import structure
+from .._transport import Timeout, Transport, coerce_timeout
+
+T = TypeVar("T")
+
+
+class Resource:
+    """A group of endpoints on one client's transport."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+
+    async def _call(
+        self,
+        result: type[T],
+        method: str,
+        path: str,
+        *,
+        idempotent: bool = False,
+        body: Callable[[], Any] | None = None,
+        content_type: str | None = "application/json",
+        timeout: Timeout | float | None = None,
+    ) -> T:
+        """Send one API call and convert its answer to `result`."""
+        data = await self._transport.call(
+            method,
+            path,
+            idempotent=idempotent,
+            body=body,
+            content_type=content_type,
+            timeout=coerce_timeout(timeout, self._transport.timeout),
+        )
+        return structure(data, result, f"{method} {path}")

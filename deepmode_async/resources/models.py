@@ -1,0 +1,77 @@
+"""`dm.models`: train a model from photos, and extend its life."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from .. import _validate as check
+from .._errors import ValidationError
+from .._transport import Timeout, json_body
+from .._types import Gender, ModelCreated, ModelExtension, ModelType
+from .._uploads import ImageInput, multipart, prepare
+from .._validate import MAX_TRAINING_IMAGES
+from ._base import Resource
+
+
+class Models(Resource):
+    """Personal models: trained from 1-30 photos, valid for 30 days, extendable."""
+
+    async def create(
+        self,
+        *,
+        images: Iterable[ImageInput] | None = None,
+        image_urls: Iterable[str] | None = None,
+        gender: Gender | str,
+        model_type: ModelType | str,
+        name: str | None = None,
+        callback: str | None = None,
+        timeout: Timeout | float | None = None,
+    ) -> ModelCreated:
+        """Start training a model (50 credits) from `images` or from `image_urls`.
+
+        `images` are paths (streamed from disk), bytes, binary file objects or
+        `(filename, data[, content_type])` tuples, checked by content to be jpeg, png,
+        webp or heic. `image_urls` must be public http(s) URLs. Exactly one of the two,
+        with 1 to 30 items. The model's id arrives only with the training result: POSTed
+        to `callback` when given (else the API e-mails the account owner).
+        """
+        if (images is None) == (image_urls is None):
+            raise ValidationError("give exactly one of images= or image_urls=")
+        fields: dict[str, Any] = {
+            "gender": check.choice("gender", gender, Gender),
+            "model_type": check.choice("model_type", model_type, ModelType),
+        }
+        if name is not None:
+            fields["name"] = check.text("name", name)
+        if callback is not None:
+            fields["callback"] = check.http_url("callback", callback)
+        if image_urls is not None:
+            urls = check.as_list("image_urls", image_urls)
+            check.count("image_urls", urls, 1, MAX_TRAINING_IMAGES)
+            fields["image_urls"] = [
+                check.http_url(f"image_urls[{index}]", url) for index, url in enumerate(urls)
+            ]
+            return await self._call(
+                ModelCreated, "POST", "/api/models", body=json_body(fields), timeout=timeout
+            )
+        inputs = check.as_list("images", images)
+        check.count("images", inputs, 1, MAX_TRAINING_IMAGES)
+        files = await prepare("images", inputs)
+        return await self._call(
+            ModelCreated,
+            "POST",
+            "/api/models",
+            body=multipart(list(fields.items()), files),
+            content_type=None,  # aiohttp writes multipart/form-data with its boundary
+            timeout=timeout,
+        )
+
+    async def extend(
+        self, model_id: str, *, timeout: Timeout | float | None = None
+    ) -> ModelExtension:
+        """Extend a model's life by 30 days (20 credits)."""
+        segment = check.path_segment("model_id", model_id)
+        return await self._call(
+            ModelExtension, "POST", f"/api/models/{segment}/extend", timeout=timeout
+        )
