@@ -44,6 +44,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/mock_throughput.py
+	$(BIN)/python benchmarks/upload_memory.py
 
 clean:
 	rm -rf $(VENV) $(SMOKE) dist .coverage .coverage.* .mypy_cache .ruff_cache .hypothesis deepmode-demo
