@@ -326,6 +326,8 @@ class Transport:
                 f"{request.info} timed out: {_timeout_cause(exc)}", request=request.info
             ) from exc
         except aiohttp.ClientError as exc:
+            if isinstance(exc.__cause__, DeepModeError):  # raised by our own upload payload
+                raise exc.__cause__ from None
             status = type(exc).__name__
             raise APIConnectionError(
                 f"{request.info} failed: {_describe_client_error(exc)}", request=request.info

@@ -1,0 +1,66 @@
+"""A file that changes between its check and its upload fails clearly and costs nothing."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from deepmode_async import AsyncClient, DeepModeError
+from deepmode_async._uploads import multipart, prepare
+from deepmode_async.testing import MockDeepMode, sample_image
+
+pytestmark = pytest.mark.anyio
+
+FIELDS = [("gender", "woman"), ("model_type", "amateur")]
+
+
+@pytest.fixture
+async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(mock.api_key, base_url=mock.base_url) as client:
+        yield client
+
+
+@pytest.fixture
+def photo(tmp_path: pathlib.Path) -> pathlib.Path:
+    path = tmp_path / "me.jpg"
+    path.write_bytes(sample_image("jpeg") + b"\0" * 2_000_000)
+    return path
+
+
+async def send(dm: AsyncClient, photo: pathlib.Path, change: str) -> DeepModeError:
+    files = await prepare("images", [photo])  # checked here...
+    if change == "shrunk":
+        photo.write_bytes(sample_image("jpeg"))
+    else:
+        photo.unlink()
+    body = multipart(FIELDS, files)  # ...sent after the file changed
+    with pytest.raises(DeepModeError) as caught:
+        await dm._transport.call("POST", "/api/models", idempotent=False, body=body)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [("shrunk", "became shorter while it was uploaded"), ("deleted", "could not be opened")],
+)
+async def test_a_file_that_changes_mid_upload_is_a_clear_error(
+    dm: AsyncClient, mock: MockDeepMode, photo: pathlib.Path, change: str, message: str
+) -> None:
+    error = await send(dm, photo, change)
+    assert message in str(error)
+    assert "'me.jpg'" in str(error)
+    assert mock.ledger == []  # the server saw a body cut short and charged nothing
+    assert (await dm.account.balance()).remaining_balance == mock.balance
+
+
+async def test_a_retry_sends_the_whole_file_again(
+    dm: AsyncClient, mock: MockDeepMode, photo: pathlib.Path
+) -> None:
+    mock.fail("create_model", 429, retry_after=0)
+    await dm.models.create(images=[photo], gender="woman", model_type="amateur")
+    first, second = (r for r in mock.requests if r.endpoint == "create_model")
+    assert first.status == 429
+    assert second.status == 200
+    assert second.files[0].size == photo.stat().st_size
