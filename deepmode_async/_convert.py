@@ -124,7 +124,7 @@ def parse_json(body: bytes, what: str) -> Any:
     """The JSON value of a 2xx body; `what` names the request for the error message."""
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can go
         preview = body[:80].decode("utf-8", "replace")
         raise ResponseValidationError(
             f"{what} answered with a body that is not JSON: {preview!r}", body=body

@@ -177,7 +177,8 @@ class Downloader:
                 for index in range(len(images)):
                     group.start_soon(run, index)
         except BaseExceptionGroup as failures:
-            raise _first_leaf(failures) from None
+            first = _first_leaf(failures)
+            raise first from first.__cause__  # not from the group: keep the real cause
         return [path for path in paths if path is not None]
 
     async def _one(

@@ -210,7 +210,7 @@ def read_detail(body: bytes, content_type: str = "") -> str:
     if text[0] in '{["':
         try:
             return _clip(_describe(json.loads(text)))
-        except ValueError:  # not JSON after all: fall through to text
+        except (ValueError, RecursionError):  # not JSON (or absurdly deep): read it as text
             pass
     if "html" in content_type.lower() or text[:1] == "<":
         return _clip(_html_title(text))

@@ -121,7 +121,8 @@ class RetryPolicy:
             retry_after = parse_retry_after(error.headers.get("Retry-After"))
         if retry_after is not None:
             return retry_after if retry_after <= self.retry_after_cap else None
-        return random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1)))
+        growth = 2.0 ** min(attempt - 1, 64)  # bounded: the cap is reached long before
+        return random.uniform(0, min(self.backoff_cap, self.backoff_base * growth))
 
     @staticmethod
     def _may_retry(error: APIError, *, idempotent: bool) -> bool:

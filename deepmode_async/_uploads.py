@@ -8,10 +8,12 @@ writes the body again.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pathlib
 import stat
+import threading
 from collections.abc import Callable, Sequence
 from typing import IO, Any, Final, TypeAlias
 
@@ -86,20 +88,13 @@ class _StreamedFile(aiohttp.payload.Payload):
     ) -> None:
         upload = self._upload
         remaining = upload.size if content_length is None else min(upload.size, content_length)
-        file: IO[bytes]
-        if isinstance(upload.source, pathlib.Path):
-            try:
-                file = await anyio.to_thread.run_sync(upload.source.open, "rb")
-            except OSError as exc:
-                raise UploadSourceChanged(
-                    f"{upload.filename!r} could not be opened for upload: {exc.strerror}"
-                ) from exc
-            close: Callable[[], Any] = file.close
-        else:
-            file = upload.source  # type: ignore[assignment]  # bytes never reach this payload
-            await anyio.to_thread.run_sync(file.seek, upload.start)
-            close = _nothing  # the caller's file object stays open: it is theirs
+        opened = _OpenFiles()
         try:
+            if isinstance(upload.source, pathlib.Path):
+                file = await anyio.to_thread.run_sync(_open, upload.source, upload, opened)
+            else:
+                file = upload.source  # type: ignore[assignment]  # bytes never come here
+                await anyio.to_thread.run_sync(file.seek, upload.start)
             while remaining > 0:
                 chunk = await anyio.to_thread.run_sync(file.read, min(CHUNK_SIZE, remaining))
                 if not chunk:
@@ -110,11 +105,46 @@ class _StreamedFile(aiohttp.payload.Payload):
                 await writer.write(chunk)
                 remaining -= len(chunk)
         finally:
-            close()
+            opened.close()
+            if not isinstance(upload.source, pathlib.Path):
+                # The caller's file object stays open (it is theirs), where it was before.
+                with contextlib.suppress(OSError, ValueError):
+                    upload.source.seek(upload.start)  # type: ignore[union-attr]
 
 
-def _nothing() -> None:
-    pass
+class _OpenFiles:
+    """The file a worker thread opened for a part, closed with the part even when a
+    cancellation abandoned the thread before it returned the file."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._files: list[IO[bytes]] = []
+        self._closed = False
+
+    def add(self, file: IO[bytes]) -> None:
+        with self._lock:
+            if not self._closed:
+                self._files.append(file)
+                return
+        file.close()  # the part is already over: nobody will read this file
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            files, self._files = self._files, []
+        for file in files:
+            file.close()
+
+
+def _open(path: pathlib.Path, upload: UploadFile, opened: _OpenFiles) -> IO[bytes]:
+    try:
+        file = path.open("rb")
+    except OSError as exc:
+        raise UploadSourceChanged(
+            f"{upload.filename!r} could not be opened for upload: {exc.strerror}"
+        ) from exc
+    opened.add(file)
+    return file
 
 
 def multipart(
@@ -209,21 +239,29 @@ def _inspect_file_object(label: str, field: str, file: Any, filename: str | None
     name = getattr(file, "name", None)
     if filename is None and isinstance(name, str):
         filename = os.path.basename(name)
+    if isinstance(file, io.TextIOBase):
+        raise ValidationError(f"{label}: the file object must be opened in binary mode ('rb')")
     try:
         if getattr(file, "closed", False):
             raise ValidationError(f"{label}: the file object is closed")
         if not _seekable(file):  # a pipe or a socket: it can be read once only, so keep it
             data = file.read()
             if not isinstance(data, bytes):
-                raise ValidationError(f"{label}: the file object must be opened in binary mode")
+                raise ValidationError(
+                    f"{label}: the file object must be opened in binary mode ('rb')"
+                )
             return _described(label, field, data[:SNIFF_BYTES], len(data), data, filename)
         start = file.tell()
         head = file.read(SNIFF_BYTES)
         if not isinstance(head, bytes):
-            raise ValidationError(f"{label}: the file object must be opened in binary mode")
+            raise ValidationError(f"{label}: the file object must be opened in binary mode ('rb')")
         size = file.seek(0, os.SEEK_END) - start
         file.seek(start)
-    except OSError as exc:
+    except UnicodeDecodeError:
+        raise ValidationError(
+            f"{label}: the file object must be opened in binary mode ('rb')"
+        ) from None
+    except (OSError, ValueError) as exc:
         raise ValidationError(f"{label}: cannot read the file object: {exc}") from None
     return attrs.evolve(_described(label, field, head, size, file, filename), start=start)
 
