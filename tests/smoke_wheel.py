@@ -10,6 +10,7 @@ import asyncio
 import importlib.metadata
 import json
 import pathlib
+import tempfile
 import urllib.request
 
 import deepmode_async
@@ -32,10 +33,16 @@ def main() -> None:
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
             assert json.load(response) == {"remaining_balance": 42}
 
-    # The async form on this loop.
+    # The async form on this loop, driven by the installed AsyncClient.
     async def async_form() -> None:
         async with MockDeepMode() as mock:
-            assert mock.base_url.startswith("http://127.0.0.1:")
+            model = mock.add_model()
+            async with deepmode_async.AsyncClient(mock.api_key, base_url=mock.base_url) as dm:
+                generation = await dm.images.generate(model_id=model.id, prompt="smoke")
+                with tempfile.TemporaryDirectory() as out:
+                    (path,) = await dm.images.download(generation, out)
+                    assert path.read_bytes() == mock.image_bytes
+                assert (await dm.account.balance()).remaining_balance == mock.balance
 
     asyncio.run(async_form())
     version = deepmode_async.__version__
