@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -74,6 +75,15 @@ async def receiver() -> AsyncIterator[Receiver]:
     recv.url = f"http://127.0.0.1:{runner.addresses[0][1]}/callback"
     yield recv
     await runner.cleanup()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nothing listens on (it was free a moment ago)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:

@@ -9,7 +9,6 @@ import datetime as dt
 import email.utils
 import json
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -79,15 +78,6 @@ async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
     """A client on the mock that never retries, so every error surfaces at once."""
     async with AsyncClient(mock.api_key, base_url=mock.base_url, max_retries=0) as client:
         yield client
-
-
-@pytest.fixture
-def closed_port() -> int:
-    """A loopback port nothing listens on (it was free a moment ago)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @pytest.fixture

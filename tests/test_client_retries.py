@@ -6,7 +6,6 @@ from __future__ import annotations
 import email.utils
 import logging
 import re
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -52,14 +51,6 @@ async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
 @pytest.fixture
 def model_id(mock: MockDeepMode) -> str:
     return mock.add_model().id
-
-
-@pytest.fixture
-def closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def sent(mock: MockDeepMode, endpoint: Endpoint) -> int:
