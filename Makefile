@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 SMOKE  := .venv-smoke
 PIP    := PIP_DISABLE_PIP_VERSION_CHECK=1 $(BIN)/python -m pip --quiet
 
-.PHONY: venv lint test coverage smoke demo bench clean
+.PHONY: venv lint test coverage smoke demo bench blocking-types clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/mock_throughput.py
 	$(BIN)/python benchmarks/upload_memory.py
+
+# Client's static types, generated from the async resources (a test says when to rerun).
+blocking-types: $(STAMP)
+	$(BIN)/python tools/generate_blocking_types.py
 
 clean:
 	rm -rf $(VENV) $(SMOKE) dist .coverage .coverage.* .mypy_cache .ruff_cache .hypothesis deepmode-demo

@@ -8,6 +8,7 @@ async with AsyncClient() as dm:  # the key comes from $DEEPMODE_API_KEY
     paths = await dm.images.download(generation, "out/")
 ```
 
+`Client` is the same API, blocking, for scripts, notebooks and threads.
 `deepmode_async.testing.MockDeepMode` is a faithful mock of the whole API for tests.
 """
 
@@ -36,6 +37,7 @@ from ._errors import (
     UnprocessableEntityError,
     ValidationError,
 )
+from ._sync import Client
 from ._transport import Timeout
 from ._types import (
     Accepted,
@@ -63,6 +65,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "Balance",
+    "Client",
     "ConflictError",
     "DeepModeError",
     "DownloadError",
