@@ -84,14 +84,15 @@ def _blocking_method(node: ast.FunctionDef | ast.AsyncFunctionDef) -> ast.Functi
     ):
         item = returns.slice.elts[0] if isinstance(returns.slice, ast.Tuple) else returns.slice
         returns = ast.Subscript(ast.Name("Iterator"), item)
-    decorators = [d for d in node.decorator_list if isinstance(d, ast.Name) and d.id == "overload"]
+    decorators: list[ast.expr] = [
+        d for d in node.decorator_list if isinstance(d, ast.Name) and d.id == "overload"
+    ]
     method = ast.FunctionDef(
         name=node.name,
         args=node.args,
         body=body,
         decorator_list=decorators,
         returns=returns,
-        type_params=[],
     )
     return ast.fix_missing_locations(method)
 
