@@ -17,6 +17,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Self, TypeVar, cast
@@ -32,6 +33,8 @@ from ._transport import Timeout
 from .resources._blocking import BlockingAccount, BlockingImages, BlockingModels
 
 T = TypeVar("T")
+
+_WAKE_UP_SECONDS = 0.2
 
 
 class Client:
@@ -128,7 +131,7 @@ class Client:
         """Run a coroutine function on the loop and wait for it; an interrupt cancels it."""
         future = self._loop.portal().start_task_soon(function)
         try:
-            return future.result()
+            return _wait(future)
         except BaseException:
             future.cancel()  # KeyboardInterrupt in this thread: stop the call on the loop
             raise
@@ -147,7 +150,7 @@ class Client:
         try:
             while True:
                 try:
-                    item = portal.call(receive.receive)
+                    item = _wait(portal.start_task_soon(receive.receive))
                 except anyio.EndOfStream:
                     future.result()  # raises what ended the iteration early, if anything
                     return
@@ -156,6 +159,17 @@ class Client:
             future.cancel()  # the caller stopped early (break, an error, Ctrl+C): stop the work
             with contextlib.suppress(RuntimeError):  # the client was closed meanwhile
                 portal.call(receive.aclose)
+
+
+def _wait(future: Future[T]) -> T:
+    """The future's result, waking up now and then: a lock wait without a timeout cannot
+    be interrupted on every platform, and Ctrl+C must reach the waiting thread."""
+    while True:
+        try:
+            return future.result(timeout=_WAKE_UP_SECONDS)
+        except TimeoutError:
+            if future.done():  # the call itself raised TimeoutError
+                raise
 
 
 class _LoopThread:

@@ -1,0 +1,289 @@
+"""Client, the blocking facade: derived from AsyncClient, safe across threads and loops."""
+
+from __future__ import annotations
+
+import _thread
+import asyncio
+import gc
+import inspect
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from typing import assert_type
+
+import pytest
+
+from deepmode_async import (
+    Accepted,
+    AsyncClient,
+    Balance,
+    Client,
+    DeepModeError,
+    Generation,
+    Image,
+    NotFoundError,
+    ValidationError,
+)
+from deepmode_async._sync import _Blocking
+from deepmode_async.testing import MockDeepMode, sample_image
+
+RESOURCES = ("models", "images", "account")
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[MockDeepMode]:
+    """The thread-backed mock: sync tests have no loop of their own to run it on."""
+    with MockDeepMode(callback_backoff=0.01) as mock:
+        yield mock
+
+
+@pytest.fixture
+def mock(served: MockDeepMode) -> MockDeepMode:
+    served.clear_faults()
+    return served
+
+
+@pytest.fixture
+def dm(mock: MockDeepMode) -> Iterator[Client]:
+    with Client(mock.api_key, base_url=mock.base_url) as client:
+        yield client
+
+
+def client_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "deepmode-client" and t.is_alive()]
+
+
+def test_a_script_calls_every_kind_of_method(dm: Client, mock: MockDeepMode) -> None:
+    model = mock.add_model()
+    balance = dm.account.balance()
+    generation = dm.images.generate(model_id=model.id, prompt="a lighthouse", num_images=2)
+    accepted = dm.images.generate(
+        model_id=model.id, prompt="a lighthouse", callback="http://127.0.0.1:9/cb"
+    )
+    image = dm.images.retrieve(generation.images[0].id)
+    # mypy checks these: the facade's methods return results, not coroutines.
+    assert_type(balance, Balance)
+    assert_type(generation, Generation)
+    assert_type(accepted, Accepted)
+    assert_type(image, Image)
+    assert_type(dm.images.upscale(image.id), Image)
+    assert len(generation.images) == 2
+    assert isinstance(accepted, Accepted)
+    assert image.id == generation.images[0].id
+    assert balance.remaining_balance == mock.balance + 1 + 1 + 3  # before the paid calls
+
+
+def test_downloads_and_uploads_go_through_the_facade(
+    dm: Client, mock: MockDeepMode, tmp_path: pathlib.Path
+) -> None:
+    photo = tmp_path / "me.jpg"
+    photo.write_bytes(sample_image("jpeg"))
+    dm.models.create(images=[photo], gender="woman", model_type="amateur")
+    model = mock.add_model()
+    generation = dm.images.generate(model_id=model.id, prompt="a lighthouse")
+    (path,) = dm.images.download(generation, tmp_path / "out")
+    assert path.read_bytes() == mock.image_bytes
+
+
+def test_errors_arrive_typed_in_the_calling_thread(dm: Client) -> None:
+    with pytest.raises(NotFoundError, match="not found"):
+        dm.images.retrieve("no-such-image")
+    with pytest.raises(ValidationError, match="prompt"):
+        dm.images.generate(model_id="m", prompt=" ")
+
+
+def test_closing_twice_is_harmless_and_later_calls_say_closed(mock: MockDeepMode) -> None:
+    dm = Client(mock.api_key, base_url=mock.base_url)
+    dm.account.balance()
+    assert client_threads()
+    dm.close()
+    dm.close()
+    assert dm.closed
+    assert not client_threads()  # the helper thread was joined
+    with pytest.raises(DeepModeError, match="closed"):
+        dm.account.balance()
+
+
+def test_a_client_never_used_starts_no_thread(mock: MockDeepMode) -> None:
+    with Client(mock.api_key, base_url=mock.base_url) as dm:
+        assert repr(dm) == f"Client(base_url={mock.base_url!r})"
+        assert not client_threads()
+
+
+def test_it_refuses_an_aiohttp_session() -> None:
+    with pytest.raises(ValidationError, match="AsyncClient"):
+        Client("k", session=object())  # type: ignore[arg-type]
+
+
+def test_eight_threads_share_one_client(dm: Client, mock: MockDeepMode) -> None:
+    model = mock.add_model()
+    charges_before = len(mock.ledger)
+    results: list[Generation] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(20):
+                results.append(dm.images.generate(model_id=model.id, prompt="a lighthouse"))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert len(results) == 160
+    assert all(isinstance(result, Generation) for result in results)
+    assert len(mock.ledger) - charges_before == 160
+    assert len(client_threads()) == 1  # one loop serves them all
+
+
+def test_it_works_inside_a_running_event_loop(dm: Client, mock: MockDeepMode) -> None:
+    async def notebook_cell() -> int:
+        return dm.account.balance().remaining_balance  # a blocking call, as in Jupyter
+
+    assert asyncio.run(notebook_cell()) == mock.balance
+
+
+def test_ctrl_c_cancels_the_call_in_flight(dm: Client, mock: MockDeepMode) -> None:
+    dm.account.balance()  # the loop is up: the interrupt lands while waiting for the call
+    mock.stall("balance", seconds=30)
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        dm.account.balance()
+    assert time.monotonic() - started < 5
+    deadline = time.monotonic() + 5
+    while not mock.requests[-1].disconnected:  # the call was cancelled, its connection closed
+        assert time.monotonic() < deadline, "the mock never saw the connection close"
+        time.sleep(0.01)
+    assert dm.account.balance().remaining_balance == mock.balance  # still usable
+
+
+def test_every_method_has_the_signature_and_docs_of_its_async_twin(mock: MockDeepMode) -> None:
+    async_client = AsyncClient("k")
+    sync_client = Client("k")
+    assert inspect.signature(Client.__init__) == inspect.signature(AsyncClient.__init__)
+    checked = 0
+    for resource in RESOURCES:
+        async_resource = getattr(async_client, resource)
+        sync_resource = getattr(sync_client, resource)
+        names = {n for n in dir(async_resource) if not n.startswith("_")}
+        assert names == set(dir(sync_resource))
+        for name in names:
+            async_method = getattr(async_resource, name)
+            sync_method = getattr(sync_resource, name)
+            assert inspect.signature(sync_method) == inspect.signature(async_method), name
+            assert sync_method.__doc__ == async_method.__doc__
+            assert not inspect.iscoroutinefunction(sync_method)
+            checked += 1
+    assert checked >= 9
+    sync_client.close()
+
+
+def test_the_static_types_are_generated_from_the_current_source() -> None:
+    root = pathlib.Path(__file__).resolve().parent.parent
+    result = subprocess.run(  # noqa: S603
+        [sys.executable, str(root / "tools" / "generate_blocking_types.py"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+class Counter:
+    """Stands in for a resource with an async iterator (as generate_many will be)."""
+
+    def __init__(self) -> None:
+        self.produced = 0
+        self.finished = threading.Event()
+        self.cancelled = False
+
+    async def count(self, up_to: int) -> AsyncIterator[int]:
+        try:
+            for number in range(up_to):
+                self.produced += 1
+                yield number
+                await asyncio.sleep(0)
+        except BaseException:
+            self.cancelled = True
+            raise
+        finally:
+            self.finished.set()
+
+    async def fail_after(self, count: int) -> AsyncIterator[int]:
+        for number in range(count):
+            yield number
+        raise DeepModeError("ran out")
+
+
+def test_an_async_iterator_becomes_a_plain_iterator(dm: Client) -> None:
+    counter = Counter()
+    blocking = _Blocking(counter, dm)
+    assert list(blocking.count(5)) == [0, 1, 2, 3, 4]
+    assert counter.finished.is_set()
+    assert not counter.cancelled
+
+
+def test_breaking_out_of_the_loop_stops_the_work(dm: Client) -> None:
+    counter = Counter()
+    for number in _Blocking(counter, dm).count(1_000_000):
+        if number == 3:
+            break
+    assert counter.finished.wait(5)
+    assert counter.cancelled
+    assert counter.produced < 10
+
+
+def test_an_error_in_the_iterator_reaches_the_loop(dm: Client) -> None:
+    numbers = _Blocking(Counter(), dm).fail_after(2)
+    assert [next(numbers), next(numbers)] == [0, 1]
+    with pytest.raises(DeepModeError, match="ran out"):
+        next(numbers)
+
+
+def test_a_forgotten_client_is_closed_when_collected(mock: MockDeepMode) -> None:
+    dm = Client(mock.api_key, base_url=mock.base_url)
+    dm.account.balance()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del dm
+        gc.collect()
+    assert [w.category for w in caught] == [ResourceWarning]
+    assert "was not closed" in str(caught[0].message)
+    assert not client_threads()
+
+
+FORGETFUL_SCRIPT = """
+from deepmode_async import Client
+from deepmode_async.testing import MockDeepMode, sample_image
+
+mock = MockDeepMode()
+mock.__enter__()
+dm = Client(mock.api_key, base_url=mock.base_url)
+dm.account.balance()
+print("called", flush=True)
+"""
+
+
+def test_a_forgotten_client_does_not_hang_or_leak_at_exit() -> None:
+    result = subprocess.run(  # noqa: S603
+        [sys.executable, "-W", "always::ResourceWarning", "-c", FORGETFUL_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "called\n"
+    assert "was not closed" in result.stderr
+    for noise in ("Unclosed client session", "Event loop is closed", "Traceback"):
+        assert noise not in result.stderr
