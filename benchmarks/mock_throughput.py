@@ -41,6 +41,7 @@ def cpu_seconds(pid: int) -> float:
 async def mock_process(latency: float) -> AsyncIterator[tuple[str, str, int]]:
     """A mock in a separate interpreter; yields its base URL, key and pid."""
     command = [sys.executable, "-m", "deepmode_async.testing", "--latency", str(latency)]
+    command += ["--balance", str(10**9)]  # benchmarks make many paid calls
     process = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE)
     assert process.stdout is not None
     settings: dict[str, str] = {}

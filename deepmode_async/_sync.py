@@ -10,9 +10,11 @@ iterator fed by one task; leaving the loop early cancels that task.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import inspect
+import os
 import threading
 import warnings
 import weakref
@@ -34,6 +36,7 @@ from .resources._blocking import BlockingAccount, BlockingImages, BlockingModels
 
 T = TypeVar("T")
 
+_SIGNALS_INTERRUPT_WAITS = os.name == "posix"
 _WAKE_UP_SECONDS = 0.2
 
 
@@ -129,7 +132,9 @@ class Client:
 
     def _run(self, function: Callable[[], Awaitable[T]]) -> T:
         """Run a coroutine function on the loop and wait for it; an interrupt cancels it."""
-        future = self._loop.portal().start_task_soon(function)
+        # Straight onto the loop: a portal task (with its cancel scope) costs more per call.
+        loop = self._loop.running or self._loop.event_loop()  # no lock once it runs
+        future = asyncio.run_coroutine_threadsafe(_coroutine(function), loop)
         try:
             return _wait(future)
         except BaseException:
@@ -162,14 +167,20 @@ class Client:
 
 
 def _wait(future: Future[T]) -> T:
-    """The future's result, waking up now and then: a lock wait without a timeout cannot
-    be interrupted on every platform, and Ctrl+C must reach the waiting thread."""
+    """The future's result. Where a signal interrupts a lock wait (POSIX), Ctrl+C reaches
+    a plain wait; elsewhere the wait wakes up now and then so that it can."""
+    if _SIGNALS_INTERRUPT_WAITS:
+        return future.result()
     while True:
         try:
             return future.result(timeout=_WAKE_UP_SECONDS)
         except TimeoutError:
             if future.done():  # the call itself raised TimeoutError
                 raise
+
+
+async def _coroutine(function: Callable[[], Awaitable[T]]) -> T:
+    return await function()
 
 
 class _LoopThread:
@@ -181,6 +192,8 @@ class _LoopThread:
         self._lock = threading.Lock()
         self._portal: BlockingPortal | None = None
         self._context: AbstractContextManager[BlockingPortal] | None = None
+        #: The helper thread's asyncio loop while it runs.
+        self.running: asyncio.AbstractEventLoop | None = None
         self.closed = False
 
     def portal(self) -> BlockingPortal:
@@ -190,7 +203,14 @@ class _LoopThread:
             if self._portal is None:
                 self._context = anyio.from_thread.start_blocking_portal(name="deepmode-client")
                 self._portal = self._context.__enter__()
+                self.running = self._portal.call(asyncio.get_running_loop)
             return self._portal
+
+    def event_loop(self) -> asyncio.AbstractEventLoop:
+        """The helper thread's asyncio loop, started on first use."""
+        self.portal()
+        assert self.running is not None
+        return self.running
 
     def close(self, forgotten: str | None = None) -> None:
         """Close the client's session and stop the thread (which is joined)."""
@@ -198,6 +218,7 @@ class _LoopThread:
             if self.closed:
                 return
             self.closed = True
+            self.running = None
             portal, context = self._portal, self._context
             self._portal = self._context = None
         if portal is None or context is None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import _thread
 import asyncio
 import gc
 import inspect
 import pathlib
+import signal
 import subprocess
 import sys
 import threading
@@ -154,7 +154,10 @@ def test_it_works_inside_a_running_event_loop(dm: Client, mock: MockDeepMode) ->
 def test_ctrl_c_cancels_the_call_in_flight(dm: Client, mock: MockDeepMode) -> None:
     dm.account.balance()  # the loop is up: the interrupt lands while waiting for the call
     mock.stall("balance", seconds=30)
-    timer = threading.Timer(0.3, _thread.interrupt_main)
+    # What Ctrl+C does: SIGINT to the main thread, where the call waits.
+    main = threading.main_thread().ident
+    assert main is not None
+    timer = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT))
     timer.start()
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
