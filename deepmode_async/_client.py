@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping
 from types import TracebackType
@@ -12,11 +13,17 @@ from typing import Final, Self
 import aiohttp
 from yarl import URL
 
+from . import _validate as check
 from ._errors import DeepModeError, ValidationError
 from ._transport import RetryPolicy, Timeout, Transport, coerce_timeout, log
 from .resources import Account, Images, Models
 
 DEFAULT_BASE_URL: Final = "https://api.deepmode.ai"
+#: Headers the client writes itself; a default of the user's would break requests.
+_OWN_HEADERS: Final = frozenset(
+    {"authorization", "content-type", "content-length", "transfer-encoding", "host"}
+)
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 _LOG_LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
@@ -134,8 +141,13 @@ def _base_url(value: object) -> URL:
         url = URL(value)
     except ValueError:
         url = None
-    if url is None or url.scheme not in ("http", "https") or not url.host or url.query_string:
-        raise ValidationError(f"base_url must be an http(s) URL without a query, not {value!r}")
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise ValidationError(f"base_url must be an absolute http(s) URL, not {value!r}")
+    if url.user is not None or url.password is not None:
+        # Never echo it: the URL carries a password.
+        raise ValidationError("base_url must not hold credentials: pass api_key= instead")
+    if url.query_string or url.fragment:
+        raise ValidationError(f"base_url must have no query or fragment, not {value!r}")
     return url
 
 
@@ -146,8 +158,15 @@ def _headers(headers: Mapping[str, str] | None) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
     ):
         raise ValidationError("default_headers must be a mapping of str to str")
-    if any(k.lower() == "authorization" for k in headers):
-        raise ValidationError("default_headers must not set Authorization: pass api_key=")
+    for name, value in headers.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValidationError(f"default_headers: {name!r} is not a valid header name")
+        check.header_value(f"default_headers[{name!r}]", value)
+        if name.lower() in _OWN_HEADERS:
+            raise ValidationError(
+                f"default_headers must not set {name.title()}: the client sets it"
+                + (" (pass api_key=)" if name.lower() == "authorization" else "")
+            )
     return dict(headers)
 
 

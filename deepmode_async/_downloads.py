@@ -10,6 +10,7 @@ is refreshed once through `images.retrieve`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pathlib
 import re
@@ -24,6 +25,7 @@ import anyio.to_thread
 import attrs
 from yarl import URL
 
+from . import _validate as check
 from ._errors import APIError, DeepModeError, DownloadError, PermissionDeniedError, ValidationError
 from ._transport import Timeout, Transport
 from ._types import Generation, Image, RemixResult
@@ -81,7 +83,10 @@ def flatten(items: Downloadable | Iterable[Downloadable]) -> list[Image | RemixR
 def safe_file_name(name: str, fallback: str = "image.jpeg") -> str:
     """`name` as a plain file name: no directories, no `..`, no control characters,
     nothing Windows reserves, and at most 200 bytes of UTF-8 (the extension is kept)."""
-    name = unicodedata.normalize("NFC", name.replace("\\", "/").rsplit("/", 1)[-1])
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    if len(name) > 4 * _MAX_NAME_BYTES:  # cut a huge name before the work below; keep its end
+        name = name[: 3 * _MAX_NAME_BYTES] + name[-32:]
+    name = unicodedata.normalize("NFC", name)
     name = _UNSAFE_CHARACTERS.sub("_", name)
     name = "".join(ch if ch.isprintable() else "_" for ch in name)
     name = name.strip(" .")  # no hidden files, no "..", no trailing dot (Windows drops it)
@@ -90,6 +95,7 @@ def safe_file_name(name: str, fallback: str = "image.jpeg") -> str:
     stem, dot, suffix = name.rpartition(".")
     if not dot or len(suffix) > 16:
         stem, suffix = name, ""
+    stem = stem[:_MAX_NAME_BYTES]  # characters first, so that trimming bytes below is short
     if stem.split(".")[0].lower() in _WINDOWS_RESERVED:
         stem = f"_{stem}"
     suffix = f".{suffix}" if suffix else ""
@@ -121,7 +127,7 @@ def check_destination(dest: str | os.PathLike[str]) -> pathlib.Path:
     """The destination directory, created if missing, or a `ValidationError`."""
     if not isinstance(dest, str | os.PathLike):
         raise ValidationError(f"dest must be a directory path, not {type(dest).__name__}")
-    path = pathlib.Path(dest)
+    path = check.local_path("dest", dest)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -205,6 +211,10 @@ class Downloader:
                 raise _failed(image, str(exc)) from exc
             except OSError as exc:  # the local disk, not the network
                 raise _failed(image, f"cannot write {str(target)!r}: {exc}") from exc
+            except DownloadError as exc:
+                if exc.image_id is not None:
+                    raise
+                raise _failed(image, str(exc)) from exc
 
     async def _refreshed_url(self, image: Image) -> str:
         try:
@@ -217,9 +227,10 @@ class Downloader:
 def _signed_url(url: str, image: Image | RemixResult) -> URL:
     try:
         parsed = URL(url, encoded=True)  # byte for byte: re-encoding breaks the signature
-    except (TypeError, ValueError):
-        parsed = None
-    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        usable = parsed.scheme in ("http", "https") and bool(parsed.host) and parsed.port
+    except (TypeError, ValueError):  # UnicodeError is a ValueError: a bad IDNA host
+        usable = False
+    if not usable:
         raise _failed(image, "its image_url is not an absolute http(s) URL")
     return parsed
 
@@ -253,6 +264,14 @@ class _Tracker:
             self.callback(DownloadProgress(self.files, self.total, self.bytes))
 
 
+@functools.cache
+def _file_mode() -> int:
+    """The mode a new file gets here: 0666 less the process's umask."""
+    umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 class _FileWriter:
     """Streams one answer into a temporary file and renames it into place when complete."""
 
@@ -262,25 +281,30 @@ class _FileWriter:
         self.tracker = tracker
 
     async def consume(self, response: aiohttp.ClientResponse) -> pathlib.Path:
+        if response.status != 200:  # a 204 or a partial answer is not the image
+            raise DownloadError(f"the image host answered {response.status}, not the image")
         fd, temp_name = tempfile.mkstemp(
             dir=self.target.parent, prefix=f".{self.target.name[:40]}.", suffix=".part"
         )
         received = 0
         try:
+            os.fchmod(fd, _file_mode())  # mkstemp's 0600 would outlive the rename
             with os.fdopen(fd, "wb") as file:
                 async for chunk in response.content.iter_chunked(_CHUNK_SIZE):
                     await anyio.to_thread.run_sync(file.write, chunk)
                     received += len(chunk)
                     self.tracker.add_bytes(len(chunk))
             expected = response.content_length
-            if expected is not None and received != expected:
+            encoded = "Content-Encoding" in response.headers  # then the length is of gzip bytes
+            if expected is not None and not encoded and received != expected:
                 raise aiohttp.ClientPayloadError(f"received {received} of {expected} bytes")
             return await anyio.to_thread.run_sync(self._move_into_place, pathlib.Path(temp_name))
         except BaseException:
-            if received:
-                self.tracker.add_bytes(-received)  # a retry starts this file over
             with contextlib.suppress(OSError):
                 os.unlink(temp_name)
+            if received:
+                with contextlib.suppress(Exception):  # a failing progress callback, again
+                    self.tracker.add_bytes(-received)  # a retry starts this file over
             raise
 
     def _move_into_place(self, temp: pathlib.Path) -> pathlib.Path:

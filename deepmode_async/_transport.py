@@ -11,6 +11,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import platform
 import random
 import time
@@ -63,7 +64,10 @@ class Timeout:
         for name in ("connect", "read", "total"):
             value = getattr(self, name)
             if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value <= 0
             ):
                 raise ValidationError(
                     f"Timeout.{name} must be a positive number of seconds or None"
@@ -154,7 +158,7 @@ class Request:
     method: str
     url: URL
     idempotent: bool
-    headers: Mapping[str, str] = attrs.field(factory=dict)
+    headers: Mapping[str, str] = attrs.field(factory=dict, repr=False)  # holds the key
     body: Callable[[], Any] | None = None
     authenticated: bool = True
 
@@ -282,6 +286,8 @@ class Transport:
         attempt = 0
         while True:
             attempt += 1
+            if self._closed or session.closed:  # closed meanwhile, e.g. during a backoff
+                raise DeepModeError("This client (or its aiohttp session) is closed")
             try:
                 return await self._attempt(session, request, consume, client_timeout, attempt)
             except APIError as error:
@@ -315,9 +321,13 @@ class Transport:
                 data=request.body() if request.body is not None else None,
                 headers=request.headers,
                 timeout=timeout,
+                # Redirects are not followed: headers other than the key (default_headers)
+                # must not reach another host, and signed URLs are not redirected.
+                allow_redirects=False,
+                raise_for_status=False,  # whatever the session was told: errors are ours
             ) as response:
                 status = response.status
-                if status >= 400:
+                if not 200 <= status < 300:
                     body = await _read_capped(response, _ERROR_BODY_LIMIT)
                     raise status_error(request.info, status, body, response.headers)
                 return await consume(response)
@@ -330,8 +340,17 @@ class Transport:
             if isinstance(exc.__cause__, DeepModeError):  # raised by our own upload payload
                 raise exc.__cause__ from None
             status = type(exc).__name__
-            raise APIConnectionError(
+            error = APIConnectionError(
                 f"{request.info} failed: {_describe_client_error(exc)}", request=request.info
+            )
+            # aiohttp's response errors carry the request's headers (the key) in their repr.
+            raise error from (None if isinstance(exc, aiohttp.ClientResponseError) else exc)
+        except DeepModeError:
+            raise
+        except ValueError as exc:  # e.g. a host name the resolver cannot encode
+            status = type(exc).__name__
+            raise APIConnectionError(
+                f"{request.info} failed: {type(exc).__name__}: {exc}", request=request.info
             ) from exc
         finally:
             if log.isEnabledFor(logging.DEBUG):
@@ -381,6 +400,8 @@ def _describe_client_error(exc: aiohttp.ClientError) -> str:
         return "the server closed the connection without answering"
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "the answer was cut off before its end"
+    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.InvalidURL):
+        return type(exc).__name__  # their text repeats the URL, signed query and all
     return str(exc) or type(exc).__name__
 
 

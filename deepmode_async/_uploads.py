@@ -22,6 +22,7 @@ import anyio.to_thread
 import attrs
 from aiohttp.abc import AbstractStreamWriter
 
+from . import _validate as check
 from ._errors import DeepModeError, ValidationError
 from ._formats import ACCEPTED_FORMATS, SNIFF_BYTES, ImageFormat, sniff_image_format
 
@@ -188,11 +189,9 @@ def _inspect(label: str, field: str, item: ImageInput) -> UploadFile:
             raise ValidationError(
                 f"{label}: a tuple must be (filename, bytes or file object[, content_type])"
             )
-        filename, source = item[0], item[1]
+        filename, source = check.text(f"{label} filename", item[0]), item[1]
         if len(item) == 3:
-            content_type = item[2]
-            if not isinstance(content_type, str):
-                raise ValidationError(f"{label}: the content type in the tuple must be a str")
+            content_type = check.header_value(f"{label} content type", item[2])
         if isinstance(source, str | os.PathLike):
             raise ValidationError(f"{label}: give a path alone, not inside a tuple")
         upload = _inspect_source(label, field, source, filename)
@@ -203,7 +202,7 @@ def _inspect(label: str, field: str, item: ImageInput) -> UploadFile:
 
 def _inspect_source(label: str, field: str, source: object, filename: str | None) -> UploadFile:
     if isinstance(source, str | os.PathLike):
-        path = pathlib.Path(source)
+        path = check.local_path(label, source)
         head, size = _inspect_path(label, path)
         return _described(label, field, head, size, path, filename or path.name)
     if isinstance(source, bytes | bytearray | memoryview):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 import io
+import os
+import pathlib
 from collections.abc import Sequence
 from typing import Any, Final, TypeVar
 from urllib.parse import quote, urlsplit
@@ -33,9 +35,13 @@ def choice(name: str, value: Any, enum_cls: type[E]) -> str:
 
 
 def text(name: str, value: Any) -> str:
-    """Any string, including an empty one."""
+    """Any string that can be sent as UTF-8, including an empty one."""
     if not isinstance(value, str):
         raise ValidationError(f"{name} must be a str, not {type(value).__name__}")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValidationError(f"{name} is not valid text (it has a lone surrogate)") from None
     return value
 
 
@@ -70,6 +76,13 @@ def boolean(name: str, value: Any) -> bool:
     return value
 
 
+def header_value(name: str, value: Any) -> str:
+    """Text that can go into an HTTP header: printable ASCII, no line breaks."""
+    if not isinstance(value, str) or not value.isascii() or not value.isprintable():
+        raise ValidationError(f"{name} must be printable ASCII text, not {value!r}")
+    return value
+
+
 def http_url(name: str, value: Any) -> str:
     """An absolute http(s) URL with a host (the API fetches or POSTs to it)."""
     text(name, value)
@@ -91,6 +104,20 @@ def path_segment(name: str, value: Any) -> str:
     """An identifier percent-encoded so it stays one path segment (`/`, `..` included)."""
     non_empty(name, value)
     return quote(value, safe="").replace(".", "%2E")
+
+
+def local_path(name: str, value: Any) -> pathlib.Path:
+    """A path on this machine: a str or an os.PathLike giving a str, without NUL bytes."""
+    try:
+        path = os.fspath(value)
+    except TypeError:
+        path = None
+    if not isinstance(path, str):
+        raise ValidationError(f"{name} must be a path given as str or os.PathLike[str]")
+    if "\0" in path:
+        raise ValidationError(f"{name} contains a NUL byte, which no path can hold")
+    text(name, path)
+    return pathlib.Path(path)
 
 
 def count(name: str, items: Sequence[Any], low: int, high: int) -> None:
