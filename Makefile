@@ -45,6 +45,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/mock_throughput.py
 	$(BIN)/python benchmarks/upload_memory.py
+	$(BIN)/python benchmarks/sync_overhead.py
 
 # Client's static types, generated from the async resources (a test says when to rerun).
 blocking-types: $(STAMP)

@@ -134,6 +134,11 @@ class Client:
         """Run a coroutine function on the loop and wait for it; an interrupt cancels it."""
         # Straight onto the loop: a portal task (with its cancel scope) costs more per call.
         loop = self._loop.running or self._loop.event_loop()  # no lock once it runs
+        if threading.get_ident() == self._loop.thread_id:
+            raise DeepModeError(
+                "A Client method was called from the Client's own event loop (from a "
+                "callback such as progress=); it would wait for itself forever"
+            )
         future = asyncio.run_coroutine_threadsafe(_coroutine(function), loop)
         try:
             return _wait(future)
@@ -194,6 +199,7 @@ class _LoopThread:
         self._context: AbstractContextManager[BlockingPortal] | None = None
         #: The helper thread's asyncio loop while it runs.
         self.running: asyncio.AbstractEventLoop | None = None
+        self.thread_id: int | None = None
         self.closed = False
 
     def portal(self) -> BlockingPortal:
@@ -204,6 +210,7 @@ class _LoopThread:
                 self._context = anyio.from_thread.start_blocking_portal(name="deepmode-client")
                 self._portal = self._context.__enter__()
                 self.running = self._portal.call(asyncio.get_running_loop)
+                self.thread_id = self._portal.call(threading.get_ident)
             return self._portal
 
     def event_loop(self) -> asyncio.AbstractEventLoop:

@@ -170,6 +170,24 @@ def test_ctrl_c_cancels_the_call_in_flight(dm: Client, mock: MockDeepMode) -> No
     assert dm.account.balance().remaining_balance == mock.balance  # still usable
 
 
+def test_a_call_from_the_clients_own_loop_fails_instead_of_hanging(
+    dm: Client, mock: MockDeepMode, tmp_path: pathlib.Path
+) -> None:
+    model = mock.add_model()
+    generation = dm.images.generate(model_id=model.id, prompt="a lighthouse")
+    errors: list[DeepModeError] = []
+
+    def progress(_: object) -> None:
+        try:
+            dm.account.balance()  # runs on the helper loop: must not wait for itself
+        except DeepModeError as exc:
+            errors.append(exc)
+
+    dm.images.download(generation, tmp_path, progress=progress)
+    assert errors
+    assert "own event loop" in str(errors[0])
+
+
 def test_every_method_has_the_signature_and_docs_of_its_async_twin(mock: MockDeepMode) -> None:
     async_client = AsyncClient("k")
     sync_client = Client("k")
