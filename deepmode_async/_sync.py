@@ -11,6 +11,7 @@ iterator fed by one task; leaving the loop early cancels that task.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import inspect
@@ -27,6 +28,7 @@ from typing import Any, Self, TypeVar, cast
 import aiohttp
 import anyio
 import anyio.from_thread
+import attrs
 from anyio.from_thread import BlockingPortal
 
 from ._client import AsyncClient
@@ -85,10 +87,12 @@ class Client:
         )
         self._loop = _LoopThread(self._async)
         # Closes the loop if the app forgets to: when the client is collected, or at exit.
+        # Nothing the loop or the resources hold points back to the client, so that
+        # dropping the last reference is enough.
         self._finalizer = weakref.finalize(self, self._loop.close, forgotten=repr(self))
-        self.models = cast(BlockingModels, _Blocking(self._async.models, self))
-        self.images = cast(BlockingImages, _Blocking(self._async.images, self))
-        self.account = cast(BlockingAccount, _Blocking(self._async.account, self))
+        self.models = cast(BlockingModels, _Blocking(self._async.models, self._loop))
+        self.images = cast(BlockingImages, _Blocking(self._async.images, self._loop))
+        self.account = cast(BlockingAccount, _Blocking(self._async.account, self._loop))
 
     @property
     def base_url(self) -> str:
@@ -128,48 +132,6 @@ class Client:
     ) -> None:
         self.close()
 
-    # ------------------------------------------------------------- running on the loop
-
-    def _run(self, function: Callable[[], Awaitable[T]]) -> T:
-        """Run a coroutine function on the loop and wait for it; an interrupt cancels it."""
-        # Straight onto the loop: a portal task (with its cancel scope) costs more per call.
-        loop = self._loop.running or self._loop.event_loop()  # no lock once it runs
-        if threading.get_ident() == self._loop.thread_id:
-            raise DeepModeError(
-                "A Client method was called from the Client's own event loop (from a "
-                "callback such as progress=); it would wait for itself forever"
-            )
-        future = asyncio.run_coroutine_threadsafe(_coroutine(function), loop)
-        try:
-            return _wait(future)
-        except BaseException:
-            future.cancel()  # KeyboardInterrupt in this thread: stop the call on the loop
-            raise
-
-    def _iterate(self, function: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
-        """Drive an async iterator in one task on the loop, handing its items over here."""
-        portal = self._loop.portal()
-        send, receive = anyio.create_memory_object_stream[T]()
-
-        async def pump() -> None:
-            async with send:
-                async for item in function():
-                    await send.send(item)
-
-        future = portal.start_task_soon(pump)
-        try:
-            while True:
-                try:
-                    item = _wait(portal.start_task_soon(receive.receive))
-                except anyio.EndOfStream:
-                    future.result()  # raises what ended the iteration early, if anything
-                    return
-                yield item
-        finally:
-            future.cancel()  # the caller stopped early (break, an error, Ctrl+C): stop the work
-            with contextlib.suppress(RuntimeError):  # the client was closed meanwhile
-                portal.call(receive.aclose)
-
 
 def _wait(future: Future[T]) -> T:
     """The future's result. Where a signal interrupts a lock wait (POSIX), Ctrl+C reaches
@@ -180,8 +142,8 @@ def _wait(future: Future[T]) -> T:
         try:
             return future.result(timeout=_WAKE_UP_SECONDS)
         except TimeoutError:
-            if future.done():  # the call itself raised TimeoutError
-                raise
+            if future.done():  # finished just now, or the call itself raised TimeoutError
+                return future.result()
 
 
 async def _coroutine(function: Callable[[], Awaitable[T]]) -> T:
@@ -190,34 +152,93 @@ async def _coroutine(function: Callable[[], Awaitable[T]]) -> T:
 
 class _LoopThread:
     """The helper thread's event loop (an anyio blocking portal), started on first use,
-    and the `AsyncClient` that lives on it."""
+    and the `AsyncClient` that lives on it. Runs calls and iterations for any thread."""
 
     def __init__(self, client: AsyncClient) -> None:
         self._client = client
         self._lock = threading.Lock()
-        self._portal: BlockingPortal | None = None
-        self._context: AbstractContextManager[BlockingPortal] | None = None
-        #: The helper thread's asyncio loop while it runs.
-        self.running: asyncio.AbstractEventLoop | None = None
-        self.thread_id: int | None = None
+        self._started: _Started | None = None
         self.closed = False
+        _all_loops.add(self)
 
-    def portal(self) -> BlockingPortal:
+    # ------------------------------------------------------------------ running
+
+    def run(self, function: Callable[[], Awaitable[T]]) -> T:
+        """Run a coroutine function on the loop and wait; an interrupt here cancels it."""
+        started = self._started or self._start()  # no lock once it runs
+        self._refuse_own_thread(started)
+        coroutine = _coroutine(function)
+        try:
+            # Straight onto the loop: a portal task (with its cancel scope) costs more.
+            future = asyncio.run_coroutine_threadsafe(coroutine, started.loop)
+        except RuntimeError:  # the loop closed since we looked
+            coroutine.close()
+            raise _closed_error() from None
+        try:
+            return _wait(future)
+        except concurrent.futures.CancelledError:  # not by us: the client closed meanwhile
+            raise _closed_error("during the call") from None
+        except BaseException:
+            future.cancel()  # KeyboardInterrupt in this thread: stop the call on the loop
+            raise
+
+    def iterate(self, function: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
+        """Drive an async iterator in one task on the loop, handing its items over here.
+        Leaving the loop early (break, an error, Ctrl+C) cancels that task."""
+        started = self._started or self._start()
+        self._refuse_own_thread(started)
+        portal = started.portal
+        send, receive = anyio.create_memory_object_stream[T]()
+
+        async def pump() -> None:
+            try:
+                async with send, contextlib.aclosing(function()) as items:  # type: ignore[type-var]
+                    async for item in items:
+                        await send.send(item)
+            except Exception:
+                raise
+            except BaseException as exc:  # only a cancellation may leave: others stop the portal
+                if isinstance(exc, anyio.get_cancelled_exc_class()):
+                    raise
+                raise DeepModeError(f"the iteration failed: {exc!r}") from exc
+
+        try:
+            future = portal.start_task_soon(pump)
+        except RuntimeError:
+            raise _closed_error() from None
+        try:
+            while True:
+                try:
+                    item = _wait(portal.start_task_soon(receive.receive))
+                except anyio.EndOfStream:
+                    future.result()  # raises what ended the iteration early, if anything
+                    return
+                except (RuntimeError, concurrent.futures.CancelledError):
+                    raise _closed_error("during the iteration") from None
+                yield item
+        finally:
+            future.cancel()
+            try:
+                portal.call(receive.aclose)
+            except RuntimeError:  # the client was closed meanwhile: its loop is gone
+                receive.close()
+
+    def _refuse_own_thread(self, started: _Started) -> None:
+        if threading.get_ident() == started.thread_id:
+            raise DeepModeError(
+                "A Client method was called from the Client's own event loop (from a "
+                "callback such as progress=); it would wait for itself forever"
+            )
+
+    # ------------------------------------------------------------------ life
+
+    def _start(self) -> _Started:
         with self._lock:
             if self.closed:
-                raise DeepModeError("This Client is closed; create a new one to make more calls")
-            if self._portal is None:
-                self._context = anyio.from_thread.start_blocking_portal(name="deepmode-client")
-                self._portal = self._context.__enter__()
-                self.running = self._portal.call(asyncio.get_running_loop)
-                self.thread_id = self._portal.call(threading.get_ident)
-            return self._portal
-
-    def event_loop(self) -> asyncio.AbstractEventLoop:
-        """The helper thread's asyncio loop, started on first use."""
-        self.portal()
-        assert self.running is not None
-        return self.running
+                raise _closed_error()
+            if self._started is None:
+                self._started = _Started.launch()
+            return self._started
 
     def close(self, forgotten: str | None = None) -> None:
         """Close the client's session and stop the thread (which is joined)."""
@@ -225,15 +246,14 @@ class _LoopThread:
             if self.closed:
                 return
             self.closed = True
-            self.running = None
-            portal, context = self._portal, self._context
-            self._portal = self._context = None
-        if portal is None or context is None:
+            started, self._started = self._started, None
+        if started is None:
             return
-        try:
-            portal.call(self._client.aclose)
-        finally:
-            context.__exit__(None, None, None)
+        if threading.get_ident() == started.thread_id:
+            # From a callback on the loop: the loop cannot wait for itself to stop.
+            threading.Thread(target=started.stop, args=(self._client,), daemon=True).start()
+        else:
+            started.stop(self._client)
         if forgotten is not None:  # after the clean-up: the warning may be an error
             warnings.warn(
                 f"{forgotten} was not closed; use `with Client() as dm:` or call close()",
@@ -241,23 +261,100 @@ class _LoopThread:
                 stacklevel=2,
             )
 
+    def forget_after_fork(self) -> None:
+        """In a forked child the loop's thread does not exist: start afresh on next use."""
+        self._lock = threading.Lock()
+        if self._started is not None:
+            # Kept, never collected: finalizing anyio's portal context would join a thread
+            # that does not exist here, and hang.
+            _orphaned_after_fork.append(self._started)
+            _orphaned_after_fork.append(self._client._transport.forget_session())
+            self._started = None
+
+
+@attrs.frozen
+class _Started:
+    """A running helper loop: its portal, how to stop it, its asyncio loop and thread."""
+
+    portal: BlockingPortal
+    context: AbstractContextManager[BlockingPortal]
+    loop: asyncio.AbstractEventLoop
+    thread_id: int
+
+    @classmethod
+    def launch(cls) -> _Started:
+        """Start the loop from a starter thread, so that Ctrl+C in the calling thread
+        cannot land inside anyio's start-up and leave a half-started loop behind."""
+        outcome: Future[_Started] = Future()
+
+        def start() -> None:
+            try:
+                context = anyio.from_thread.start_blocking_portal(name="deepmode-client")
+                portal = context.__enter__()
+                loop = portal.call(asyncio.get_running_loop)
+                outcome.set_result(cls(portal, context, loop, portal.call(threading.get_ident)))
+            except BaseException as exc:  # pragma: no cover - anyio failing to start a loop
+                outcome.set_exception(exc)
+
+        threading.Thread(target=start, name="deepmode-client-start", daemon=True).start()
+        try:
+            return _wait(outcome)
+        except BaseException:
+            outcome.add_done_callback(_stop_if_started)  # interrupted: stop it once it is up
+            raise
+
+    def stop(self, client: AsyncClient) -> None:
+        """Close the session, cancel what still runs (iterations), stop and join."""
+        try:
+            self.portal.call(client.aclose)
+        finally:
+            with contextlib.suppress(RuntimeError):
+                self.portal.call(self.portal.stop, True)  # cancel iterations still waiting
+            self.context.__exit__(None, None, None)
+
+
+def _stop_if_started(outcome: Future[_Started]) -> None:
+    if not outcome.cancelled() and outcome.exception() is None:
+        started = outcome.result()
+        with contextlib.suppress(RuntimeError):
+            started.portal.call(started.portal.stop, True)
+        started.context.__exit__(None, None, None)
+
+
+def _closed_error(when: str = "") -> DeepModeError:
+    detail = f" {when}" if when else ""
+    return DeepModeError(f"This Client was closed{detail}; create a new one to make more calls")
+
+
+#: Every loop, so that a forked child can forget the threads it did not inherit.
+_all_loops: weakref.WeakSet[_LoopThread] = weakref.WeakSet()
+_orphaned_after_fork: list[object] = []
+
+
+def _after_fork_in_child() -> None:
+    for loop in list(_all_loops):
+        loop.forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class _Blocking:
     """A blocking view of an async resource: each public coroutine method (or async
     generator) of the target becomes a method that runs it through the client's loop."""
 
-    def __init__(self, target: object, client: Client) -> None:
+    def __init__(self, target: object, loop: _LoopThread) -> None:
         self._target = target
-        self._client = client
+        self._loop = loop
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):  # also keeps a half-built instance from recursing
             raise AttributeError(name)
         attribute = getattr(self._target, name)
         if inspect.iscoroutinefunction(attribute):
-            blocking = _blocking_call(self._client, attribute)
+            blocking = _blocking_call(self._loop, attribute)
         elif inspect.isasyncgenfunction(attribute):
-            blocking = _blocking_iterator(self._client, attribute)
+            blocking = _blocking_iterator(self._loop, attribute)
         else:
             return attribute
         setattr(self, name, blocking)  # made once; later lookups skip __getattr__
@@ -267,22 +364,22 @@ class _Blocking:
         return [name for name in dir(self._target) if not name.startswith("_")]
 
     def __repr__(self) -> str:
-        return f"<blocking {type(self._target).__name__} of {self._client!r}>"
+        return f"<blocking {type(self._target).__name__}>"
 
 
-def _blocking_call(client: Client, method: Callable[..., Awaitable[T]]) -> Callable[..., T]:
+def _blocking_call(loop: _LoopThread, method: Callable[..., Awaitable[T]]) -> Callable[..., T]:
     @functools.wraps(method)  # the name, docstring and signature of the async method
     def call(*args: Any, **kwargs: Any) -> T:
-        return client._run(functools.partial(method, *args, **kwargs))
+        return loop.run(functools.partial(method, *args, **kwargs))
 
     return call
 
 
 def _blocking_iterator(
-    client: Client, method: Callable[..., AsyncIterator[T]]
+    loop: _LoopThread, method: Callable[..., AsyncIterator[T]]
 ) -> Callable[..., Iterator[T]]:
     @functools.wraps(method)
     def iterate(*args: Any, **kwargs: Any) -> Iterator[T]:
-        return client._iterate(functools.partial(method, *args, **kwargs))
+        return loop.iterate(functools.partial(method, *args, **kwargs))
 
     return iterate

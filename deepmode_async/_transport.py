@@ -229,6 +229,15 @@ class Transport:
         if session is not None and self._owns_session:
             await session.close()
 
+    def forget_session(self) -> aiohttp.ClientSession | None:
+        """Let go of the session without closing it (after a fork its loop is not ours);
+        the caller keeps it referenced, as collecting it would warn about it."""
+        session = self._session
+        if self._owns_session:
+            self._session = None
+            self._loop = None
+        return session
+
     def _get_session(self) -> aiohttp.ClientSession:
         if self._closed:
             raise DeepModeError("This client is closed; create a new one to make more calls")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
 import pathlib
@@ -248,7 +249,7 @@ class Counter:
 
 def test_an_async_iterator_becomes_a_plain_iterator(dm: Client) -> None:
     counter = Counter()
-    blocking = _Blocking(counter, dm)
+    blocking = _Blocking(counter, dm._loop)
     assert list(blocking.count(5)) == [0, 1, 2, 3, 4]
     assert counter.finished.is_set()
     assert not counter.cancelled
@@ -256,7 +257,7 @@ def test_an_async_iterator_becomes_a_plain_iterator(dm: Client) -> None:
 
 def test_breaking_out_of_the_loop_stops_the_work(dm: Client) -> None:
     counter = Counter()
-    for number in _Blocking(counter, dm).count(1_000_000):
+    for number in _Blocking(counter, dm._loop).count(1_000_000):
         if number == 3:
             break
     assert counter.finished.wait(5)
@@ -265,7 +266,7 @@ def test_breaking_out_of_the_loop_stops_the_work(dm: Client) -> None:
 
 
 def test_an_error_in_the_iterator_reaches_the_loop(dm: Client) -> None:
-    numbers = _Blocking(Counter(), dm).fail_after(2)
+    numbers = _Blocking(Counter(), dm._loop).fail_after(2)
     assert [next(numbers), next(numbers)] == [0, 1]
     with pytest.raises(DeepModeError, match="ran out"):
         next(numbers)
@@ -308,3 +309,139 @@ def test_a_forgotten_client_does_not_hang_or_leak_at_exit() -> None:
     assert "was not closed" in result.stderr
     for noise in ("Unclosed client session", "Event loop is closed", "Traceback"):
         assert noise not in result.stderr
+
+
+class Batcher:
+    """Shaped like generate_many: yields from inside a task group."""
+
+    def __init__(self) -> None:
+        self.closed = threading.Event()
+
+    async def batch(self, count: int) -> AsyncIterator[int]:
+        import anyio
+
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(anyio.sleep, 0)
+                for number in range(count):
+                    yield number
+        finally:
+            self.closed.set()
+
+
+def test_breaking_out_of_a_task_group_iterator_keeps_the_client_alive(dm: Client) -> None:
+    batcher = Batcher()
+    for number in _Blocking(batcher, dm._loop).batch(100):
+        if number == 2:
+            break
+    assert batcher.closed.wait(5)
+    assert dm.account.balance().remaining_balance > 0  # the loop survived
+
+
+def test_closing_while_an_iteration_is_paused_does_not_hang(mock: MockDeepMode) -> None:
+    dm = Client(mock.api_key, base_url=mock.base_url)
+    counter = Counter()
+    numbers = _Blocking(counter, dm._loop).count(100)
+    assert next(numbers) == 0
+    closer = threading.Thread(target=dm.close)
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive(), "close() hung on a paused iteration"
+    with pytest.raises(DeepModeError, match="closed"):
+        next(numbers)
+    assert not client_threads()
+
+
+def test_calls_in_flight_when_another_thread_closes_get_a_typed_error(
+    mock: MockDeepMode,
+) -> None:
+    dm = Client(mock.api_key, base_url=mock.base_url, max_retries=2)
+    dm.account.balance()
+    mock.fail("balance", 503, retry_after=5, times=8)  # calls wait in their backoff
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            dm.account.balance()
+        except BaseException as exc:
+            errors.append(exc)
+
+    callers = [threading.Thread(target=call) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    time.sleep(0.3)
+    dm.close()
+    for caller in callers:
+        caller.join(10)
+    assert len(errors) == 4
+    assert all(isinstance(error, DeepModeError) for error in errors), errors
+    assert all("closed" in str(error) for error in errors)
+
+
+def test_close_from_the_clients_own_loop_does_not_deadlock(
+    mock: MockDeepMode, tmp_path: pathlib.Path
+) -> None:
+    dm = Client(mock.api_key, base_url=mock.base_url)
+    model = mock.add_model()
+    generation = dm.images.generate(model_id=model.id, prompt="a lighthouse")
+
+    def progress(_: object) -> None:
+        dm.close()
+
+    # Whether the download finishes first or its session goes away under it, no hang.
+    with contextlib.suppress(DeepModeError):
+        dm.images.download(generation, tmp_path, progress=progress)
+    assert dm.closed
+    deadline = time.monotonic() + 5
+    while client_threads():
+        assert time.monotonic() < deadline, "the loop thread was not stopped"
+        time.sleep(0.01)
+
+
+def test_a_forgotten_client_is_closed_without_the_cycle_collector(mock: MockDeepMode) -> None:
+    dm = Client(mock.api_key, base_url=mock.base_url)
+    dm.account.balance()
+    gc.disable()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            del dm
+    finally:
+        gc.enable()
+    assert [w.category for w in caught] == [ResourceWarning]
+    assert not client_threads()
+
+
+FORK_SCRIPT = """
+import os, sys
+from deepmode_async import Client
+from deepmode_async.testing import MockDeepMode
+
+mock = MockDeepMode()
+mock.__enter__()
+dm = Client(mock.api_key, base_url=mock.base_url)
+dm.account.balance()
+pid = os.fork()
+if pid == 0:
+    try:
+        dm.account.balance()  # the child starts a loop of its own
+        dm.close()
+        os._exit(0)
+    except BaseException as exc:
+        print("child failed:", repr(exc), flush=True)
+        os._exit(1)
+_, status = os.waitpid(pid, 0)
+dm.close()
+print("child exit", os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+def test_a_forked_child_starts_its_own_loop() -> None:
+    result = subprocess.run(  # noqa: S603
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", FORK_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.stdout.strip().endswith("child exit 0"), result.stdout + result.stderr

@@ -77,11 +77,21 @@ def _blocking_method(node: ast.FunctionDef | ast.AsyncFunctionDef) -> ast.Functi
     body: list[ast.stmt] = [ast.Expr(ast.Constant(doc))] if doc else []
     body.append(ast.Expr(ast.Constant(...)))
     returns = node.returns
-    if (
+    iterates = (
         isinstance(returns, ast.Subscript)
         and isinstance(returns.value, ast.Name)
         and returns.value.id in _ASYNC_ITERATORS
-    ):
+    )
+    is_generator = isinstance(node, ast.AsyncFunctionDef) and any(
+        isinstance(inner, ast.Yield | ast.YieldFrom) for inner in ast.walk(node)
+    )
+    if iterates != is_generator and not _is_overload(node):
+        # Client turns async generators into iterators and nothing else (see _sync.py).
+        raise SystemExit(
+            f"{node.name}: an async iterator must come from an `async def` with `yield`, "
+            "or the blocking facade cannot iterate it"
+        )
+    if iterates and isinstance(returns, ast.Subscript):
         item = returns.slice.elts[0] if isinstance(returns.slice, ast.Tuple) else returns.slice
         returns = ast.Subscript(ast.Name("Iterator"), item)
     decorators: list[ast.expr] = [
@@ -95,6 +105,10 @@ def _blocking_method(node: ast.FunctionDef | ast.AsyncFunctionDef) -> ast.Functi
         returns=returns,
     )
     return ast.fix_missing_locations(method)
+
+
+def _is_overload(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    return any(isinstance(d, ast.Name) and d.id == "overload" for d in node.decorator_list)
 
 
 def _ruff(arguments: list[str], source: str) -> str:
