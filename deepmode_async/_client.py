@@ -94,6 +94,7 @@ class AsyncClient:
 
     @property
     def max_retries(self) -> int:
+        """How often a failed call may be retried (within the at-most-once rules)."""
         return self._transport.retry.max_retries
 
     @property

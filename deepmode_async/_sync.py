@@ -2,7 +2,7 @@
 thread (an anyio blocking portal); every method of its resources is derived from the
 async one when first used, so nothing here names a single endpoint.
 
-A call from any thread hands the coroutine to the portal and waits for it. If the
+A call from any thread hands the coroutine to that loop and waits for it. If the
 waiting thread is interrupted (Ctrl+C raises KeyboardInterrupt there), the call is
 cancelled on the loop, which closes its connection. An async iterator becomes a plain
 iterator fed by one task; leaving the loop early cancels that task.
@@ -106,6 +106,7 @@ class Client:
 
     @property
     def max_retries(self) -> int:
+        """How often a failed call may be retried (within the at-most-once rules)."""
         return self._async.max_retries
 
     @property
@@ -195,11 +196,10 @@ class _LoopThread:
                 async with send, contextlib.aclosing(function()) as items:  # type: ignore[type-var]
                     async for item in items:
                         await send.send(item)
-            except Exception:
-                raise
-            except BaseException as exc:  # only a cancellation may leave: others stop the portal
-                if isinstance(exc, anyio.get_cancelled_exc_class()):
+            except BaseException as exc:
+                if isinstance(exc, Exception | anyio.get_cancelled_exc_class()):
                     raise
+                # Any other BaseException from a portal task would stop the whole portal.
                 raise DeepModeError(f"the iteration failed: {exc!r}") from exc
 
         try:
