@@ -160,7 +160,6 @@ class Request:
     idempotent: bool
     headers: Mapping[str, str] = attrs.field(factory=dict, repr=False)  # holds the key
     body: Callable[[], Any] | None = None
-    authenticated: bool = True
 
     @property
     def info(self) -> RequestInfo:
@@ -276,7 +275,7 @@ class Transport:
 
     def plain_request(self, url: URL) -> Request:
         """A GET to another host (the image host): no key, no default headers."""
-        return Request("GET", url, True, self._plain_headers, authenticated=False)
+        return Request("GET", url, True, self._plain_headers)
 
     async def send(
         self,
