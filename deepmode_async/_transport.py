@@ -212,6 +212,12 @@ class Transport:
             "Authorization": f"Bearer {api_key}",
         }
         self._plain_headers: Final = {"User-Agent": user_agent}
+        self._with_content_type: dict[str, dict[str, str]] = {}  # built once per type
+
+    def _api_headers_for(self, content_type: str) -> dict[str, str]:
+        headers = {**self._api_headers, "Content-Type": content_type}
+        self._with_content_type[content_type] = headers
+        return headers
 
     def api_url(self, path: str) -> URL:
         """The URL of an API path whose variable segments are already percent-encoded."""
@@ -269,7 +275,9 @@ class Transport:
         """Call an API path and return its JSON answer (raising for anything else)."""
         headers = self._api_headers
         if body is not None and content_type is not None:
-            headers = {**headers, "Content-Type": content_type}
+            headers = self._with_content_type.get(content_type) or self._api_headers_for(
+                content_type
+            )
         request = Request(method, self.api_url(path), idempotent, headers, body)
         return await self.send(request, _read_json, timeout=timeout)
 

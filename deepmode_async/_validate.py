@@ -45,10 +45,6 @@ def text(name: str, value: Any) -> str:
     return value
 
 
-def optional_text(name: str, value: Any) -> str | None:
-    return None if value is None else text(name, value)
-
-
 def non_empty(name: str, value: Any) -> str:
     """A string with something besides whitespace in it."""
     if not text(name, value).strip():
@@ -94,10 +90,6 @@ def http_url(name: str, value: Any) -> str:
     if not valid or any(ch.isspace() or not ch.isprintable() for ch in value):
         raise ValidationError(f"{name} must be an absolute http or https URL, not {value!r}")
     return str(value)
-
-
-def optional_url(name: str, value: Any) -> str | None:
-    return None if value is None else http_url(name, value)
 
 
 def path_segment(name: str, value: Any) -> str:

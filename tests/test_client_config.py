@@ -188,3 +188,10 @@ async def test_deepmode_log_debug_logs_one_line_per_attempt(
     assert lines[0].startswith(f"GET {mock.base_url}/api/check-balance -> 200 in ")
     assert lines[0].endswith("(attempt 1)")
     assert mock.api_key not in lines[0]
+
+
+async def test_max_connections_bounds_the_calls_in_flight(mock: MockDeepMode) -> None:
+    mock.set_latency("balance", 0.1)
+    async with AsyncClient(mock.api_key, base_url=mock.base_url, max_connections=3) as dm:
+        await asyncio.gather(*(dm.account.balance() for _ in range(12)))
+    assert mock.peak_in_flight == 3  # the other nine waited for a pooled connection
