@@ -23,6 +23,7 @@ from ._errors import (
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
+    CallbackTimeoutError,
     ConflictError,
     DeepModeError,
     DownloadError,
@@ -54,6 +55,7 @@ from ._types import (
     RemixResult,
 )
 from ._version import __version__
+from .batch import BatchProgress, BatchResult, GenerateRequest
 
 __all__ = [
     "APIConnectionError",
@@ -65,12 +67,16 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "Balance",
+    "BatchProgress",
+    "BatchResult",
+    "CallbackTimeoutError",
     "Client",
     "ConflictError",
     "DeepModeError",
     "DownloadError",
     "DownloadProgress",
     "Gender",
+    "GenerateRequest",
     "Generation",
     "Image",
     "InsufficientCreditsError",

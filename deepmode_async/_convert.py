@@ -120,12 +120,12 @@ def _describe(exc: BaseException, cls: type | None) -> str:
     return format_exception(exc, cls)
 
 
-def parse_json(body: bytes, what: str) -> Any:
+def parse_json(body: bytes | str, what: str) -> Any:
     """The JSON value of a 2xx body; `what` names the request for the error message."""
     try:
         return json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than json can go
-        preview = body[:80].decode("utf-8", "replace")
+        preview = body[:80] if isinstance(body, str) else body[:80].decode("utf-8", "replace")
         raise ResponseValidationError(
             f"{what} answered with a body that is not JSON: {preview!r}", body=body
         ) from None

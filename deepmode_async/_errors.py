@@ -63,6 +63,14 @@ class DownloadError(DeepModeError):
         self.image_id = image_id
 
 
+class CallbackTimeoutError(DeepModeError, TimeoutError):
+    """No valid callback arrived in time. `.pending` can still be awaited again."""
+
+    def __init__(self, message: str, *, pending: Any = None) -> None:
+        super().__init__(message)
+        self.pending = pending
+
+
 class APIError(DeepModeError):
     """A request was made and did not succeed. `.request` says which one."""
 

@@ -147,6 +147,115 @@ def request_was_sent(error: APIConnectionError) -> bool:
     )
 
 
+def _asks_to_wait(error: APIError) -> bool:
+    """Whether the server is pacing the client (429, 503) rather than failing one call."""
+    return isinstance(error, APIStatusError) and error.status_code in (429, 503)
+
+
+class Pacer:
+    """Paces the calls of one batch together, so a rate-limited server sees the batch
+    slow down instead of every call retrying on its own.
+
+    When a call is told to wait (429, or 503), every call of the batch waits with it
+    until the delay has passed, and the number of calls allowed in flight halves (once
+    per wave of answers); each run of successes as long as that number raises it by one
+    again, up to `ceiling`. A rate-limited try does not count against a call's retries
+    when other calls got through since its previous try: a server that lets some calls
+    through is pacing the batch, not refusing it. When none do, retries run out as usual.
+    """
+
+    def __init__(self, ceiling: int) -> None:
+        self.ceiling = ceiling
+        self.limit = ceiling
+        self.in_flight = 0
+        self.successes = 0
+        self._resume_at = 0.0
+        self._streak = 0  # successes since the limit last changed
+        self._wave = 0  # bumped when the limit halves: one halving per wave of 429s
+        self._changed = asyncio.Event()
+
+    def call(self) -> _PacedCall:
+        """The pacing of one call, for all of its attempts."""
+        return _PacedCall(self)
+
+    async def _enter(self) -> int:
+        while True:
+            pause = self._resume_at - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            elif self.in_flight < self.limit:
+                break
+            else:
+                await self._changed.wait()
+        self.in_flight += 1
+        return self._wave
+
+    def _leave(self, *, succeeded: bool) -> None:
+        self.in_flight -= 1
+        if succeeded:
+            self.successes += 1
+            self._streak += 1
+            if self._streak >= self.limit and self.limit < self.ceiling:
+                self.limit += 1
+                self._streak = 0
+        self._changed.set()  # wake every waiter to look again; few enough to be cheap
+        self._changed = asyncio.Event()
+
+    def _slow_down(self, wave: int, delay: float) -> None:
+        if wave == self._wave:
+            self.limit = max(1, self.limit // 2)
+            self._wave += 1
+            self._streak = 0
+        self._resume_at = max(self._resume_at, time.monotonic() + delay)
+
+
+class _PacedCall:
+    """One call's attempts under a `Pacer`."""
+
+    def __init__(self, pacer: Pacer) -> None:
+        self._pacer = pacer
+        self._wave = 0
+        self._successes = pacer.successes  # the batch's, at this call's previous try
+
+    async def enter(self) -> None:
+        """Wait for a slot (and for any pause the batch is in)."""
+        self._wave = await self._pacer._enter()
+
+    def leave(self, *, succeeded: bool) -> None:
+        """Give the slot back."""
+        self._pacer._leave(succeeded=succeeded)
+
+    async def back_off(self, error: APIError, delay: float) -> bool:
+        """Wait `delay` before the next try; True if the failed try counts as a retry."""
+        if not _asks_to_wait(error):
+            await asyncio.sleep(delay)
+            return True
+        self._pacer._slow_down(self._wave, delay)  # the next `enter` waits with the rest
+        progressed = self._pacer.successes != self._successes
+        self._successes = self._pacer.successes
+        return not progressed
+
+
+class _Unpaced(_PacedCall):
+    """A call on its own: no slots to share, and it waits out its own delays."""
+
+    def __init__(self) -> None:
+        pass
+
+    async def enter(self) -> None:
+        pass
+
+    def leave(self, *, succeeded: bool) -> None:
+        pass
+
+    async def back_off(self, error: APIError, delay: float) -> bool:
+        await asyncio.sleep(delay)
+        return True
+
+
+_UNPACED: Final = _Unpaced()
+
+
 @attrs.frozen
 class Request:
     """One logical request, possibly sent several times.
@@ -271,6 +380,7 @@ class Transport:
         body: Callable[[], Any] | None = None,
         content_type: str | None = "application/json",
         timeout: Timeout | None = None,
+        pacer: Pacer | None = None,
     ) -> Any:
         """Call an API path and return its JSON answer (raising for anything else)."""
         headers = self._api_headers
@@ -279,7 +389,7 @@ class Transport:
                 content_type
             )
         request = Request(method, self.api_url(path), idempotent, headers, body)
-        return await self.send(request, _read_json, timeout=timeout)
+        return await self.send(request, _read_json, timeout=timeout, pacer=pacer)
 
     def plain_request(self, url: URL) -> Request:
         """A GET to another host (the image host): no key, no default headers."""
@@ -291,22 +401,28 @@ class Transport:
         consume: Callable[[aiohttp.ClientResponse], Awaitable[T]],
         *,
         timeout: Timeout | None = None,
+        pacer: Pacer | None = None,
     ) -> T:
         """Send `request` (again, as the retry policy allows) and `consume` a 2xx answer.
 
         `consume` runs within the attempt, so a connection lost while it reads the body
-        is a failed attempt like any other.
+        is a failed attempt like any other. A `pacer` shares slots and back-offs with
+        the other calls of a batch.
         """
         session = self._get_session()
         client_timeout = _client_timeout(timeout or self.timeout)
+        pace = pacer.call() if pacer is not None else _UNPACED
         attempt = 0
         while True:
             attempt += 1
+            await pace.enter()
             if self._closed or session.closed:  # closed meanwhile, e.g. during a backoff
+                pace.leave(succeeded=False)
                 raise DeepModeError("This client (or its aiohttp session) is closed")
             try:
-                return await self._attempt(session, request, consume, client_timeout, attempt)
+                result = await self._attempt(session, request, consume, client_timeout, attempt)
             except APIError as error:
+                pace.leave(succeeded=False)
                 delay = self.retry.delay(error, attempt, idempotent=request.idempotent)
                 if delay is None:
                     raise
@@ -318,7 +434,14 @@ class Transport:
                     self.retry.max_retries,
                     delay,
                 )
-                await asyncio.sleep(delay)
+                if not await pace.back_off(error, delay):
+                    attempt -= 1
+                continue
+            except BaseException:
+                pace.leave(succeeded=False)
+                raise
+            pace.leave(succeeded=True)
+            return result
 
     async def _attempt(
         self,

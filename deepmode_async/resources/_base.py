@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .._convert import structure
-from .._transport import Timeout, Transport, coerce_timeout
+from .._transport import Pacer, Timeout, Transport, coerce_timeout
 
 T = TypeVar("T")
 
@@ -27,6 +27,7 @@ class Resource:
         body: Callable[[], Any] | None = None,
         content_type: str | None = "application/json",
         timeout: Timeout | float | None = None,
+        pacer: Pacer | None = None,
     ) -> T:
         """Send one API call and convert its answer to `result`."""
         data = await self._transport.call(
@@ -36,5 +37,6 @@ class Resource:
             body=body,
             content_type=content_type,
             timeout=coerce_timeout(timeout, self._transport.timeout),
+            pacer=pacer,
         )
         return structure(data, result, f"{method} {path}")

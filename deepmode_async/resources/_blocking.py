@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Iterable
+from collections.abc import AsyncIterable, Iterable, Iterator
 from typing import Protocol, overload
 
 from .._downloads import Downloadable, ProgressCallback
@@ -16,6 +16,7 @@ from .._types import (
     Gender,
     Generation,
     Image,
+    Model,
     ModelCreated,
     ModelExtension,
     ModelType,
@@ -24,11 +25,14 @@ from .._types import (
     RemixResult,
 )
 from .._uploads import ImageInput
+from ..batch import BatchProgressCallback, BatchResult, GenerateRequest
+from ..callbacks import CallbackHub
 
 
 class BlockingModels(Protocol):
     """The blocking `Models` of `Client`: each method waits for its result."""
 
+    @overload
     def create(
         self,
         *,
@@ -39,14 +43,39 @@ class BlockingModels(Protocol):
         name: str | None = None,
         callback: str | None = None,
         timeout: Timeout | float | None = None,
-    ) -> ModelCreated:
+    ) -> ModelCreated: ...
+    @overload
+    def create(
+        self,
+        *,
+        images: Iterable[ImageInput] | None = None,
+        image_urls: Iterable[str] | None = None,
+        gender: Gender | str,
+        model_type: ModelType | str,
+        name: str | None = None,
+        callback: CallbackHub,
+        timeout: Timeout | float | None = None,
+    ) -> Model: ...
+    def create(
+        self,
+        *,
+        images: Iterable[ImageInput] | None = None,
+        image_urls: Iterable[str] | None = None,
+        gender: Gender | str,
+        model_type: ModelType | str,
+        name: str | None = None,
+        callback: str | CallbackHub | None = None,
+        timeout: Timeout | float | None = None,
+    ) -> ModelCreated | Model:
         """Start training a model (50 credits) from `images` or from `image_urls`.
 
         `images` are paths (streamed from disk), bytes, binary file objects or
         `(filename, data[, content_type])` tuples, checked by content to be jpeg, png,
         webp or heic. `image_urls` must be public http(s) URLs. Exactly one of the two,
         with 1 to 30 items. The model's id arrives only with the training result: POSTed
-        to `callback` when given (else the API e-mails the account owner).
+        to a `callback` URL when given (else the API e-mails the account owner). With a
+        `CallbackHub` as `callback`, the call waits for training to finish and returns
+        the trained `Model` (at most the hub's `ttl`).
         """
         ...
 
@@ -68,7 +97,7 @@ class BlockingImages(Protocol):
         num_images: int = 1,
         upscale: bool = False,
         ratio: Ratio | str = Ratio.PORTRAIT,
-        callback: None = None,
+        callback: CallbackHub | None = None,
         timeout: Timeout | float | None = None,
     ) -> Generation: ...
     @overload
@@ -93,17 +122,49 @@ class BlockingImages(Protocol):
         num_images: int = 1,
         upscale: bool = False,
         ratio: Ratio | str = Ratio.PORTRAIT,
-        callback: str | None = None,
+        callback: str | CallbackHub | None = None,
         timeout: Timeout | float | None = None,
     ) -> Generation | Accepted:
         """Generate 1-8 images of a trained model from a prompt (1 credit).
 
         Without `callback` (sync mode) the answer carries the images, which can take a
-        while (the read timeout defaults to 600 s). With `callback` the API answers at
-        once with `Accepted` and later POSTs the `Generation` to that URL.
+        while (the read timeout defaults to 600 s). With a `callback` URL the API
+        answers at once with `Accepted` and later POSTs the `Generation` to that URL.
+        With a `CallbackHub` as `callback`, the call goes in callback mode and waits for
+        the hub to receive the `Generation` (at most the hub's `ttl`).
 
         Spending credits, this call is never sent twice when the server may have acted on
         it: a timeout or a 5xx is raised, not retried (see the README's retry table).
+        """
+        ...
+
+    def generate_many(
+        self,
+        requests: Iterable[GenerateRequest] | AsyncIterable[GenerateRequest],
+        *,
+        concurrency: int = 8,
+        download_to: str | os.PathLike[str] | None = None,
+        progress: BatchProgressCallback | None = None,
+        timeout: Timeout | float | None = None,
+    ) -> Iterator[BatchResult]:
+        """Generate for many requests at once; yield a `BatchResult` as each completes.
+
+        `requests` (`GenerateRequest`s, from an iterable or an async iterable) are taken
+        one by one as slots free up, so an endless generator works, and at most
+        `concurrency` are in flight. Every request yields exactly one result: a failure
+        is its result's `.error` and never stops the others. A 429 slows the whole
+        batch down (it waits as the server asks, and fewer requests go at once for a
+        while) instead of every request retrying on its own.
+
+        With `download_to`, each generation's images are downloaded into that directory
+        as soon as it completes (`.paths`), atomically, as `download` does. `progress`
+        is called with a `BatchProgress` as requests start and finish.
+
+        Breaking out of the loop, or cancelling it, cancels what is in flight and waits
+        for it to clean up; use `contextlib.aclosing` around the iterator for this to
+        happen at the `break` itself rather than when the iterator is collected. An
+        input that fails (or holds something other than a `GenerateRequest`) starts no
+        more requests; those in flight still yield, then its error is raised.
         """
         ...
 
@@ -113,16 +174,26 @@ class BlockingImages(Protocol):
 
     @overload
     def upscale(
-        self, image_id: str, *, callback: None = None, timeout: Timeout | float | None = None
+        self,
+        image_id: str,
+        *,
+        callback: CallbackHub | None = None,
+        timeout: Timeout | float | None = None,
     ) -> Image: ...
     @overload
     def upscale(
         self, image_id: str, *, callback: str, timeout: Timeout | float | None = None
     ) -> Accepted: ...
     def upscale(
-        self, image_id: str, *, callback: str | None = None, timeout: Timeout | float | None = None
+        self,
+        image_id: str,
+        *,
+        callback: str | CallbackHub | None = None,
+        timeout: Timeout | float | None = None,
     ) -> Image | Accepted:
-        """Upscale an image x4 (3 credits): the new `Image`, or `Accepted` with `callback`."""
+        """Upscale an image x4 (3 credits): the new `Image`, or `Accepted` with a
+        `callback` URL. With a `CallbackHub` as `callback`, waits for the hub to receive
+        the upscaled `Image`."""
         ...
 
     def remix(

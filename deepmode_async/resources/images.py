@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
-from collections.abc import Iterable
-from typing import Any, overload
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from typing import overload
 
 from .. import _validate as check
 from .._downloads import Downloadable, Downloader, ProgressCallback, check_destination, flatten
 from .._errors import ValidationError
-from .._transport import Timeout, Transport, coerce_timeout, json_body
+from .._transport import Pacer, Timeout, Transport, coerce_timeout, json_body
 from .._types import Accepted, Generation, Image, Ratio, RemixMode, RemixResult
 from .._uploads import ImageInput, multipart, prepare
-from .._validate import MAX_NUM_IMAGES
+from ..batch import BatchProgressCallback, BatchResult, GenerateRequest, run_batch
+from ..callbacks import CallbackHub
 from ._base import Resource
 
 
@@ -34,7 +36,7 @@ class Images(Resource):
         num_images: int = 1,
         upscale: bool = False,
         ratio: Ratio | str = Ratio.PORTRAIT,
-        callback: None = None,
+        callback: CallbackHub | None = None,
         timeout: Timeout | float | None = None,
     ) -> Generation: ...
 
@@ -61,35 +63,101 @@ class Images(Resource):
         num_images: int = 1,
         upscale: bool = False,
         ratio: Ratio | str = Ratio.PORTRAIT,
-        callback: str | None = None,
+        callback: str | CallbackHub | None = None,
         timeout: Timeout | float | None = None,
     ) -> Generation | Accepted:
         """Generate 1-8 images of a trained model from a prompt (1 credit).
 
         Without `callback` (sync mode) the answer carries the images, which can take a
-        while (the read timeout defaults to 600 s). With `callback` the API answers at
-        once with `Accepted` and later POSTs the `Generation` to that URL.
+        while (the read timeout defaults to 600 s). With a `callback` URL the API
+        answers at once with `Accepted` and later POSTs the `Generation` to that URL.
+        With a `CallbackHub` as `callback`, the call goes in callback mode and waits for
+        the hub to receive the `Generation` (at most the hub's `ttl`).
 
         Spending credits, this call is never sent twice when the server may have acted on
         it: a timeout or a 5xx is raised, not retried (see the README's retry table).
         """
-        body: dict[str, Any] = {
-            "model_id": check.non_empty("model_id", model_id),
-            "prompt": check.non_empty("prompt", prompt),
-            "num_images": check.integer("num_images", num_images, 1, MAX_NUM_IMAGES),
-            "upscale": check.boolean("upscale", upscale),
-            "ratio": check.choice("ratio", ratio, Ratio),
-        }
-        if negative_prompt is not None:
-            body["negative_prompt"] = check.text("negative_prompt", negative_prompt)
-        if callback is None:
-            return await self._call(
-                Generation, "POST", "/api/images/generate", body=json_body(body), timeout=timeout
+        request = GenerateRequest(
+            model_id=model_id,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_images=num_images,
+            upscale=upscale,
+            ratio=ratio,
+        )
+        if isinstance(callback, CallbackHub):
+            return await callback._submit_and_wait(  # type: ignore[no-any-return]
+                "generation", lambda url: self._generate_later(request, url, timeout)
             )
-        body["callback"] = check.http_url("callback", callback)
+        if callback is not None:
+            return await self._generate_later(request, callback, timeout)
+        return await self._generate(request, timeout=timeout)
+
+    async def _generate(
+        self,
+        request: GenerateRequest,
+        *,
+        timeout: Timeout | float | None,
+        pacer: Pacer | None = None,
+    ) -> Generation:
+        """Sync mode: the images in the answer (`pacer` when part of a batch)."""
+        body = json_body(request.json())
+        return await self._call(
+            Generation, "POST", "/api/images/generate", body=body, timeout=timeout, pacer=pacer
+        )
+
+    async def _generate_later(
+        self, request: GenerateRequest, callback: str, timeout: Timeout | float | None
+    ) -> Accepted:
+        """Callback mode: the images go to `callback` later."""
+        body = {**request.json(), "callback": check.http_url("callback", callback)}
         return await self._call(
             Accepted, "POST", "/api/images/generate", body=json_body(body), timeout=timeout
         )
+
+    async def generate_many(
+        self,
+        requests: Iterable[GenerateRequest] | AsyncIterable[GenerateRequest],
+        *,
+        concurrency: int = 8,
+        download_to: str | os.PathLike[str] | None = None,
+        progress: BatchProgressCallback | None = None,
+        timeout: Timeout | float | None = None,
+    ) -> AsyncIterator[BatchResult]:
+        """Generate for many requests at once; yield a `BatchResult` as each completes.
+
+        `requests` (`GenerateRequest`s, from an iterable or an async iterable) are taken
+        one by one as slots free up, so an endless generator works, and at most
+        `concurrency` are in flight. Every request yields exactly one result: a failure
+        is its result's `.error` and never stops the others. A 429 slows the whole
+        batch down (it waits as the server asks, and fewer requests go at once for a
+        while) instead of every request retrying on its own.
+
+        With `download_to`, each generation's images are downloaded into that directory
+        as soon as it completes (`.paths`), atomically, as `download` does. `progress`
+        is called with a `BatchProgress` as requests start and finish.
+
+        Breaking out of the loop, or cancelling it, cancels what is in flight and waits
+        for it to clean up; use `contextlib.aclosing` around the iterator for this to
+        happen at the `break` itself rather than when the iterator is collected. An
+        input that fails (or holds something other than a `GenerateRequest`) starts no
+        more requests; those in flight still yield, then its error is raised.
+        """
+        concurrency = check.positive("concurrency", concurrency)
+        if progress is not None and not callable(progress):
+            raise ValidationError("progress must be a callable or None")
+        directory = check_destination(download_to) if download_to is not None else None
+        results = run_batch(
+            self,
+            requests,
+            concurrency=concurrency,
+            download_to=directory,
+            progress=progress,
+            timeout=coerce_timeout(timeout, self._transport.timeout),
+        )
+        async with contextlib.aclosing(results):
+            async for result in results:
+                yield result
 
     async def retrieve(self, image_id: str, *, timeout: Timeout | float | None = None) -> Image:
         """An image by id, with a freshly signed `image_url` (free)."""
@@ -100,7 +168,11 @@ class Images(Resource):
 
     @overload
     async def upscale(
-        self, image_id: str, *, callback: None = None, timeout: Timeout | float | None = None
+        self,
+        image_id: str,
+        *,
+        callback: CallbackHub | None = None,
+        timeout: Timeout | float | None = None,
     ) -> Image: ...
 
     @overload
@@ -112,11 +184,18 @@ class Images(Resource):
         self,
         image_id: str,
         *,
-        callback: str | None = None,
+        callback: str | CallbackHub | None = None,
         timeout: Timeout | float | None = None,
     ) -> Image | Accepted:
-        """Upscale an image x4 (3 credits): the new `Image`, or `Accepted` with `callback`."""
+        """Upscale an image x4 (3 credits): the new `Image`, or `Accepted` with a
+        `callback` URL. With a `CallbackHub` as `callback`, waits for the hub to receive
+        the upscaled `Image`."""
         body = {"image_id": check.non_empty("image_id", image_id)}
+        if isinstance(callback, CallbackHub):
+            hub = callback
+            return await hub._submit_and_wait(  # type: ignore[no-any-return]
+                "upscale", lambda url: self.upscale(image_id, callback=url, timeout=timeout)
+            )
         if callback is None:
             return await self._call(
                 Image, "POST", "/api/images/upscale", body=json_body(body), timeout=timeout

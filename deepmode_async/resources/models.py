@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, overload
 
 from .. import _validate as check
 from .._errors import ValidationError
 from .._transport import Timeout, json_body
-from .._types import Gender, ModelCreated, ModelExtension, ModelType
+from .._types import Gender, Model, ModelCreated, ModelExtension, ModelType
 from .._uploads import ImageInput, multipart, prepare
 from .._validate import MAX_TRAINING_IMAGES
+from ..callbacks import CallbackHub
 from ._base import Resource
 
 
 class Models(Resource):
     """Personal models: trained from 1-30 photos, valid for 30 days, extendable."""
 
+    @overload
     async def create(
         self,
         *,
@@ -27,15 +29,56 @@ class Models(Resource):
         name: str | None = None,
         callback: str | None = None,
         timeout: Timeout | float | None = None,
-    ) -> ModelCreated:
+    ) -> ModelCreated: ...
+
+    @overload
+    async def create(
+        self,
+        *,
+        images: Iterable[ImageInput] | None = None,
+        image_urls: Iterable[str] | None = None,
+        gender: Gender | str,
+        model_type: ModelType | str,
+        name: str | None = None,
+        callback: CallbackHub,
+        timeout: Timeout | float | None = None,
+    ) -> Model: ...
+
+    async def create(
+        self,
+        *,
+        images: Iterable[ImageInput] | None = None,
+        image_urls: Iterable[str] | None = None,
+        gender: Gender | str,
+        model_type: ModelType | str,
+        name: str | None = None,
+        callback: str | CallbackHub | None = None,
+        timeout: Timeout | float | None = None,
+    ) -> ModelCreated | Model:
         """Start training a model (50 credits) from `images` or from `image_urls`.
 
         `images` are paths (streamed from disk), bytes, binary file objects or
         `(filename, data[, content_type])` tuples, checked by content to be jpeg, png,
         webp or heic. `image_urls` must be public http(s) URLs. Exactly one of the two,
         with 1 to 30 items. The model's id arrives only with the training result: POSTed
-        to `callback` when given (else the API e-mails the account owner).
+        to a `callback` URL when given (else the API e-mails the account owner). With a
+        `CallbackHub` as `callback`, the call waits for training to finish and returns
+        the trained `Model` (at most the hub's `ttl`).
         """
+        if isinstance(callback, CallbackHub):
+            hub = callback
+            return await hub._submit_and_wait(  # type: ignore[no-any-return]
+                "model",
+                lambda url: self.create(
+                    images=images,
+                    image_urls=image_urls,
+                    gender=gender,
+                    model_type=model_type,
+                    name=name,
+                    callback=url,
+                    timeout=timeout,
+                ),
+            )
         if (images is None) == (image_urls is None):
             raise ValidationError("give exactly one of images= or image_urls=")
         fields: dict[str, Any] = {
