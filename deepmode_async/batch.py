@@ -59,7 +59,7 @@ class GenerateRequest:
         # The one field that changes: a plain string becomes its enum member.
         object.__setattr__(self, "ratio", Ratio(check.choice("ratio", self.ratio, Ratio)))
 
-    def json(self) -> dict[str, Any]:
+    def _json(self) -> dict[str, Any]:
         """The request's JSON body, as the API takes it."""
         body: dict[str, Any] = {
             "model_id": self.model_id,

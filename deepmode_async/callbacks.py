@@ -273,10 +273,10 @@ class CallbackHub:
         pending = self.expect(kind)
         try:
             await submit(pending.url)
+            return await pending.wait()
         except BaseException:
-            pending.discard()
+            pending.discard()  # nobody else holds it: a later delivery gets 404
             raise
-        return await pending.wait()
 
     def receive(self, token: str, body: bytes) -> tuple[int, str]:
         """Take one delivery for the URL ending in `token`: (HTTP status, detail).

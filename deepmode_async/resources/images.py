@@ -101,7 +101,7 @@ class Images(Resource):
         pacer: Pacer | None = None,
     ) -> Generation:
         """Sync mode: the images in the answer (`pacer` when part of a batch)."""
-        body = json_body(request.json())
+        body = json_body(request._json())
         return await self._call(
             Generation, "POST", "/api/images/generate", body=body, timeout=timeout, pacer=pacer
         )
@@ -110,7 +110,7 @@ class Images(Resource):
         self, request: GenerateRequest, callback: str, timeout: Timeout | float | None
     ) -> Accepted:
         """Callback mode: the images go to `callback` later."""
-        body = {**request.json(), "callback": check.http_url("callback", callback)}
+        body = {**request._json(), "callback": check.http_url("callback", callback)}
         return await self._call(
             Accepted, "POST", "/api/images/generate", body=json_body(body), timeout=timeout
         )
