@@ -43,6 +43,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/mock_demo.py
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/batch.py
 	$(BIN)/python benchmarks/mock_throughput.py
 	$(BIN)/python benchmarks/upload_memory.py
 	$(BIN)/python benchmarks/sync_overhead.py

@@ -127,7 +127,9 @@ def parse_json(body: bytes | str, what: str) -> Any:
     except (ValueError, RecursionError):  # RecursionError: nested deeper than json can go
         preview = body[:80] if isinstance(body, str) else body[:80].decode("utf-8", "replace")
         raise ResponseValidationError(
-            f"{what} answered with a body that is not JSON: {preview!r}", body=body
+            f"{what}: the body is not JSON: {preview!r}",
+            errors=("the body is not JSON @ $",),
+            body=body,
         ) from None
 
 
@@ -135,7 +137,7 @@ def structure(data: Any, cls: type[T], what: str) -> T:
     """`data` (parsed JSON) as a `cls`, or a `ResponseValidationError` saying what misfits."""
     if not isinstance(data, dict):
         raise ResponseValidationError(
-            f"{what} answered with JSON that does not fit {cls.__name__}: "
+            f"{what}: the JSON does not fit {cls.__name__}: "
             f"expected an object, got {_json_type(data)} @ $",
             errors=(f"expected an object, got {_json_type(data)} @ $",),
             body=data,
@@ -145,7 +147,7 @@ def structure(data: Any, cls: type[T], what: str) -> T:
     except Exception as exc:  # cattrs wraps field errors in ExceptionGroups
         errors = tuple(cattrs.transform_error(exc, path="$", format_exception=_describe))
         raise ResponseValidationError(
-            f"{what} answered with JSON that does not fit {cls.__name__}: {'; '.join(errors)}",
+            f"{what}: the JSON does not fit {cls.__name__}: {'; '.join(errors)}",
             errors=errors,
             body=data,
         ) from exc

@@ -20,6 +20,7 @@ The callback URL is the only secret of a delivery (the API signs nothing), so it
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import json
@@ -51,6 +52,7 @@ CallbackBody: TypeAlias = bytes | str | Mapping[str, Any]
 #: repeat it), then forgotten.
 _REMEMBER_DELIVERED: Final = 300.0
 _NOTHING: Final = object()
+_UNKNOWN: Final = (404, "unknown or expired callback URL")
 
 
 # ----------------------------------------------------------------------------- parsers
@@ -83,9 +85,8 @@ def _parse(body: object, cls: type[T], what: str) -> T:
     elif isinstance(body, Mapping):
         data = dict(body)
     else:
-        raise ResponseValidationError(
-            f"a {what} body must be bytes, str or a mapping, not {type(body).__name__}"
-        )
+        problem = f"expected bytes, str or a mapping, got {type(body).__name__} @ $"
+        raise ResponseValidationError(f"{what}: {problem}", errors=(problem,), body=body)
     return structure(data, cls, what)
 
 
@@ -140,7 +141,7 @@ class PendingCallback(Generic[T]):
             if self._failure is not None:
                 raise self._failure
             if self._result is not _NOTHING:
-                self._forget_soon()
+                self._handed_out()
                 return self._result  # type: ignore[no-any-return]
             self._waiters.append((loop, future))
         limit = self._deadline - time.monotonic()
@@ -155,7 +156,7 @@ class PendingCallback(Generic[T]):
             with self._hub._lock, contextlib.suppress(ValueError):
                 self._waiters.remove((loop, future))
         with self._hub._lock:
-            self._forget_soon()
+            self._handed_out()
         return result  # type: ignore[no-any-return]
 
     def discard(self) -> None:
@@ -168,12 +169,10 @@ class PendingCallback(Generic[T]):
             message += f"; the last delivery was refused: {self._rejection}"
         return message
 
-    def _forget_soon(self) -> None:
-        """Called with the lock held once the result is handed out."""
-        deadline = time.monotonic() + _REMEMBER_DELIVERED
-        if deadline < self._deadline:
-            self._deadline = deadline
-            heapq.heappush(self._hub._expiry, (deadline, self._token))
+    def _handed_out(self) -> None:
+        """Called with the lock held once the result is handed out: the expectation is
+        over, but a repeat of the delivery is still acknowledged for a while."""
+        self._hub._retire(self._token)
 
     def _settle(self, result: Any, failure: DeepModeError | None) -> None:
         """Called with the lock held: record the outcome and wake every waiter."""
@@ -227,6 +226,8 @@ class CallbackHub:
         self._lock = threading.Lock()
         self._pending: dict[str, PendingCallback[Any]] = {}
         self._expiry: list[tuple[float, str]] = []  # a heap; stale entries are skipped
+        # Tokens whose result was handed out, oldest first, with when to forget them.
+        self._delivered: collections.OrderedDict[str, float] = collections.OrderedDict()
 
     def __repr__(self) -> str:
         return f"CallbackHub({self.public_base_url!r}, pending={len(self._pending)})"
@@ -286,10 +287,12 @@ class CallbackHub:
         with self._lock:
             self._purge(time.monotonic())
             pending = self._pending.get(token)
+            delivered = token in self._delivered
         if pending is None:
-            status, detail = 404, "unknown or expired callback URL"
+            status, detail = (200, "already received") if delivered else _UNKNOWN
         elif len(body) > self.max_body_size:
             status, detail = 413, f"callback bodies are limited to {self.max_body_size} bytes"
+            pending._rejection = detail
         elif pending.done:
             status, detail = 200, "already received"
         else:
@@ -300,10 +303,13 @@ class CallbackHub:
                 pending._rejection = detail
             else:
                 with self._lock:
-                    if not pending.done and pending._failure is None:
-                        pending._settle(result, None)
-                status, detail = 200, "received"
-        log.debug("callback delivery (%s) -> %d", pending.kind if pending else "?", status)
+                    if self._pending.get(token) is not pending:  # discarded meanwhile
+                        status, detail = _UNKNOWN
+                    else:
+                        if not pending.done:
+                            pending._settle(result, None)
+                        status, detail = 200, "received"
+        log.debug("callback delivery -> %d", status)
         return status, detail
 
     def _forget(self, pending: PendingCallback[Any], failure: DeepModeError) -> None:
@@ -313,13 +319,22 @@ class CallbackHub:
             if pending._failure is None and not pending.done:
                 pending._settle(_NOTHING, failure)
 
+    def _retire(self, token: str) -> None:
+        """Called with the lock held: move a handed-out token to `_delivered`."""
+        if self._pending.pop(token, None) is not None:
+            self._delivered[token] = time.monotonic() + _REMEMBER_DELIVERED
+            if len(self._delivered) > self.max_pending:
+                self._delivered.popitem(last=False)
+
     def _purge(self, now: float) -> None:
-        """Called with the lock held: drop expectations past their deadline."""
+        """Called with the lock held: drop what is past its deadline."""
         while self._expiry and self._expiry[0][0] <= now:
             _, token = heapq.heappop(self._expiry)
             pending = self._pending.get(token)
             if pending is not None and pending._deadline <= now:
                 del self._pending[token]
+        while self._delivered and next(iter(self._delivered.values())) <= now:
+            self._delivered.popitem(last=False)
 
     # --------------------------------------------------------------------- adapters
 
@@ -364,8 +379,9 @@ class _AsgiHub:
         if scope["method"] != "POST":
             await _respond(send, 405, "callbacks are delivered with POST", allow=True)
             return
-        # Mounted apps see the prefix in `root_path` or in `path`, depending on the
-        # framework's version; the token is the last segment either way.
+        # Mounted, the app sees its prefix in `root_path`, and in `path` too or not
+        # depending on the framework and its version; behind a proxy the path may have
+        # more in front. The token (the secret) is the last segment whatever comes before.
         token = str(scope["path"]).rstrip("/").rpartition("/")[2]
 
         async def chunks() -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable
 from typing import overload
 
 from .. import _validate as check
@@ -123,7 +123,7 @@ class Images(Resource):
         download_to: str | os.PathLike[str] | None = None,
         progress: BatchProgressCallback | None = None,
         timeout: Timeout | float | None = None,
-    ) -> AsyncIterator[BatchResult]:
+    ) -> AsyncGenerator[BatchResult, None]:
         """Generate for many requests at once; yield a `BatchResult` as each completes.
 
         `requests` (`GenerateRequest`s, from an iterable or an async iterable) are taken
@@ -192,8 +192,7 @@ class Images(Resource):
         the upscaled `Image`."""
         body = {"image_id": check.non_empty("image_id", image_id)}
         if isinstance(callback, CallbackHub):
-            hub = callback
-            return await hub._submit_and_wait(  # type: ignore[no-any-return]
+            return await callback._submit_and_wait(  # type: ignore[no-any-return]
                 "upscale", lambda url: self.upscale(image_id, callback=url, timeout=timeout)
             )
         if callback is None:

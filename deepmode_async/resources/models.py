@@ -66,8 +66,7 @@ class Models(Resource):
         the trained `Model` (at most the hub's `ttl`).
         """
         if isinstance(callback, CallbackHub):
-            hub = callback
-            return await hub._submit_and_wait(  # type: ignore[no-any-return]
+            return await callback._submit_and_wait(  # type: ignore[no-any-return]
                 "model",
                 lambda url: self.create(
                     images=images,
