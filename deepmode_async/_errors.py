@@ -64,7 +64,11 @@ class DownloadError(DeepModeError):
 
 
 class CallbackTimeoutError(DeepModeError, TimeoutError):
-    """No valid callback arrived in time. `.pending` can still be awaited again."""
+    """No valid callback arrived in time.
+
+    From `pending.wait(timeout=...)`, `.pending` is that `PendingCallback`, which can be
+    awaited again until the hub's `ttl` for it ends.
+    """
 
     def __init__(self, message: str, *, pending: Any = None) -> None:
         super().__init__(message)

@@ -40,6 +40,7 @@ T = TypeVar("T")
 
 _SIGNALS_INTERRUPT_WAITS = os.name == "posix"
 _WAKE_UP_SECONDS = 0.2
+_CLEANUP_WAIT = 60.0  # seconds an abandoned iteration may take to clean up on the loop
 
 
 class Client:
@@ -190,6 +191,7 @@ class _LoopThread:
         self._refuse_own_thread(started)
         portal = started.portal
         send, receive = anyio.create_memory_object_stream[T]()
+        pumped = threading.Event()  # set once the iterator has been closed on the loop
 
         async def pump() -> None:
             try:
@@ -201,6 +203,8 @@ class _LoopThread:
                     raise
                 # Any other BaseException from a portal task would stop the whole portal.
                 raise DeepModeError(f"the iteration failed: {exc!r}") from exc
+            finally:
+                pumped.set()
 
         try:
             future = portal.start_task_soon(pump)
@@ -222,6 +226,11 @@ class _LoopThread:
                 portal.call(receive.aclose)
             except RuntimeError:  # the client was closed meanwhile: its loop is gone
                 receive.close()
+            else:
+                # Cancelling returns at once; the iterator's clean-up (cancelled requests,
+                # temporary files) is over only when the pump ends. Bounded, in case the
+                # loop dies under it.
+                pumped.wait(_CLEANUP_WAIT)
 
     def _refuse_own_thread(self, started: _Started) -> None:
         if threading.get_ident() == started.thread_id:

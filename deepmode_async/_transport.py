@@ -120,11 +120,20 @@ class RetryPolicy:
         """Seconds to wait before attempt `attempt + 1`, or None to give up with `error`."""
         if attempt > self.max_retries or not self._may_retry(error, idempotent=idempotent):
             return None
-        retry_after = None
-        if isinstance(error, APIStatusError):
-            retry_after = parse_retry_after(error.headers.get("Retry-After"))
+        retry_after = _retry_after(error)
         if retry_after is not None:
             return retry_after if retry_after <= self.retry_after_cap else None
+        return self._backoff(attempt)
+
+    def pause(self, error: APIError, attempt: int) -> float:
+        """How long a batch holds back after `error` asked it to wait, whether or not the
+        call is tried again: the server's `Retry-After` up to the cap, else the backoff."""
+        retry_after = _retry_after(error)
+        if retry_after is not None:
+            return min(retry_after, self.retry_after_cap)
+        return self._backoff(attempt)
+
+    def _backoff(self, attempt: int) -> float:
         growth = 2.0 ** min(attempt - 1, 64)  # bounded: the cap is reached long before
         return random.uniform(0, min(self.backoff_cap, self.backoff_base * growth))
 
@@ -140,6 +149,12 @@ class RetryPolicy:
         return False
 
 
+def _retry_after(error: APIError) -> float | None:
+    if isinstance(error, APIStatusError):
+        return parse_retry_after(error.headers.get("Retry-After"))
+    return None
+
+
 def request_was_sent(error: APIConnectionError) -> bool:
     """False only when the connection failed before any byte of the request left."""
     return not isinstance(
@@ -152,6 +167,11 @@ def _asks_to_wait(error: APIError) -> bool:
     return isinstance(error, APIStatusError) and error.status_code in (429, 503)
 
 
+#: Rate-limited tries of one call forgiven (not counted as retries) at most: a server
+#: that refuses one call for good while letting others through must not stall a batch.
+_MAX_FORGIVEN: Final = 8
+
+
 class Pacer:
     """Paces the calls of one batch together, so a rate-limited server sees the batch
     slow down instead of every call retrying on its own.
@@ -159,9 +179,11 @@ class Pacer:
     When a call is told to wait (429, or 503), every call of the batch waits with it
     until the delay has passed, and the number of calls allowed in flight halves (once
     per wave of answers); each run of successes as long as that number raises it by one
-    again, up to `ceiling`. A rate-limited try does not count against a call's retries
-    when other calls got through since its previous try: a server that lets some calls
-    through is pacing the batch, not refusing it. When none do, retries run out as usual.
+    again, up to `ceiling`. This happens whether or not the refused call is tried again.
+    A rate-limited try does not count against a call's retries when other calls got
+    through since its previous try (up to `_MAX_FORGIVEN` times): a server that lets
+    some calls through is pacing the batch, not refusing it. When none do, retries run
+    out as usual.
     """
 
     def __init__(self, ceiling: int) -> None:
@@ -190,23 +212,22 @@ class Pacer:
         self.in_flight += 1
         return self._wave
 
-    def _leave(self, *, succeeded: bool) -> None:
+    def _leave(self, wave: int, error: APIError | None, pause: float, *, done: bool) -> None:
         self.in_flight -= 1
-        if succeeded:
+        if done:
             self.successes += 1
             self._streak += 1
             if self._streak >= self.limit and self.limit < self.ceiling:
                 self.limit += 1
                 self._streak = 0
+        elif error is not None and _asks_to_wait(error):
+            if wave == self._wave:
+                self.limit = max(1, self.limit // 2)
+                self._wave += 1
+                self._streak = 0
+            self._resume_at = max(self._resume_at, time.monotonic() + pause)
         self._changed.set()  # wake every waiter to look again; few enough to be cheap
         self._changed = asyncio.Event()
-
-    def _slow_down(self, wave: int, delay: float) -> None:
-        if wave == self._wave:
-            self.limit = max(1, self.limit // 2)
-            self._wave += 1
-            self._streak = 0
-        self._resume_at = max(self._resume_at, time.monotonic() + delay)
 
 
 class _PacedCall:
@@ -216,24 +237,33 @@ class _PacedCall:
         self._pacer = pacer
         self._wave = 0
         self._successes = pacer.successes  # the batch's, at this call's previous try
+        self._forgiven = 0
 
     async def enter(self) -> None:
         """Wait for a slot (and for any pause the batch is in)."""
         self._wave = await self._pacer._enter()
 
-    def leave(self, *, succeeded: bool) -> None:
-        """Give the slot back."""
-        self._pacer._leave(succeeded=succeeded)
+    def succeeded(self) -> None:
+        """Give the slot back after a success."""
+        self._pacer._leave(self._wave, None, 0.0, done=True)
+
+    def failed(self, error: APIError | None = None, pause: float = 0.0) -> None:
+        """Give the slot back after a failure; an `error` asking to wait (429, 503)
+        holds the whole batch back for `pause` seconds."""
+        self._pacer._leave(self._wave, error, pause, done=False)
 
     async def back_off(self, error: APIError, delay: float) -> bool:
         """Wait `delay` before the next try; True if the failed try counts as a retry."""
         if not _asks_to_wait(error):
             await asyncio.sleep(delay)
             return True
-        self._pacer._slow_down(self._wave, delay)  # the next `enter` waits with the rest
+        # `failed` set the batch's pause: the next `enter` waits with everyone else.
         progressed = self._pacer.successes != self._successes
         self._successes = self._pacer.successes
-        return not progressed
+        if progressed and self._forgiven < _MAX_FORGIVEN:
+            self._forgiven += 1
+            return False
+        return True
 
 
 class _Unpaced(_PacedCall):
@@ -245,7 +275,10 @@ class _Unpaced(_PacedCall):
     async def enter(self) -> None:
         pass
 
-    def leave(self, *, succeeded: bool) -> None:
+    def succeeded(self) -> None:
+        pass
+
+    def failed(self, error: APIError | None = None, pause: float = 0.0) -> None:
         pass
 
     async def back_off(self, error: APIError, delay: float) -> bool:
@@ -417,13 +450,13 @@ class Transport:
             attempt += 1
             await pace.enter()
             if self._closed or session.closed:  # closed meanwhile, e.g. during a backoff
-                pace.leave(succeeded=False)
+                pace.failed()
                 raise DeepModeError("This client (or its aiohttp session) is closed")
             try:
                 result = await self._attempt(session, request, consume, client_timeout, attempt)
             except APIError as error:
-                pace.leave(succeeded=False)
                 delay = self.retry.delay(error, attempt, idempotent=request.idempotent)
+                pace.failed(error, delay if delay is not None else self.retry.pause(error, attempt))
                 if delay is None:
                     raise
                 log.warning(
@@ -438,9 +471,9 @@ class Transport:
                     attempt -= 1
                 continue
             except BaseException:
-                pace.leave(succeeded=False)
+                pace.failed()
                 raise
-            pace.leave(succeeded=True)
+            pace.succeeded()
             return result
 
     async def _attempt(

@@ -35,7 +35,16 @@ from urllib.parse import urlsplit
 
 from . import _validate as check
 from ._convert import parse_json, structure
-from ._errors import CallbackTimeoutError, DeepModeError, ResponseValidationError, ValidationError
+from ._errors import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    CallbackTimeoutError,
+    DeepModeError,
+    ResponseValidationError,
+    ValidationError,
+)
+from ._transport import request_was_sent
 from ._types import Generation, Image, Model
 
 if TYPE_CHECKING:
@@ -250,7 +259,7 @@ class CallbackHub:
         Returns a `PendingCallback` with a fresh URL; kept for `ttl` seconds (default:
         the hub's).
         """
-        if kind not in _PARSERS:
+        if not isinstance(kind, str) or kind not in _PARSERS:
             raise ValidationError(f"kind must be 'model', 'generation' or 'upscale', not {kind!r}")
         lifetime = self.ttl if ttl is None else _check_seconds("ttl", ttl)
         now = time.monotonic()
@@ -265,6 +274,11 @@ class CallbackHub:
                 )
             self._pending[token] = pending
             heapq.heappush(self._expiry, (pending._deadline, token))
+            if len(self._expiry) > 2 * len(self._pending) + 64:
+                # Handed-out and discarded tokens leave stale entries: rebuild the heap
+                # now and then, so its size follows what is pending, not what has been.
+                self._expiry = [(entry._deadline, key) for key, entry in self._pending.items()]
+                heapq.heapify(self._expiry)
         return pending
 
     async def _submit_and_wait(
@@ -275,8 +289,15 @@ class CallbackHub:
         try:
             await submit(pending.url)
             return await pending.wait()
-        except BaseException:
+        except BaseException as error:
             pending.discard()  # nobody else holds it: a later delivery gets 404
+            if isinstance(error, APIError) and _may_have_acted(error):
+                error.add_note(
+                    f"DeepMode may have acted on this call and may still deliver its "
+                    f"{kind} callback, which this call no longer waits for. To keep a "
+                    "handle on such results, pass pending.url from hub.expect() as "
+                    "callback= and await pending.wait()."
+                )
             raise
 
     def receive(self, token: str, body: bytes) -> tuple[int, str]:
@@ -284,6 +305,8 @@ class CallbackHub:
 
         The adapters call this; it is public for serving the hub from another framework.
         """
+        if not isinstance(token, str) or not isinstance(body, bytes | bytearray):
+            raise ValidationError("receive() takes the token as str and the body as bytes")
         with self._lock:
             self._purge(time.monotonic())
             pending = self._pending.get(token)
@@ -303,11 +326,12 @@ class CallbackHub:
                 pending._rejection = detail
             else:
                 with self._lock:
-                    if self._pending.get(token) is not pending:  # discarded meanwhile
+                    if token in self._delivered or pending.done:  # a repeat, meanwhile
+                        status, detail = 200, "already received"
+                    elif self._pending.get(token) is not pending:  # discarded meanwhile
                         status, detail = _UNKNOWN
                     else:
-                        if not pending.done:
-                            pending._settle(result, None)
+                        pending._settle(result, None)
                         status, detail = 200, "received"
         log.debug("callback delivery -> %d", status)
         return status, detail
@@ -384,18 +408,23 @@ class _AsgiHub:
         # more in front. The token (the secret) is the last segment whatever comes before.
         token = str(scope["path"]).rstrip("/").rpartition("/")[2]
 
+        disconnected = False
+
         async def chunks() -> Any:
+            nonlocal disconnected
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
+                    disconnected = True  # a cut-off body is not a delivery to judge
                     return
                 yield message.get("body", b"")
                 if not message.get("more_body", False):
                     return
 
         body = await _read_at_most(chunks(), self._hub.max_body_size)
-        status, detail = self._hub.receive(token, body)
-        await _respond(send, status, detail)
+        if not disconnected:
+            status, detail = self._hub.receive(token, body)
+            await _respond(send, status, detail)
 
 
 async def _read_at_most(chunks: Any, limit: int) -> bytes:
@@ -427,6 +456,13 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+def _may_have_acted(error: APIError) -> bool:
+    """Whether the server may have carried out a call that failed with `error`."""
+    if isinstance(error, APIConnectionError):
+        return request_was_sent(error)
+    return isinstance(error, APIStatusError) and error.status_code >= 500
 
 
 def _check_seconds(name: str, value: Any) -> float:

@@ -763,3 +763,81 @@ def test_the_blocking_client_iterates_a_batch_and_can_break() -> None:
             later = dm.images.generate(model_id=model_id, prompt="after the break")
             assert len(later.images) == 1
         assert len(mock.ledger) == 5 + 1 + 1
+
+
+def test_breaking_out_of_a_blocking_batch_returns_after_its_clean_up(
+    tmp_path: pathlib.Path,
+) -> None:
+    with MockDeepMode() as mock:
+        model_id = mock.add_model().id
+        mock.stall("download", seconds=10, after_bytes=100)  # one download hangs half-written
+        with Client(mock.api_key, base_url=mock.base_url) as dm:
+            results = dm.images.generate_many(
+                requests_for(model_id, 2), concurrency=2, download_to=tmp_path
+            )
+            for _ in results:
+                wait_until(lambda: bool(hidden_files(tmp_path)))
+                break
+            del results  # the iterator closes here, as a `for` over a call does at once
+            assert hidden_files(tmp_path) == []  # no wait: the temp file went with the break
+
+
+# ------------------------------------------------------------------ pacing edge cases
+
+
+async def test_a_429_that_is_not_retried_still_holds_the_batch_back(
+    mock: MockDeepMode, model_id: str
+) -> None:
+    mock.fail("generate", 429, retry_after=0.3)
+    async with make_client(mock, max_retries=0) as dm:
+        started = time.monotonic()
+        results = await run_all(dm, requests_for(model_id, 4), concurrency=1)
+        elapsed = time.monotonic() - started
+    by_index = sorted(results, key=lambda result: result.index)
+    assert type(by_index[0].error).__name__ == "RateLimitError"
+    assert all(result.ok for result in by_index[1:])
+    # The others waited out the Retry-After although nobody retried the refused call.
+    assert elapsed >= 0.28
+    assert len(sent(mock, "generate")) == 4
+
+
+async def test_a_request_refused_for_good_does_not_stall_the_batch() -> None:
+    from aiohttp import web
+
+    tries: dict[str, int] = {}
+
+    async def generate(request: web.Request) -> web.Response:
+        prompt = (await request.json())["prompt"]
+        tries[prompt] = tries.get(prompt, 0) + 1
+        if prompt == "refused":
+            return web.json_response(
+                {"detail": "quota"}, status=429, headers={"Retry-After": "0.01"}
+            )
+        return web.json_response({"images": []})
+
+    app = web.Application()
+    app.router.add_post("/api/images/generate", generate)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    def endless() -> Iterator[GenerateRequest]:
+        yield GenerateRequest(model_id="m", prompt="refused")
+        for number in itertools.count():
+            yield GenerateRequest(model_id="m", prompt=f"fine {number}")
+
+    try:
+        async with (
+            AsyncClient("key", base_url=base_url, max_retries=2) as dm,
+            contextlib.aclosing(dm.images.generate_many(endless(), concurrency=2)) as results,
+        ):
+            with anyio.fail_after(10):  # without a bound on forgiveness: forever
+                async for result in results:
+                    if result.index == 0:
+                        break
+    finally:
+        await runner.cleanup()
+    assert type(result.error).__name__ == "RateLimitError"
+    # Forgiven tries are bounded (8) on top of the 1 + 2 counted ones.
+    assert 3 <= tries["refused"] <= 3 + 8

@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deepmode_async import (
+    APIConnectionError,
     AsyncClient,
     CallbackTimeoutError,
     Client,
@@ -1051,3 +1052,37 @@ def test_delivered_fixture_shapes(delivered: dict[str, Any]) -> None:
     assert set(delivered["model"]) == set(DOC_MODEL)
     assert set(delivered["upscale"]) == set(DOC_IMAGE)
     assert [set(i) for i in delivered["generation"]["images"]] == [set(DOC_IMAGE)] * 2
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+def test_the_expiry_heap_follows_what_is_pending_not_what_has_been() -> None:
+    hub = CallbackHub("http://127.0.0.1:9/cb", max_pending=100)
+    for _ in range(2000):
+        pending = hub.expect("upscale")
+        pending.discard()
+    assert len(hub._pending) == 0
+    assert len(hub._expiry) <= 2 * len(hub._pending) + 65
+
+
+def test_unhashable_arguments_are_refused_with_a_validation_error() -> None:
+    hub = CallbackHub("http://127.0.0.1:9/cb")
+    with pytest.raises(ValidationError):
+        hub.expect(["model"])  # type: ignore[call-overload]
+    with pytest.raises(ValidationError):
+        hub.receive(["token"], b"{}")  # type: ignore[arg-type]
+
+
+async def test_an_ambiguous_failure_with_a_hub_says_the_result_may_still_come(
+    mock: MockDeepMode,
+) -> None:
+    hub = CallbackHub("http://127.0.0.1:9/cb")
+    model_id = mock.add_model().id
+    mock.drop("generate", after_processing=True)
+    async with AsyncClient(mock.api_key, base_url=mock.base_url) as dm:
+        with pytest.raises(APIConnectionError) as caught:
+            await dm.images.generate(model_id=model_id, prompt="x", callback=hub)
+    assert any("may have acted" in note for note in caught.value.__notes__)
+    assert len(mock.ledger) == 1
+    assert len(hub._pending) == 0

@@ -162,9 +162,11 @@ class BlockingImages(Protocol):
 
         Breaking out of the loop, or cancelling it, cancels what is in flight and waits
         for it to clean up; use `contextlib.aclosing` around the iterator for this to
-        happen at the `break` itself rather than when the iterator is collected. An
-        input that fails (or holds something other than a `GenerateRequest`) starts no
-        more requests; those in flight still yield, then its error is raised.
+        happen at the `break` itself rather than when the iterator is collected (the
+        blocking `Client` does it at the `break`). An input that fails (or holds
+        something other than a `GenerateRequest`) starts no more requests; those in
+        flight still yield, then its error is raised. A plain iterable is read on the
+        event loop, so it should not block; arguments are checked when iteration starts.
         """
         ...
 
