@@ -9,10 +9,21 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+import attrs
 import pytest
 from aiohttp import web
 
+from deepmode_async import AsyncClient
 from deepmode_async.testing import MockDeepMode
+
+FAST = 0.001  # backoff base for tests: retries without sleeping
+
+
+def make_client(mock: MockDeepMode, *, max_retries: int = 2, **options: Any) -> AsyncClient:
+    """A client of `mock` whose retries do not wait."""
+    client = AsyncClient(mock.api_key, base_url=mock.base_url, max_retries=max_retries, **options)
+    client._transport.retry = attrs.evolve(client._transport.retry, backoff_base=FAST)
+    return client
 
 
 @pytest.fixture
@@ -25,6 +36,12 @@ async def mock() -> AsyncIterator[MockDeepMode]:
     """A mock on the test's own event loop, with the default options."""
     async with MockDeepMode(callback_backoff=0.01) as server:
         yield server
+
+
+@pytest.fixture
+def model_id(mock: MockDeepMode) -> str:
+    """A trained model of `mock`, without the training call."""
+    return mock.add_model().id
 
 
 @pytest.fixture

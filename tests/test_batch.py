@@ -15,7 +15,7 @@ from typing import Any, cast
 import anyio
 import attrs
 import pytest
-from conftest import eventually
+from conftest import eventually, make_client
 
 from deepmode_async import (
     APIConnectionError,
@@ -36,25 +36,13 @@ from deepmode_async.testing._records import RecordedRequest
 
 pytestmark = pytest.mark.anyio
 
-FAST = 0.001  # backoff base for tests: retries without sleeping
 UNKNOWN_MODEL = "no-such-model"
-
-
-def make_client(mock: MockDeepMode, *, max_retries: int = 2) -> AsyncClient:
-    client = AsyncClient(mock.api_key, base_url=mock.base_url, max_retries=max_retries)
-    client._transport.retry = attrs.evolve(client._transport.retry, backoff_base=FAST)
-    return client
 
 
 @pytest.fixture
 async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
     async with make_client(mock) as client:
         yield client
-
-
-@pytest.fixture
-def model_id(mock: MockDeepMode) -> str:
-    return mock.add_model().id
 
 
 def requests_for(model_id: str, count: int, **fields: Any) -> list[GenerateRequest]:

@@ -8,12 +8,11 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import aiohttp
 import attrs
 import pytest
-from conftest import eventually
+from conftest import FAST, eventually, make_client
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -32,25 +31,12 @@ from deepmode_async.testing import Endpoint, MockDeepMode, sample_image
 
 pytestmark = pytest.mark.anyio
 
-FAST = 0.001  # backoff base for tests: retries without sleeping
-
-
-def make_client(mock: MockDeepMode, *, max_retries: int = 2, **options: Any) -> AsyncClient:
-    client = AsyncClient(mock.api_key, base_url=mock.base_url, max_retries=max_retries, **options)
-    client._transport.retry = attrs.evolve(client._transport.retry, backoff_base=FAST)
-    return client
-
 
 @pytest.fixture
 async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
     """Two retries, without waiting for them."""
     async with make_client(mock) as client:
         yield client
-
-
-@pytest.fixture
-def model_id(mock: MockDeepMode) -> str:
-    return mock.add_model().id
 
 
 def sent(mock: MockDeepMode, endpoint: Endpoint) -> int:
