@@ -10,6 +10,8 @@ import asyncio
 import importlib.metadata
 import json
 import pathlib
+import subprocess
+import sys
 import tempfile
 import urllib.request
 
@@ -32,6 +34,15 @@ def main() -> None:
         )
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
             assert json.load(response) == {"remaining_balance": 42}
+
+        # The installed `deepmode` command.
+        command = pathlib.Path(sys.executable).with_name("deepmode")
+        options = ["--base-url", mock.base_url, "--api-key", mock.api_key, "--json"]
+        done = subprocess.run(  # noqa: S603 (our own entry point)
+            [str(command), "balance", *options], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"remaining_balance": 42}
 
     # The async form on this loop, driven by the installed AsyncClient.
     async def async_form() -> None:

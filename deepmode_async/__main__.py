@@ -1,0 +1,5 @@
+"""`python -m deepmode_async`: the `deepmode` command line."""
+
+from .cli import main
+
+main()
