@@ -13,6 +13,8 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
+import os
 import pathlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +22,7 @@ from typing import Any, NoReturn
 
 import attrs
 
+from . import _validate as check
 from ._client import AsyncClient
 from ._errors import DeepModeError, ValidationError
 from ._types import Image, Ratio
@@ -36,6 +39,13 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     if options.command is None:
         parser.print_help(sys.stderr)
         sys.exit(EXIT_USAGE)
+    log = logging.getLogger("deepmode_async")
+    if options.debug:
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+    elif "DEEPMODE_LOG" not in os.environ:
+        # Retry warnings would otherwise reach stderr through logging's last resort,
+        # breaking the one-line error; DEEPMODE_LOG or --debug show them.
+        log.addHandler(logging.NullHandler())
     try:
         options.run(options)
     except KeyboardInterrupt:
@@ -60,6 +70,7 @@ def _balance(options: argparse.Namespace) -> None:
 
 
 def _generate(options: argparse.Namespace) -> None:
+    check.positive("--concurrency", options.concurrency)
     prompts = _prompts(options)
     requests = [
         GenerateRequest(
@@ -99,6 +110,8 @@ def _generate(options: argparse.Namespace) -> None:
 
 
 def _download(options: argparse.Namespace) -> None:
+    check.positive("--concurrency", options.concurrency)
+
     async def download(dm: AsyncClient) -> list[pathlib.Path]:
         images = [await dm.images.retrieve(image_id) for image_id in options.image_ids]
         return await dm.images.download(
@@ -170,11 +183,12 @@ def _progress(
         yield None
         return
     try:
+        from rich.console import Console
         from rich.progress import Progress
     except ImportError:  # rich is in the `cli` extra; plain lines do without it
         yield None
         return
-    with Progress(transient=True, console=None) as bar:
+    with Progress(transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task("generating", total=total)
 
         def report(progress: BatchProgress) -> None:
