@@ -127,17 +127,9 @@ def _download(options: argparse.Namespace) -> None:
 
 
 def _mock_serve(options: argparse.Namespace) -> None:
-    from .testing import MockDeepMode
-    from .testing.__main__ import serve
+    from .testing.__main__ import run
 
-    mock = MockDeepMode(
-        api_key=options.api_key or "mock-key",
-        balance=options.balance,
-        training_delay=options.training_delay,
-        latency=options.latency,
-        port=options.port,
-    )
-    asyncio.run(serve(mock))
+    run(options)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -282,9 +274,18 @@ def _parser() -> argparse.ArgumentParser:
         "serve", help="serve the mock on 127.0.0.1; prints the base URL and the key"
     )
     serve.set_defaults(command="mock serve", run=_mock_serve, debug=False)
-    serve.add_argument("--port", type=int, default=0, help="API port (0: any free port)")
-    serve.add_argument("--api-key", help="the key the mock accepts (default: mock-key)")
-    serve.add_argument("--balance", type=int, default=10_000, help="starting credits")
-    serve.add_argument("--training-delay", type=float, default=0.0)
-    serve.add_argument("--latency", type=float, default=0.0)
+    add_mock_options(serve)
     return parser
+
+
+def add_mock_options(parser: argparse.ArgumentParser) -> None:
+    """The mock's options, for `deepmode mock serve` and `python -m deepmode_async.testing`
+    (here, so that the CLI does not import the mock to build its parser)."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="API port (0: any free port)")
+    parser.add_argument("--blob-port", type=int, default=0, help="image host port")
+    parser.add_argument("--api-key", default="mock-key", help="the key the mock accepts")
+    parser.add_argument("--balance", type=int, default=10_000, help="starting credits")
+    parser.add_argument("--training-delay", type=float, default=0.0, help="seconds to train")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds each call takes")
+    parser.add_argument("--image-size", type=int, default=None, help="bytes of each image")

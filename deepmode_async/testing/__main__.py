@@ -8,6 +8,7 @@ import contextlib
 import signal
 import sys
 
+from ..cli import add_mock_options
 from ._mock import MockDeepMode
 
 
@@ -15,15 +16,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m deepmode_async.testing", description="Serve the mock DeepMode API."
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=0, help="API port (0: any free port)")
-    parser.add_argument("--blob-port", type=int, default=0, help="image host port")
-    parser.add_argument("--api-key", default="mock-key", help="the key the mock accepts")
-    parser.add_argument("--balance", type=int, default=10_000, help="starting credits")
-    parser.add_argument("--training-delay", type=float, default=0.0, help="seconds to train")
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds each call takes")
-    parser.add_argument("--image-size", type=int, default=None, help="bytes of each image")
-    options = parser.parse_args(argv)
+    add_mock_options(parser)
+    run(parser.parse_args(argv))
+
+
+def run(options: argparse.Namespace) -> None:
+    """Serve a mock made from `add_mock_options`' options until interrupted."""
     mock = MockDeepMode(
         api_key=options.api_key,
         balance=options.balance,
