@@ -40,7 +40,7 @@ smoke: $(STAMP)
 	cd /tmp && $(CURDIR)/$(SMOKE)/bin/python $(CURDIR)/tests/smoke_wheel.py
 
 demo: $(STAMP)
-	$(BIN)/python examples/mock_demo.py
+	$(BIN)/deepmode demo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/batch.py

@@ -54,6 +54,7 @@ from ._types import (
     RemixMode,
     RemixResult,
 )
+from ._uploads import UploadProgress
 from ._version import __version__
 from .batch import BatchProgress, BatchResult, GenerateRequest
 
@@ -96,6 +97,7 @@ __all__ = [
     "ResponseValidationError",
     "Timeout",
     "UnprocessableEntityError",
+    "UploadProgress",
     "ValidationError",
     "__version__",
 ]

@@ -53,6 +53,31 @@ class UploadSourceChanged(DeepModeError):
 
 
 @attrs.frozen
+class UploadProgress:
+    """How far an upload is: image bytes sent of all image bytes. A retry sends the body
+    again, so `bytes_sent` starts over with each attempt."""
+
+    bytes_sent: int
+    bytes_total: int
+
+
+UploadProgressCallback: TypeAlias = Callable[[UploadProgress], object]
+
+
+class _SentCounter:
+    """Counts the image bytes of one attempt for the progress callback."""
+
+    def __init__(self, total: int, callback: UploadProgressCallback) -> None:
+        self.sent = 0
+        self.total = total
+        self.callback = callback
+
+    def add(self, count: int) -> None:
+        self.sent += count
+        self.callback(UploadProgress(self.sent, self.total))
+
+
+@attrs.frozen
 class UploadFile:
     """One checked image, ready to become a multipart part as often as needed."""
 
@@ -63,20 +88,21 @@ class UploadFile:
     source: pathlib.Path | bytes | IO[bytes]
     start: int = 0  # where a file object's image begins
 
-    def payload(self) -> aiohttp.payload.Payload:
-        """A fresh payload for one attempt to send this file."""
-        if isinstance(self.source, bytes):
+    def payload(self, counter: _SentCounter | None = None) -> aiohttp.payload.Payload:
+        """A fresh payload for one attempt to send this file (counted by `counter`)."""
+        if isinstance(self.source, bytes) and counter is None:
             return aiohttp.payload.BytesPayload(self.source, content_type=self.content_type)
-        return _StreamedFile(self)
+        return _StreamedFile(self, counter)
 
 
 class _StreamedFile(aiohttp.payload.Payload):
-    """A part that opens (or rewinds) its source only while being written."""
+    """A part that opens (or rewinds) its source only while being written, in chunks."""
 
-    def __init__(self, upload: UploadFile) -> None:
+    def __init__(self, upload: UploadFile, counter: _SentCounter | None) -> None:
         super().__init__(upload.source, content_type=upload.content_type)
         self._upload = upload
         self._size = upload.size
+        self._counter = counter
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return f"<{self._upload.size} bytes of {self._upload.filename}>"
@@ -89,12 +115,17 @@ class _StreamedFile(aiohttp.payload.Payload):
     ) -> None:
         upload = self._upload
         remaining = upload.size if content_length is None else min(upload.size, content_length)
+        if isinstance(upload.source, bytes):  # in memory already: only counted
+            view = memoryview(upload.source)[:remaining]
+            for start in range(0, remaining, CHUNK_SIZE):
+                await self._write(writer, view[start : start + CHUNK_SIZE])
+            return
         opened = _OpenFiles()
         try:
             if isinstance(upload.source, pathlib.Path):
                 file = await anyio.to_thread.run_sync(_open, upload.source, upload, opened)
             else:
-                file = upload.source  # type: ignore[assignment]  # bytes never come here
+                file = upload.source  # a file object: bytes returned above
                 await anyio.to_thread.run_sync(file.seek, upload.start)
             while remaining > 0:
                 chunk = await anyio.to_thread.run_sync(file.read, min(CHUNK_SIZE, remaining))
@@ -103,14 +134,19 @@ class _StreamedFile(aiohttp.payload.Payload):
                         f"{upload.filename!r} became shorter while it was uploaded "
                         f"({upload.size - remaining} of {upload.size} bytes sent)"
                     )
-                await writer.write(chunk)
+                await self._write(writer, chunk)
                 remaining -= len(chunk)
         finally:
             opened.close()
             if not isinstance(upload.source, pathlib.Path):
                 # The caller's file object stays open (it is theirs), where it was before.
                 with contextlib.suppress(OSError, ValueError):
-                    upload.source.seek(upload.start)  # type: ignore[union-attr]
+                    upload.source.seek(upload.start)
+
+    async def _write(self, writer: AbstractStreamWriter, chunk: bytes | memoryview) -> None:
+        await writer.write(chunk)
+        if self._counter is not None:
+            self._counter.add(len(chunk))
 
 
 class _OpenFiles:
@@ -149,17 +185,22 @@ def _open(path: pathlib.Path, upload: UploadFile, opened: _OpenFiles) -> IO[byte
 
 
 def multipart(
-    fields: Sequence[tuple[str, str]], files: Sequence[UploadFile]
+    fields: Sequence[tuple[str, str]],
+    files: Sequence[UploadFile],
+    progress: UploadProgressCallback | None = None,
 ) -> Callable[[], aiohttp.MultipartWriter]:
-    """A body factory: a new multipart form (text fields, then files) for each attempt."""
+    """A body factory: a new multipart form (text fields, then files) for each attempt,
+    reporting the image bytes written to `progress`."""
+    total = sum(upload.size for upload in files)
 
     def build() -> aiohttp.MultipartWriter:
+        counter = None if progress is None else _SentCounter(total, progress)
         writer = aiohttp.MultipartWriter("form-data")
         for name, value in fields:
             part = writer.append(value, {"Content-Type": "text/plain; charset=utf-8"})
             part.set_content_disposition("form-data", name=name)
         for upload in files:
-            part = writer.append_payload(upload.payload())
+            part = writer.append_payload(upload.payload(counter))
             part.set_content_disposition("form-data", name=upload.field, filename=upload.filename)
         return writer
 

@@ -24,7 +24,7 @@ from .._types import (
     RemixMode,
     RemixResult,
 )
-from .._uploads import ImageInput
+from .._uploads import ImageInput, UploadProgressCallback
 from ..batch import BatchProgressCallback, BatchResult, GenerateRequest
 from ..callbacks import CallbackHub
 
@@ -42,6 +42,7 @@ class BlockingModels(Protocol):
         model_type: ModelType | str,
         name: str | None = None,
         callback: str | None = None,
+        progress: UploadProgressCallback | None = None,
         timeout: Timeout | float | None = None,
     ) -> ModelCreated: ...
     @overload
@@ -54,6 +55,7 @@ class BlockingModels(Protocol):
         model_type: ModelType | str,
         name: str | None = None,
         callback: CallbackHub,
+        progress: UploadProgressCallback | None = None,
         timeout: Timeout | float | None = None,
     ) -> Model: ...
     def create(
@@ -65,6 +67,7 @@ class BlockingModels(Protocol):
         model_type: ModelType | str,
         name: str | None = None,
         callback: str | CallbackHub | None = None,
+        progress: UploadProgressCallback | None = None,
         timeout: Timeout | float | None = None,
     ) -> ModelCreated | Model:
         """Start training a model (50 credits) from `images` or from `image_urls`.
@@ -75,7 +78,8 @@ class BlockingModels(Protocol):
         with 1 to 30 items. The model's id arrives only with the training result: POSTed
         to a `callback` URL when given (else the API e-mails the account owner). With a
         `CallbackHub` as `callback`, the call waits for training to finish and returns
-        the trained `Model` (at most the hub's `ttl`).
+        the trained `Model` (at most the hub's `ttl`). `progress` is called with an
+        `UploadProgress` as the image bytes of `images` are sent.
         """
         ...
 

@@ -9,7 +9,7 @@ from .. import _validate as check
 from .._errors import ValidationError
 from .._transport import Timeout, json_body
 from .._types import Gender, Model, ModelCreated, ModelExtension, ModelType
-from .._uploads import ImageInput, multipart, prepare
+from .._uploads import ImageInput, UploadProgressCallback, multipart, prepare
 from .._validate import MAX_TRAINING_IMAGES
 from ..callbacks import CallbackHub
 from ._base import Resource
@@ -28,6 +28,7 @@ class Models(Resource):
         model_type: ModelType | str,
         name: str | None = None,
         callback: str | None = None,
+        progress: UploadProgressCallback | None = None,
         timeout: Timeout | float | None = None,
     ) -> ModelCreated: ...
 
@@ -41,6 +42,7 @@ class Models(Resource):
         model_type: ModelType | str,
         name: str | None = None,
         callback: CallbackHub,
+        progress: UploadProgressCallback | None = None,
         timeout: Timeout | float | None = None,
     ) -> Model: ...
 
@@ -53,6 +55,7 @@ class Models(Resource):
         model_type: ModelType | str,
         name: str | None = None,
         callback: str | CallbackHub | None = None,
+        progress: UploadProgressCallback | None = None,
         timeout: Timeout | float | None = None,
     ) -> ModelCreated | Model:
         """Start training a model (50 credits) from `images` or from `image_urls`.
@@ -63,7 +66,8 @@ class Models(Resource):
         with 1 to 30 items. The model's id arrives only with the training result: POSTed
         to a `callback` URL when given (else the API e-mails the account owner). With a
         `CallbackHub` as `callback`, the call waits for training to finish and returns
-        the trained `Model` (at most the hub's `ttl`).
+        the trained `Model` (at most the hub's `ttl`). `progress` is called with an
+        `UploadProgress` as the image bytes of `images` are sent.
         """
         if isinstance(callback, CallbackHub):
             return await callback._submit_and_wait(  # type: ignore[no-any-return]
@@ -75,11 +79,14 @@ class Models(Resource):
                     model_type=model_type,
                     name=name,
                     callback=url,
+                    progress=progress,
                     timeout=timeout,
                 ),
             )
         if (images is None) == (image_urls is None):
             raise ValidationError("give exactly one of images= or image_urls=")
+        if progress is not None and not callable(progress):
+            raise ValidationError("progress must be a callable or None")
         fields: dict[str, Any] = {
             "gender": check.choice("gender", gender, Gender),
             "model_type": check.choice("model_type", model_type, ModelType),
@@ -104,7 +111,7 @@ class Models(Resource):
             ModelCreated,
             "POST",
             "/api/models",
-            body=multipart(list(fields.items()), files),
+            body=multipart(list(fields.items()), files, progress),
             content_type=None,  # aiohttp writes multipart/form-data with its boundary
             timeout=timeout,
         )

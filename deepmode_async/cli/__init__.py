@@ -1,0 +1,217 @@
+"""`deepmode`, the command line: the SDK's calls from a shell (also `python -m deepmode_async`).
+
+Options mirror the Python parameter names with dashes (`--model-id`, `--num-images`).
+The key and base URL come from `--api-key` / `--base-url` or the same environment
+variables as `AsyncClient`. `--json` prints machine-readable output on stdout. A failure
+prints one line on stderr and exits non-zero (1 for an API failure, 2 for bad
+arguments, 130 when interrupted); `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from .._errors import DeepModeError, ValidationError
+from .._types import Gender, ModelType, Ratio, RemixMode
+from . import _commands, _demo
+from ._hub import add_hub_options
+from ._terminal import one_line
+
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_USAGE", "add_mock_options", "main"]
+
+#: Exit codes: an API or network failure, arguments refused before any request, Ctrl+C.
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Run one command and exit with its status."""
+    parser = _parser()
+    options = parser.parse_args(argv)
+    if options.run is None:
+        parser.print_help(sys.stderr)
+        sys.exit(EXIT_USAGE)
+    log = logging.getLogger("deepmode_async")
+    if options.debug:
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+    elif "DEEPMODE_LOG" not in os.environ:
+        # Retry warnings would otherwise reach stderr through logging's last resort,
+        # breaking the one-line error; DEEPMODE_LOG or --debug show them.
+        log.addHandler(logging.NullHandler())
+    try:
+        options.run(options)
+    except KeyboardInterrupt:
+        if options.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except DeepModeError as error:
+        if options.debug:
+            raise
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE if isinstance(error, ValidationError) else EXIT_FAILED)
+    sys.exit(0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--api-key", help="API key (default: $DEEPMODE_API_KEY)")
+    common.add_argument("--base-url", help="API base URL (default: $DEEPMODE_BASE_URL)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--debug", action="store_true", help="show tracebacks and requests")
+
+    parser = argparse.ArgumentParser(
+        prog="deepmode", description="The DeepMode image API from the command line."
+    )
+    parser.set_defaults(run=None, debug=False)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    def command(
+        parent: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        run: object,
+        help: str,
+        *,
+        with_common: bool = True,
+    ) -> argparse.ArgumentParser:
+        sub = parent.add_parser(name, parents=[common] if with_common else [], help=help)
+        sub.set_defaults(run=run)
+        return sub
+
+    command(commands, "balance", _commands.balance, "remaining credits")
+
+    models = commands.add_parser("models", help="train and extend personal models")
+    models.set_defaults(run=None)
+    model_commands = models.add_subparsers(title="models commands", metavar="COMMAND")
+    create = command(
+        model_commands, "create", _commands.models_create, "train a model (50 credits)"
+    )
+    create.add_argument("images", nargs="*", metavar="PHOTO", help="1-30 photos (paths)")
+    create.add_argument(
+        "--image-url",
+        dest="image_urls",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a public photo URL instead of files (repeat for each)",
+    )
+    _add_model_options(create, required=True)
+    create.add_argument("--name")
+    create.add_argument("--callback", metavar="URL", help="where the API POSTs the model")
+    create.add_argument(
+        "--wait", action="store_true", help="wait for training; print the model (its id)"
+    )
+    create.add_argument(
+        "--wait-timeout", type=float, default=3 * 3600.0, metavar="SECONDS", help="with --wait"
+    )
+    add_hub_options(create)
+    extend = command(model_commands, "extend", _commands.models_extend, "30 more days (20 credits)")
+    extend.add_argument("model_id", metavar="MODEL_ID")
+
+    generate = command(
+        commands, "generate", _commands.generate, "generate images (one call, or a batch)"
+    )
+    generate.add_argument("--model-id", required=True)
+    generate.add_argument("--prompt")
+    generate.add_argument("--negative-prompt")
+    generate.add_argument("--num-images", type=int, default=1, help="1-8 a call")
+    generate.add_argument("--upscale", action="store_true")
+    generate.add_argument("--ratio", choices=[ratio.value for ratio in Ratio], default="portrait")
+    generate.add_argument("--count", type=int, default=1, help="calls with --prompt")
+    generate.add_argument("--prompts-file", help="one prompt a line, one call each")
+    generate.add_argument("--concurrency", type=int, default=8, help="calls in flight")
+    generate.add_argument("--out", help="download the images into this directory")
+    generate.add_argument("--callback", metavar="URL", help="callback mode: one call only")
+
+    upscale = command(commands, "upscale", _commands.upscale, "upscale an image x4 (3 credits)")
+    upscale.add_argument("image_id", metavar="IMAGE_ID")
+    upscale.add_argument("--out", help="download the upscaled image into this directory")
+    upscale.add_argument("--callback", metavar="URL", help="callback mode")
+
+    remix = command(
+        commands,
+        "remix",
+        _commands.remix,
+        "paint a model's subject (--model-id) or a face (--identity-image) into artwork",
+    )
+    remix.add_argument("--model-id", help="a trained model (remix)")
+    remix.add_argument("--identity-image", metavar="PHOTO", help="a face (face-id remix)")
+    remix.add_argument("--artwork-image", required=True, metavar="IMAGE")
+    remix.add_argument("--mask-image", required=True, metavar="IMAGE", help="white: repaint")
+    remix.add_argument("--prompt", default="")
+    remix.add_argument("--negative-prompt", default="")
+    remix.add_argument("--mode", choices=[mode.value for mode in RemixMode], default="sync")
+    remix.add_argument("--out", help="download the result into this directory")
+
+    download = command(
+        commands, "download", _commands.download, "download images by id (fresh signed URLs)"
+    )
+    download.add_argument("image_ids", nargs="+", metavar="IMAGE_ID")
+    download.add_argument("--out", default=".", help="directory (default: here)")
+    download.add_argument("--concurrency", type=int, default=16)
+    download.add_argument("--overwrite", action="store_true")
+
+    demo = command(
+        commands, "demo", _demo.demo, "the whole flow against the embedded mock (or --live)"
+    )
+    demo.add_argument("--out", default="deepmode-demo", help="where the images go")
+    demo.add_argument(
+        "--live", action="store_true", help="against the real API: spends your credits"
+    )
+    demo.add_argument(
+        "--photo",
+        dest="photos",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="with --live: a photo to train from (repeat, 1-30)",
+    )
+    _add_model_options(demo, required=False)
+    demo.add_argument("--yes", action="store_true", help="with --live: do not ask")
+    add_hub_options(demo)
+
+    mock = commands.add_parser("mock", help="the embedded mock API")
+    mock.set_defaults(run=None)
+    mock_commands = mock.add_subparsers(title="mock commands", metavar="COMMAND")
+    serve = command(
+        mock_commands,
+        "serve",
+        _commands.mock_serve,
+        "serve the mock on 127.0.0.1; prints the base URL and the key",
+        with_common=False,
+    )
+    add_mock_options(serve)
+    return parser
+
+
+def _add_model_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    defaults = {} if required else {"gender": "woman", "model_type": "amateur"}
+    parser.add_argument(
+        "--gender",
+        required=required,
+        choices=[gender.value for gender in Gender],
+        default=defaults.get("gender"),
+    )
+    parser.add_argument(
+        "--model-type",
+        required=required,
+        choices=[model_type.value for model_type in ModelType],
+        default=defaults.get("model_type"),
+    )
+
+
+def add_mock_options(parser: argparse.ArgumentParser) -> None:
+    """The mock's options, for `deepmode mock serve` and `python -m deepmode_async.testing`
+    (here, so that the CLI does not import the mock to build its parser)."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="API port (0: any free port)")
+    parser.add_argument("--blob-port", type=int, default=0, help="image host port")
+    parser.add_argument("--api-key", default="mock-key", help="the key the mock accepts")
+    parser.add_argument("--balance", type=int, default=10_000, help="starting credits")
+    parser.add_argument("--training-delay", type=float, default=0.0, help="seconds to train")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds each call takes")
+    parser.add_argument("--image-size", type=int, default=None, help="bytes of each image")

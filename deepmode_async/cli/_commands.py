@@ -1,0 +1,287 @@
+"""The commands: each turns parsed options into SDK calls and prints what came back."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import pathlib
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import attrs
+
+from .. import _validate as check
+from .._client import AsyncClient
+from .._downloads import DownloadProgress
+from .._errors import DeepModeError, ValidationError
+from .._types import Accepted, Image, Model, ModelCreated, RemixResult
+from .._uploads import UploadProgress
+from ..batch import BatchResult, GenerateRequest
+from ._hub import local_hub
+from ._terminal import Bar, describe, dumps, emit, image_line, jsonable, progress_bar, say
+
+T = TypeVar("T")
+
+
+class BatchFailed(DeepModeError):
+    """Some requests of a batch failed (each was reported on its own line)."""
+
+
+def run(options: argparse.Namespace, call: Callable[[AsyncClient], Awaitable[T]]) -> T:
+    """Run `call` with a client made from the options, on a fresh event loop."""
+
+    async def with_client() -> T:
+        async with AsyncClient(options.api_key, base_url=options.base_url) as dm:
+            return await call(dm)
+
+    return asyncio.run(with_client())
+
+
+# ----------------------------------------------------------------------------- account
+
+
+def balance(options: argparse.Namespace) -> None:
+    result = run(options, lambda dm: dm.account.balance())
+    emit(options, result, f"{result.remaining_balance} credits")
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def models_create(options: argparse.Namespace) -> None:
+    photos, urls = options.images, options.image_urls
+    if bool(photos) == bool(urls):
+        raise ValidationError("give the photos (1 to 30 paths) or --image-url, not both")
+    if options.wait and options.callback:
+        raise ValidationError("--wait receives the training callback itself: drop --callback")
+    wait_timeout = check_seconds("--wait-timeout", options.wait_timeout)
+    arguments: dict[str, Any] = {
+        "images": photos or None,
+        "image_urls": urls or None,
+        "gender": options.gender,
+        "model_type": options.model_type,
+        "name": options.name,
+    }
+
+    async def create(dm: AsyncClient) -> ModelCreated | Model:
+        if not options.wait:
+            return await upload(options, dm, arguments, callback=options.callback)
+        async with local_hub(dm.base_url, options, ttl=wait_timeout) as hub:
+            pending = hub.expect("model")
+            created = await upload(options, dm, arguments, callback=pending.url)
+            if not options.json:
+                say(f"{created.message}; waiting for the training callback")
+            return await pending.wait()
+
+    result = run(options, create)
+    if isinstance(result, Model):
+        emit(options, result, model_line(result))
+    else:
+        emit(options, result, result.message)
+
+
+async def upload(
+    options: argparse.Namespace,
+    dm: AsyncClient,
+    arguments: dict[str, Any],
+    *,
+    callback: str | None,
+) -> ModelCreated:
+    """`models.create` with a progress bar for the photos' bytes."""
+    with progress_bar(options, "uploading", None, in_bytes=True) as bar:
+        return await dm.models.create(
+            **arguments, callback=callback, progress=_upload_progress(bar)
+        )
+
+
+def _upload_progress(bar: Bar | None) -> Callable[[UploadProgress], None] | None:
+    if bar is None:
+        return None
+    return lambda progress: bar.update(progress.bytes_sent, progress.bytes_total)
+
+
+def model_line(model: Model) -> str:
+    name = f" ({model.name})" if model.name else ""
+    return f"{model.id}{name} trained; expires {model.expire_at:%Y-%m-%d %H:%M %Z}"
+
+
+def models_extend(options: argparse.Namespace) -> None:
+    result = run(options, lambda dm: dm.models.extend(options.model_id))
+    emit(
+        options, result, f"{options.model_id} expires {result.updated_expire_at:%Y-%m-%d %H:%M %Z}"
+    )
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def generate(options: argparse.Namespace) -> None:
+    check.positive("--concurrency", options.concurrency)
+    requests = [
+        GenerateRequest(
+            model_id=options.model_id,
+            prompt=prompt,
+            negative_prompt=options.negative_prompt,
+            num_images=options.num_images,
+            upscale=options.upscale,
+            ratio=options.ratio,
+        )
+        for prompt in _prompts(options)
+    ]
+    if options.callback is not None:
+        if len(requests) > 1:
+            raise ValidationError("--callback takes one --prompt, not a batch")
+        if options.out is not None:
+            raise ValidationError("--out needs the images now: drop --callback")
+        request = requests[0]
+        accepted = run(
+            options,
+            lambda dm: dm.images.generate(**attrs.asdict(request), callback=options.callback),
+        )
+        emit(options, accepted, accepted.message)
+        return
+    results = run(options, lambda dm: generate_batch(options, dm, requests))
+    if options.json:
+        print(dumps(jsonable(results)))
+    failures = [result for result in results if not result.ok]
+    if failures:
+        raise BatchFailed(f"{len(failures)} of {len(results)} requests failed")
+
+
+async def generate_batch(
+    options: argparse.Namespace, dm: AsyncClient, requests: list[GenerateRequest]
+) -> list[BatchResult]:
+    """Run `requests` through `generate_many`, a line (or a bar) per result; in order."""
+    results = []
+    with progress_bar(options, "generating", len(requests)) as bar:
+        report = None if bar is None else lambda p: bar.update(p.completed)
+        async with contextlib.aclosing(
+            dm.images.generate_many(
+                requests,
+                concurrency=options.concurrency,
+                download_to=options.out,
+                progress=report,
+            )
+        ) as stream:
+            async for result in stream:
+                results.append(result)
+                if not options.json:
+                    print(describe(result), flush=True)
+    return sorted(results, key=lambda result: result.index)
+
+
+def upscale(options: argparse.Namespace) -> None:
+    if options.callback is not None and options.out is not None:
+        raise ValidationError("--out needs the image now: drop --callback")
+
+    async def call(dm: AsyncClient) -> Image | Accepted | pathlib.Path:
+        callback: str | None = options.callback
+        if callback is not None:
+            return await dm.images.upscale(options.image_id, callback=callback)
+        image = await dm.images.upscale(options.image_id)
+        return image if options.out is None else await download_one(options, dm, image)
+
+    _emit_image(options, run(options, call))
+
+
+def remix(options: argparse.Namespace) -> None:
+    if (options.model_id is None) == (options.identity_image is None):
+        raise ValidationError("give --model-id (remix) or --identity-image (face-id remix)")
+    if options.out is not None and options.mode != "sync":
+        raise ValidationError("--out needs --mode sync (an async remix is not ready yet)")
+    common = {
+        "artwork_image": options.artwork_image,
+        "mask_image": options.mask_image,
+        "prompt": options.prompt,
+        "negative_prompt": options.negative_prompt,
+        "mode": options.mode,
+    }
+
+    async def call(dm: AsyncClient) -> RemixResult | pathlib.Path:
+        if options.model_id is not None:
+            result = await dm.images.remix(model_id=options.model_id, **common)
+        else:
+            result = await dm.images.face_id_remix(identity_image=options.identity_image, **common)
+        return result if options.out is None else await download_one(options, dm, result)
+
+    _emit_image(options, run(options, call))
+
+
+def _emit_image(
+    options: argparse.Namespace, result: Image | RemixResult | Accepted | pathlib.Path
+) -> None:
+    if isinstance(result, Accepted):
+        emit(options, result, result.message)
+    elif isinstance(result, pathlib.Path):
+        emit(options, result, str(result))
+    else:
+        extra = f" {result.status}" if isinstance(result, RemixResult) else ""
+        emit(options, result, image_line(result) + extra)
+
+
+async def download_one(
+    options: argparse.Namespace, dm: AsyncClient, image: Image | RemixResult
+) -> pathlib.Path:
+    (path,) = await dm.images.download(image, options.out)
+    return path
+
+
+def download(options: argparse.Namespace) -> None:
+    check.positive("--concurrency", options.concurrency)
+
+    async def call(dm: AsyncClient) -> list[pathlib.Path]:
+        images = [await dm.images.retrieve(image_id) for image_id in options.image_ids]
+        with progress_bar(options, "downloading", len(images)) as bar:
+            return await dm.images.download(
+                images,
+                options.out,
+                concurrency=options.concurrency,
+                overwrite=options.overwrite,
+                progress=_download_progress(bar),
+            )
+
+    paths = run(options, call)
+    if options.json:
+        print(dumps(jsonable(paths)))
+    else:
+        for path in paths:
+            print(path)
+
+
+def _download_progress(bar: Bar | None) -> Callable[[DownloadProgress], None] | None:
+    if bar is None:
+        return None
+    return lambda progress: bar.update(progress.files_done)
+
+
+def mock_serve(options: argparse.Namespace) -> None:
+    from ..testing.__main__ import run as serve
+
+    serve(options)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _prompts(options: argparse.Namespace) -> list[str]:
+    if options.prompts_file is not None:
+        try:
+            text = pathlib.Path(options.prompts_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValidationError(f"cannot read --prompts-file: {exc}") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise ValidationError("--prompts-file has no prompts (one a line)")
+        return prompts
+    if options.prompt is None:
+        raise ValidationError("give --prompt or --prompts-file")
+    if options.count < 1:
+        raise ValidationError(f"--count must be at least 1, not {options.count}")
+    return [options.prompt] * options.count
+
+
+def check_seconds(name: str, value: float) -> float:
+    if not value > 0 or value == float("inf"):
+        raise ValidationError(f"{name} must be a positive number of seconds, not {value}")
+    return value
