@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import cProfile
 import gc
-import json
 import pathlib
 import pstats
 import statistics
@@ -39,7 +38,7 @@ import requests
 import requests.adapters
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from mock_throughput import RESULTS, mock_process, trained_model
+from _common import mock_process, store, trained_model
 
 from deepmode_async import AsyncClient, Client, GenerateRequest
 
@@ -268,9 +267,7 @@ def main() -> None:
     contenders = asyncio.run(measure(calls, rounds, args.profile))
     results = report(contenders, calls, rounds)
     if not args.quick:
-        stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        stored["batch"] = results
-        RESULTS.write_text(json.dumps(stored, indent=2) + "\n")
+        store("batch", results)
 
 
 if __name__ == "__main__":

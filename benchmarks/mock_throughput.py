@@ -11,74 +11,18 @@ benchmarks/results.json under "mock_throughput".
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
-from deepmode_async.testing import sample_image
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _common import cpu_seconds, mock_process, store, trained_model
 
 CALLS, IN_FLIGHT, ROUNDS = 1000, 100, 5
-RESULTS = pathlib.Path(__file__).with_name("results.json")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@asynccontextmanager
-async def mock_process(latency: float) -> AsyncIterator[tuple[str, str, int]]:
-    """A mock in a separate interpreter; yields its base URL, key and pid."""
-    command = [sys.executable, "-m", "deepmode_async.testing", "--latency", str(latency)]
-    command += ["--balance", str(10**9)]  # benchmarks make many paid calls
-    process = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE)
-    assert process.stdout is not None
-    settings: dict[str, str] = {}
-    try:
-        while len(settings) < 2:
-            line = await process.stdout.readline()
-            if not line:
-                raise RuntimeError(f"the mock exited with {await process.wait()} before serving")
-            key, _, value = line.decode().strip().partition("=")
-            settings[key] = value
-        yield settings["DEEPMODE_BASE_URL"], settings["DEEPMODE_API_KEY"], process.pid
-    finally:
-        process.terminate()
-        await process.wait()
-
-
-async def trained_model(api: aiohttp.ClientSession, base_url: str) -> str:
-    """Train a model and return the id its training callback brings."""
-    arrived: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    async def on_callback(request: web.Request) -> web.Response:
-        arrived.set_result((await request.json())["id"])
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_post("/cb", on_callback)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    form = aiohttp.FormData({"gender": "man", "model_type": "professional"})
-    form.add_field("callback", f"http://127.0.0.1:{runner.addresses[0][1]}/cb")
-    form.add_field("images", sample_image(), filename="me.jpg")
-    async with api.post(f"{base_url}/api/models", data=form) as response:
-        response.raise_for_status()
-    model_id = await asyncio.wait_for(arrived, 10)
-    await runner.cleanup()
-    return model_id
 
 
 async def batch(api: aiohttp.ClientSession, base_url: str, model_id: str) -> float:
@@ -133,9 +77,7 @@ async def main() -> None:
             f"| {row['ideal_s']:.2f} s | {ratio} | {row['server_cpu_us_per_call']} us "
             f"| {row['client_cpu_us_per_call']} us |"
         )
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results["mock_throughput"] = rows
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    store("mock_throughput", rows)
 
 
 if __name__ == "__main__":

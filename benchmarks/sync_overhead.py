@@ -13,7 +13,6 @@ Writes "sync_overhead" into benchmarks/results.json.
 from __future__ import annotations
 
 import asyncio
-import json
 import pathlib
 import statistics
 import sys
@@ -24,7 +23,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from mock_throughput import RESULTS, mock_process, trained_model
+from _common import mock_process, store, trained_model
 
 from deepmode_async import AsyncClient, Client
 
@@ -119,19 +118,20 @@ def main() -> None:
         f"| {con_async:.3f} s | {con_sync:.3f} s ({THREADS} threads) "
         f"| {con_sync / con_async:.2f} x |"
     )
-    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    stored["sync_overhead"] = {
-        "calls": CALLS,
-        "sequential_async_s": seq_async,
-        "sequential_sync_s": seq_sync,
-        "overhead_us_per_call": overhead_us,
-        "threads": THREADS,
-        "latency_s": LATENCY,
-        "concurrent_async_s": con_async,
-        "concurrent_sync_threads_s": con_sync,
-        "ideal_s": ideal,
-    }
-    RESULTS.write_text(json.dumps(stored, indent=2) + "\n")
+    store(
+        "sync_overhead",
+        {
+            "calls": CALLS,
+            "sequential_async_s": seq_async,
+            "sequential_sync_s": seq_sync,
+            "overhead_us_per_call": overhead_us,
+            "threads": THREADS,
+            "latency_s": LATENCY,
+            "concurrent_async_s": con_async,
+            "concurrent_sync_threads_s": con_sync,
+            "ideal_s": ideal,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import os
 import pathlib
 import statistics
@@ -27,7 +26,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from mock_throughput import RESULTS, mock_process
+from _common import mock_process, store
 
 from deepmode_async import AsyncClient
 from deepmode_async.testing import sample_image
@@ -117,9 +116,7 @@ async def main() -> None:
             f"| {memory[name]['tracemalloc_peak_mib']:.1f} MiB "
             f"| {memory[name]['rss_growth_mib']:.1f} MiB |"
         )
-    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    stored["upload_memory"] = {"files": FILES, "file_mb": FILE_MB, "results": results}
-    RESULTS.write_text(json.dumps(stored, indent=2) + "\n")
+    store("upload_memory", {"files": FILES, "file_mb": FILE_MB, "results": results})
 
 
 if __name__ == "__main__":

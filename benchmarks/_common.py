@@ -1,0 +1,102 @@
+"""What every benchmark shares: the mock in its own process, a trained model, CPU and
+memory readings, and benchmarks/results.json."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from deepmode_async.testing import sample_image
+
+RESULTS = pathlib.Path(__file__).with_name("results.json")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib() -> float:
+    """This process's resident memory now, in MiB (Linux /proc)."""
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def machine() -> str:
+    """The machine a result was measured on, for the tables."""
+    return (
+        f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
+        f"aiohttp {aiohttp.__version__}"
+    )
+
+
+@asynccontextmanager
+async def mock_process(
+    latency: float, *options: str, balance: int = 10**9
+) -> AsyncIterator[tuple[str, str, int]]:
+    """A mock in a separate interpreter; yields its base URL, key and pid.
+
+    `options` are more of `deepmode mock serve`'s options (`--image-size`, ...).
+    """
+    command: Sequence[str] = [
+        sys.executable, "-m", "deepmode_async.testing", "--latency", str(latency),
+        "--balance", str(balance), *options,
+    ]  # fmt: skip
+    process = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    settings: dict[str, str] = {}
+    try:
+        while len(settings) < 2:
+            line = await process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the mock exited with {await process.wait()} before serving")
+            key, _, value = line.decode().strip().partition("=")
+            settings[key] = value
+        yield settings["DEEPMODE_BASE_URL"], settings["DEEPMODE_API_KEY"], process.pid
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def trained_model(api: aiohttp.ClientSession, base_url: str) -> str:
+    """Train a model with raw aiohttp and return the id its training callback brings."""
+    arrived: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def on_callback(request: web.Request) -> web.Response:
+        arrived.set_result((await request.json())["id"])
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/cb", on_callback)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    form = aiohttp.FormData({"gender": "man", "model_type": "professional"})
+    form.add_field("callback", f"http://127.0.0.1:{runner.addresses[0][1]}/cb")
+    form.add_field("images", sample_image(), filename="me.jpg")
+    async with api.post(f"{base_url}/api/models", data=form) as response:
+        response.raise_for_status()
+    model_id = await asyncio.wait_for(arrived, 10)
+    await runner.cleanup()
+    return model_id
+
+
+def store(key: str, value: Any) -> None:
+    """Put one benchmark's results into results.json, keeping the others'."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[key] = value
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
