@@ -49,6 +49,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             raise
         print("interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # The reader went away (`deepmode generate ... | head`): stop quietly, and keep
+        # Python from complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_FAILED)
     except DeepModeError as error:
         if options.debug:
             raise

@@ -55,7 +55,12 @@ async def local_hub(
         raise ValidationError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
     bound_port = listener.getsockname()[1]
     hub = CallbackHub(public_url or f"http://127.0.0.1:{bound_port}", ttl=ttl)
-    runner = web.AppRunner(hub.aiohttp_app(), access_log=None)  # paths hold the tokens
+    app = hub.aiohttp_app()
+    prefix = urlsplit(hub.public_base_url).path.rstrip("/")
+    if prefix:  # a tunnel passes the path on: serve the hub where its URLs point
+        app, hub_app = web.Application(), app
+        app.add_subapp(prefix, hub_app)
+    runner = web.AppRunner(app, access_log=None)  # paths hold the tokens: no access log
     try:
         await runner.setup()
         await web.SockSite(runner, listener).start()
