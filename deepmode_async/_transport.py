@@ -509,8 +509,10 @@ class Transport:
                 f"{request.info} timed out: {_timeout_cause(exc)}", request=request.info
             ) from exc
         except aiohttp.ClientError as exc:
-            if isinstance(exc.__cause__, DeepModeError):  # raised by our own upload payload
-                raise exc.__cause__ from None
+            own = exc.__cause__
+            if isinstance(own, DeepModeError):  # raised by our own upload payload
+                own.__suppress_context__ = True  # aiohttp's wrapper adds nothing; own cause stays
+                raise own
             status = type(exc).__name__
             error = APIConnectionError(
                 f"{request.info} failed: {_describe_client_error(exc)}", request=request.info

@@ -52,6 +52,11 @@ class UploadSourceChanged(DeepModeError):
     """A file changed (or vanished) between its check and its upload."""
 
 
+class ProgressCallbackError(DeepModeError):
+    """An upload's progress callback raised (the error is the `__cause__`); nothing more
+    was sent, and the call is not retried."""
+
+
 @attrs.frozen
 class UploadProgress:
     """How far an upload is: image bytes sent of all image bytes. A retry sends the body
@@ -74,7 +79,13 @@ class _SentCounter:
 
     def add(self, count: int) -> None:
         self.sent += count
-        self.callback(UploadProgress(self.sent, self.total))
+        try:
+            self.callback(UploadProgress(self.sent, self.total))
+        except Exception as exc:
+            # Raised as our own error, or aiohttp would report a failed connection.
+            raise ProgressCallbackError(
+                f"the upload stopped: its progress callback raised {type(exc).__name__}: {exc}"
+            ) from exc
 
 
 @attrs.frozen
