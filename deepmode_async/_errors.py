@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
-import html
 import json
 import re
 import time
@@ -259,6 +258,8 @@ def _field_error(error: Mapping[str, Any]) -> str:
 
 def _html_title(page: str) -> str:
     """The title (or first heading) of an HTML page, else its text without tags."""
+    import html  # only error pages need it: kept out of the import time
+
     for pattern in (r"<title[^>]*>(.*?)</title>", r"<h1[^>]*>(.*?)</h1>"):
         found = re.search(pattern, page, re.IGNORECASE | re.DOTALL)
         if found and found.group(1).strip():

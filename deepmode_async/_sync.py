@@ -23,18 +23,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
 import aiohttp
 import anyio
-import anyio.from_thread
 import attrs
-from anyio.from_thread import BlockingPortal
 
 from ._client import AsyncClient
 from ._errors import DeepModeError, ValidationError
 from ._transport import Timeout
 from .resources._blocking import BlockingAccount, BlockingImages, BlockingModels
+
+if TYPE_CHECKING:
+    from anyio.from_thread import BlockingPortal
 
 T = TypeVar("T")
 
@@ -297,6 +298,9 @@ class _Started:
         outcome: Future[_Started] = Future()
 
         def start() -> None:
+            # Imported here: only a `Client`'s first call needs it (B5, import time).
+            import anyio.from_thread
+
             try:
                 context = anyio.from_thread.start_blocking_portal(name="deepmode-client")
                 portal = context.__enter__()

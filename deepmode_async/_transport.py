@@ -511,8 +511,7 @@ class Transport:
         except aiohttp.ClientError as exc:
             own = exc.__cause__
             if isinstance(own, DeepModeError):  # raised by our own upload payload
-                own.__suppress_context__ = True  # aiohttp's wrapper adds nothing; own cause stays
-                raise own
+                raise own from own.__cause__  # keeps its cause, drops aiohttp's wrapper
             status = type(exc).__name__
             error = APIConnectionError(
                 f"{request.info} failed: {_describe_client_error(exc)}", request=request.info

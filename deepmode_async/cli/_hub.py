@@ -9,8 +9,6 @@ import socket
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
-from aiohttp import web
-
 from .._errors import ValidationError
 from ..callbacks import CallbackHub
 
@@ -53,6 +51,8 @@ async def local_hub(
     except OSError as exc:
         listener.close()
         raise ValidationError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
+    from aiohttp import web  # the server side of aiohttp: only commands that wait load it
+
     bound_port = listener.getsockname()[1]
     hub = CallbackHub(public_url or f"http://127.0.0.1:{bound_port}", ttl=ttl)
     app = hub.aiohttp_app()
