@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import http.server
 import json
 import os
 import pathlib
+import pty
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping
-from typing import TypeAlias
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeAlias
 
 import pytest
 
-from deepmode_async.testing import MockDeepMode
+from deepmode_async import Client
+from deepmode_async.testing import MockDeepMode, sample_image
 
 DEEPMODE = pathlib.Path(sys.executable).with_name("deepmode")
 TIMEOUT = 30
@@ -49,29 +56,91 @@ def run(env: Mapping[str, str], *args: str, module: bool = False) -> Done:
     return done
 
 
-def run_all(env: Mapping[str, str], *commands: list[str]) -> list[Done]:
-    """Run the commands side by side (each start costs ~0.3 s of imports), in order."""
-    started = [
-        subprocess.Popen(  # noqa: S603 (our own entry point)
-            argv,
-            env=dict(env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for argv in commands
-    ]
+def run_all(
+    env: Mapping[str, str],
+    *commands: list[str],
+    cwd: pathlib.Path | None = None,
+    tty: bool = False,
+) -> list[Done]:
+    """Run the commands side by side (each start costs ~0.3 s of imports), in order.
+
+    stdin is /dev/null (never a terminal). With `tty`, each command's stderr is a
+    pseudo-terminal of its own, as on a console (progress bars show), and `stderr`
+    holds what that terminal received.
+    """
+    terminals = [Terminal() for _ in commands] if tty else []
+    started: list[subprocess.Popen[str]] = []
     done = []
     try:
-        for process, argv in zip(started, commands, strict=True):
+        for index, argv in enumerate(commands):
+            started.append(
+                subprocess.Popen(  # noqa: S603 (our own entry point)
+                    argv,
+                    env=dict(env),
+                    cwd=cwd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=terminals[index].slave if tty else subprocess.PIPE,
+                    text=True,
+                )
+            )
+        for terminal in terminals:
+            terminal.listen()
+        for index, (process, argv) in enumerate(zip(started, commands, strict=True)):
             stdout, stderr = process.communicate(timeout=TIMEOUT)
+            if tty:
+                stderr = terminals[index].received()
             done.append(subprocess.CompletedProcess(argv, process.returncode, stdout, stderr))
     finally:
         for process in started:
             if process.poll() is None:
                 process.kill()
                 process.communicate()
+        for terminal in terminals:
+            terminal.close()
     return done
+
+
+class Terminal:
+    """A pseudo-terminal for a child's stderr; a thread drains it (so the child never
+    blocks on a full terminal) until the child is gone."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = pty.openpty()
+        self._chunks: list[bytes] = []
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._closed = False
+
+    def listen(self) -> None:
+        """Once the child has the slave side: drop ours, so reads end when the child does."""
+        os.close(self.slave)
+        self.slave = -1
+        self._reader.start()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # EIO: every writer has closed the terminal
+                return
+            if not chunk:
+                return
+            self._chunks.append(chunk)
+
+    def received(self) -> str:
+        self._reader.join(TIMEOUT)
+        assert not self._reader.is_alive(), "the terminal was not closed by the command"
+        return b"".join(self._chunks).decode("utf-8", "replace")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.slave >= 0:
+            os.close(self.slave)
+        if self._reader.is_alive():
+            self._reader.join(TIMEOUT)
+        os.close(self.master)
 
 
 def generate_requests(mock: MockDeepMode) -> list[str]:
@@ -321,39 +390,16 @@ def test_download_unknown_id_fails(env: dict[str, str], tmp_path: pathlib.Path) 
 
 
 def test_mock_serve_then_balance(tmp_path: pathlib.Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEEPMODE_")}
-    server = subprocess.Popen(  # noqa: S603 (our own entry point)
-        [str(DEEPMODE), "mock", "serve", "--port", "0", "--api-key", "k1"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        found: dict[str, str] = {}
-        deadline = time.monotonic() + TIMEOUT
-        while not {"DEEPMODE_BASE_URL", "DEEPMODE_API_KEY"} <= found.keys():
-            assert time.monotonic() < deadline
-            line = server.stdout.readline()
-            assert line, "mock serve exited before printing its settings"
-            name, sep, value = line.strip().partition("=")
-            if sep and name.startswith("DEEPMODE_"):
-                found[name] = value
-        assert found["DEEPMODE_API_KEY"] == "k1"
-        assert found["DEEPMODE_BASE_URL"].startswith("http://127.0.0.1:")
+    with mock_process("--api-key", "k1") as (server, env):
+        assert env["DEEPMODE_API_KEY"] == "k1"
+        assert env["DEEPMODE_BASE_URL"].startswith("http://127.0.0.1:")
 
-        result = run(env | found, "balance")
+        result = run(env, "balance")
         assert (result.returncode, result.stdout) == (0, "10000 credits\n"), result.stderr
 
-        server.send_signal(signal.SIGINT)
-        _, stderr = server.communicate(timeout=TIMEOUT)
+        stderr = interrupt(server)
         assert server.returncode == 0, stderr
         assert "Traceback" not in stderr
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.communicate()
 
 
 def test_a_connection_failure_is_one_line_without_retry_warnings(
@@ -375,3 +421,617 @@ def test_download_concurrency_is_checked_before_any_request(
     assert done.returncode == 2
     assert "--concurrency" in assert_one_error_line(done.stderr)
     assert mock.requests == []
+
+
+# ----------------------------------------------------------------------------- helpers (new)
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+MODEL_OPTIONS = ("--gender", "woman", "--model-type", "amateur")
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without any DEEPMODE_ setting."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("DEEPMODE_")}
+
+
+def write_photos(directory: pathlib.Path, count: int, prefix: str = "photo") -> list[str]:
+    """`count` sample JPEGs (distinct sizes, like distinct photos) as paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        path = directory / f"{prefix}-{index + 1}.jpg"
+        path.write_bytes(sample_image(size=1024 + 16 * index))
+        paths.append(str(path))
+    return paths
+
+
+def generated_image_ids(mock: MockDeepMode, model_id: str, count: int) -> list[str]:
+    """Ids of `count` images generated through the SDK (not the CLI: no process start)."""
+    with Client(mock.api_key, base_url=mock.base_url) as dm:
+        generation = dm.images.generate(model_id=model_id, prompt="a cat", num_images=count)
+    return [image.id for image in generation.images]
+
+
+def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def is_jpeg(path: pathlib.Path) -> bool:
+    return path.read_bytes()[:3] == JPEG_MAGIC
+
+
+@contextlib.contextmanager
+def mock_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], dict[str, str]]]:
+    """`deepmode mock serve` as a process, and an environment pointing at it; killed at
+    the end if still running."""
+    env = clean_env()
+    server = subprocess.Popen(  # noqa: S603 (our own entry point)
+        [str(DEEPMODE), "mock", "serve", "--port", "0", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    watchdog = threading.Timer(TIMEOUT, server.kill)  # a silent server cannot hang the test
+    watchdog.start()
+    try:
+        assert server.stdout is not None
+        found: dict[str, str] = {}
+        while not {"DEEPMODE_BASE_URL", "DEEPMODE_API_KEY"} <= found.keys():
+            line = server.stdout.readline()
+            assert line, "mock serve exited before printing its settings"
+            name, sep, value = line.strip().partition("=")
+            if sep and name.startswith("DEEPMODE_"):
+                found[name] = value
+        watchdog.cancel()
+        yield server, env | found
+    finally:
+        watchdog.cancel()
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+
+
+def interrupt(server: subprocess.Popen[str]) -> str:
+    """Ctrl+C the server; its stderr."""
+    server.send_signal(signal.SIGINT)
+    _, stderr = server.communicate(timeout=TIMEOUT)
+    return stderr
+
+
+class Hook:
+    """A callback endpoint on loopback, served by a thread, recording the JSON it gets."""
+
+    def __init__(self) -> None:
+        self.bodies: list[Any] = []
+        bodies = self.bodies
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                bodies.append(json.loads(self.rfile.read(length)))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/callback"
+
+    def body(self, index: int = 0) -> Any:
+        """The `index`th body received, once it has arrived."""
+        wait_for(lambda: len(self.bodies) > index)
+        return self.bodies[index]
+
+
+@pytest.fixture
+def hook() -> Iterator[Hook]:
+    hook = Hook()
+    thread = threading.Thread(target=hook.server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield hook
+    finally:
+        hook.server.shutdown()
+        thread.join()
+        hook.server.server_close()
+
+
+# ----------------------------------------------------------------------------- models create
+
+
+def test_models_create_uploads_the_photos(
+    mock: MockDeepMode, env: dict[str, str], tmp_path: pathlib.Path
+) -> None:
+    photos = write_photos(tmp_path, 2)
+    result = run(env, "models", "create", *photos, *MODEL_OPTIONS, "--name", "Ann")
+    assert (result.returncode, result.stdout) == (0, "Created model successfully\n"), result.stderr
+    assert "Traceback" not in result.stderr
+    (request,) = mock.requests
+    assert (request.endpoint, request.method, request.status) == ("create_model", "POST", 200)
+    assert request.headers["Content-Type"].startswith("multipart/form-data")
+    assert request.form == {"gender": "woman", "model_type": "amateur", "name": "Ann"}
+    assert [(f.field, f.filename, f.format) for f in request.files] == [
+        ("images", "photo-1.jpg", "jpeg"),
+        ("images", "photo-2.jpg", "jpeg"),
+    ]
+    assert [f.size for f in request.files] == [pathlib.Path(p).stat().st_size for p in photos]
+    assert [charge.endpoint for charge in mock.ledger] == ["create_model"]
+
+
+def test_models_create_from_urls_plain_and_json(mock: MockDeepMode, env: dict[str, str]) -> None:
+    urls = ["https://photos.example/1.jpg", "https://photos.example/2.jpg"]
+    args = ("models", "create", "--image-url", urls[0], "--image-url", urls[1], *MODEL_OPTIONS)
+    plain, as_json = run_all(env, command(*args), command(*args, "--json"))
+    assert (plain.returncode, plain.stdout) == (0, "Created model successfully\n"), plain.stderr
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == {"message": "Created model successfully"}
+    requests = mock.requests
+    assert len(requests) == 2
+    for request in requests:
+        assert (request.endpoint, request.status, request.files) == ("create_model", 200, [])
+        assert request.json == {"gender": "woman", "model_type": "amateur", "image_urls": urls}
+
+
+def test_models_create_wait_prints_the_trained_model(
+    mock: MockDeepMode, env: dict[str, str], tmp_path: pathlib.Path
+) -> None:
+    photos = write_photos(tmp_path, 3)
+    args = ("models", "create", *photos, "--gender", "man", "--model-type", "professional")
+    as_json, plain = run_all(
+        env,
+        command(*args, "--wait", "--json", "--name", "Bob"),
+        command(*args, "--wait", "--wait-timeout", "60"),
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    model = json.loads(as_json.stdout)
+    models = mock.models
+    assert model["id"] in models
+    assert (model["name"], model["gender"], model["active"]) == ("Bob", "man", True)
+    assert dt.datetime.fromisoformat(model["expire_at"]) == models[model["id"]].expire_at.replace(
+        microsecond=0
+    )
+
+    assert plain.returncode == 0, plain.stderr
+    (line,) = plain.stdout.splitlines()
+    model_id, rest = line.split(" ", 1)
+    assert model_id in models
+    assert model_id != model["id"]
+    assert rest.startswith("trained; expires ")
+    assert "waiting for the training callback" in plain.stderr
+    assert "Traceback" not in plain.stderr
+
+    # Each --wait sent its own hub's URL as the callback, and the training result landed.
+    requests = [r for r in mock.requests if r.endpoint == "create_model"]
+    assert len(requests) == 2
+    assert all(r.form["callback"].startswith("http://127.0.0.1:") for r in requests)
+    wait_for(lambda: sum(d.delivered for d in mock.callbacks) == 2)
+    assert {d.body["id"] for d in mock.callbacks} == {model["id"], model_id}
+    assert [c.endpoint for c in mock.ledger] == ["create_model"] * 2
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def test_models_create_wait_behind_a_tunnel_with_a_path(
+    mock: MockDeepMode, env: dict[str, str], tmp_path: pathlib.Path
+) -> None:
+    # A tunnel forwards https://public.example/hooks/... to 127.0.0.1:PORT/hooks/...;
+    # here the "tunnel" is the identity, so the public URL is loopback with a path.
+    port = free_port()
+    public = f"http://127.0.0.1:{port}/hooks/deepmode"
+    result = run(
+        env, "models", "create", *write_photos(tmp_path, 1), *MODEL_OPTIONS, "--wait",
+        "--public-url", public, "--callback-port", str(port), "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["id"] in mock.models
+    (request,) = [r for r in mock.requests if r.endpoint == "create_model"]
+    assert request.form["callback"].startswith(public + "/")
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(
+    env: dict[str, str], model_id: str
+) -> None:
+    # `deepmode generate ... | head -1`: the pipe closes while results are still coming.
+    process = subprocess.Popen(  # noqa: S603 (our own entry point)
+        command("generate", "--model-id", model_id, "--prompt", "p", "--count", "40",
+                "--concurrency", "2"),
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    assert process.stderr is not None
+    try:
+        assert process.stdout.readline().startswith(b"[")
+        process.stdout.close()
+        stderr = process.stderr.read().decode()
+        assert process.wait(timeout=TIMEOUT) == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    assert stderr == ""
+
+
+def test_models_create_refusals_before_any_request(
+    mock: MockDeepMode, env: dict[str, str], tmp_path: pathlib.Path
+) -> None:
+    (photo,) = write_photos(tmp_path, 1)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a photo\n", encoding="utf-8")
+    url = ("--image-url", "https://photos.example/1.jpg")
+    cases: dict[str, list[str]] = {
+        "drop --callback": [photo, "--wait", "--callback", "https://hooks.example/cb"],
+        "give the photos": [],
+        "not both": [photo, *url],
+        "not 31": [photo] * 31,
+        "notes.txt": [photo, str(notes)],
+        "no such file": [str(tmp_path / "missing.jpg")],
+        "--wait-timeout": [photo, "--wait", "--wait-timeout", "0"],
+        "--public-url": [photo, "--wait", "--base-url", "https://api.example.invalid"],
+        "--callback-port it forwards to": [
+            photo, "--wait", "--public-url", "https://tunnel.example",
+        ],
+        "--callback-port must be 0 to 65535": [photo, "--wait", "--callback-port", "70000"],
+        "are for --wait": [photo, "--public-url", "https://tunnel.example/cb"],
+    }  # fmt: skip
+    results = run_all(
+        env, *(command("models", "create", *args, *MODEL_OPTIONS) for args in cases.values())
+    )
+    for needle, result in zip(cases, results, strict=True):
+        assert result.returncode == 2, (needle, result.stdout, result.stderr)
+        line = assert_one_error_line(result.stderr)
+        assert needle in line, line
+        assert result.stdout == ""
+    assert mock.requests == []
+    assert mock.ledger == []
+
+
+# ----------------------------------------------------------------------------- models extend
+
+
+def test_models_extend_plain_json_and_unknown(mock: MockDeepMode, env: dict[str, str]) -> None:
+    first, second = mock.add_model(), mock.add_model()
+    expiries = first.expire_at, second.expire_at  # the mock updates these objects
+    plain, as_json, unknown = run_all(
+        env,
+        command("models", "extend", first.id),
+        command("models", "extend", second.id, "--json"),
+        command("models", "extend", "no-such-model"),
+    )
+    models = mock.models
+    assert models[first.id].expire_at == expiries[0] + dt.timedelta(days=30)
+    assert models[second.id].expire_at == expiries[1] + dt.timedelta(days=30)
+
+    assert plain.returncode == 0, plain.stderr
+    expected = models[first.id].expire_at
+    assert plain.stdout == f"{first.id} expires {expected:%Y-%m-%d %H:%M} UTC\n"
+
+    assert as_json.returncode == 0, as_json.stderr
+    extension = json.loads(as_json.stdout)
+    assert list(extension) == ["updated_expire_at"]
+    updated = dt.datetime.fromisoformat(extension["updated_expire_at"])
+    assert updated == models[second.id].expire_at.replace(microsecond=0)
+    assert updated.utcoffset() == dt.timedelta(0)
+
+    assert (unknown.returncode, unknown.stdout) == (1, "")
+    assert "404" in assert_one_error_line(unknown.stderr)
+    assert sorted(c.endpoint for c in mock.ledger) == ["extend_model"] * 2
+
+
+# ----------------------------------------------------------------------------- upscale
+
+
+def test_upscale_plain_out_and_callback(
+    mock: MockDeepMode, env: dict[str, str], model_id: str, tmp_path: pathlib.Path, hook: Hook
+) -> None:
+    (image_id,) = generated_image_ids(mock, model_id, 1)
+    out = tmp_path / "up"
+    plain, downloaded, accepted, refused = run_all(
+        env,
+        command("upscale", image_id),
+        command("upscale", image_id, "--out", str(out)),
+        command("upscale", image_id, "--callback", hook.url),
+        command("upscale", image_id, "--callback", hook.url, "--out", str(tmp_path / "no")),
+    )
+    assert plain.returncode == 0, plain.stderr
+    upscaled_id, url = plain.stdout.split()
+    images = mock.images
+    assert images[upscaled_id].upscaled
+    assert url.startswith(mock.blob_base_url)
+
+    assert downloaded.returncode == 0, downloaded.stderr
+    path = pathlib.Path(downloaded.stdout.strip())
+    assert path.parent == out
+    assert list(out.iterdir()) == [path]
+    assert is_jpeg(path)
+    assert path.read_bytes() == mock.image_bytes
+
+    assert (accepted.returncode, accepted.stdout) == (0, "Upscaling images...\n"), accepted.stderr
+    body = hook.body()
+    assert body["upscaled"] is True
+    assert body["id"] in mock.images
+
+    assert refused.returncode == 2
+    assert "--callback" in assert_one_error_line(refused.stderr)
+    assert not (tmp_path / "no").exists()
+
+    upscales = [r for r in mock.requests if r.endpoint == "upscale"]
+    assert len(upscales) == 3  # the refused one sent nothing
+    assert sorted(str(r.json.get("callback")) for r in upscales) == sorted(
+        [hook.url, "None", "None"]
+    )
+    assert [c.endpoint for c in mock.ledger].count("upscale") == 3
+
+
+# ----------------------------------------------------------------------------- remix
+
+
+def test_remix_and_face_id_remix(
+    mock: MockDeepMode, env: dict[str, str], model_id: str, tmp_path: pathlib.Path
+) -> None:
+    art, mask, face = write_photos(tmp_path, 3)
+    images = ("--artwork-image", art, "--mask-image", mask)
+    out = tmp_path / "out"
+    remix, face_id, downloaded = run_all(
+        env,
+        command("remix", "--model-id", model_id, *images, "--prompt", "in oil"),
+        command("remix", "--identity-image", face, *images, "--json"),
+        command("remix", "--model-id", model_id, *images, "--out", str(out)),
+    )
+    remixes = mock.remixes
+    assert remix.returncode == 0, remix.stderr
+    remix_id, url, status = remix.stdout.split()
+    assert (remixes[remix_id].kind, remixes[remix_id].model_id) == ("remix", model_id)
+    assert url.startswith(mock.blob_base_url)
+    assert status == "completed"
+
+    assert face_id.returncode == 0, face_id.stderr
+    result = json.loads(face_id.stdout)
+    assert remixes[result["id"]].kind == "face_id_remix"
+    assert remixes[result["id"]].model_id is None
+    assert result["status"] == "completed"
+
+    assert downloaded.returncode == 0, downloaded.stderr
+    path = pathlib.Path(downloaded.stdout.strip())
+    assert list(out.iterdir()) == [path]
+    assert is_jpeg(path)
+
+    sent = [r for r in mock.requests if r.endpoint in ("remix", "face_id_remix")]
+    by_path = sorted(
+        (r.path, r.form.get("model_id"), sorted(f.field for f in r.files)) for r in sent
+    )
+    assert by_path == [
+        ("/api/face-id-remix", None, ["artwork_image", "identity_image", "mask_image"]),
+        ("/api/remix/generate", model_id, ["artwork_image", "mask_image"]),
+        ("/api/remix/generate", model_id, ["artwork_image", "mask_image"]),
+    ]
+    assert sorted(c.endpoint for c in mock.ledger) == ["face_id_remix", "remix", "remix"]
+
+
+def test_remix_refusals_before_any_request(
+    mock: MockDeepMode, env: dict[str, str], model_id: str, tmp_path: pathlib.Path
+) -> None:
+    art, mask, face = write_photos(tmp_path, 3)
+    images = ["--artwork-image", art, "--mask-image", mask]
+    cases: dict[str, list[str]] = {
+        "--identity-image": ["--model-id", model_id, "--identity-image", face],
+        "--model-id": [],
+        "--mode sync": ["--model-id", model_id, "--mode", "async", "--out", str(tmp_path / "d")],
+    }
+    results = run_all(env, *(command("remix", *images, *args) for args in cases.values()))
+    for needle, result in zip(cases, results, strict=True):
+        assert result.returncode == 2, (needle, result.stdout, result.stderr)
+        assert needle in assert_one_error_line(result.stderr)
+        assert result.stdout == ""
+    assert mock.requests == []
+    assert not (tmp_path / "d").exists()
+
+
+# ----------------------------------------------------------------------------- generate --callback
+
+
+def test_generate_callback(
+    mock: MockDeepMode, env: dict[str, str], model_id: str, tmp_path: pathlib.Path, hook: Hook
+) -> None:
+    args = ("generate", "--model-id", model_id, "--prompt", "p", "--callback", hook.url)
+    accepted, batch, with_out = run_all(
+        env,
+        command(*args, "--num-images", "2"),
+        command(*args, "--count", "2"),
+        command(*args, "--out", str(tmp_path / "d")),
+    )
+    assert (accepted.returncode, accepted.stdout) == (0, "Generating images...\n"), accepted.stderr
+    for refused, needle in ((batch, "--callback"), (with_out, "--out")):
+        assert refused.returncode == 2
+        assert needle in assert_one_error_line(refused.stderr)
+        assert refused.stdout == ""
+    (request,) = mock.requests
+    assert request.endpoint == "generate"
+    assert (request.json["callback"], request.json["num_images"]) == (hook.url, 2)
+    body = hook.body()
+    assert len(body["images"]) == 2
+    assert {image["id"] for image in body["images"]} <= set(mock.images)
+    assert [c.endpoint for c in mock.ledger] == ["generate"]
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def test_demo_against_the_embedded_mock(tmp_path: pathlib.Path) -> None:
+    plain, as_json = run_all(
+        clean_env(), command("demo"), command("demo", "--json", "--out", "X"), cwd=tmp_path
+    )
+    assert plain.returncode == 0, plain.stderr
+    files = sorted((tmp_path / "deepmode-demo").iterdir())
+    assert len(files) == 12
+    assert all(is_jpeg(f) for f in files)
+    last = plain.stdout.splitlines()[-1]
+    assert last.startswith("done in "), plain.stdout
+    assert "12 images" in last
+    assert last.endswith("56 credits spent")
+
+    assert as_json.returncode == 0, as_json.stderr
+    summary = json.loads(as_json.stdout)
+    assert summary["credits_spent"] == 56
+    assert summary["model_id"]
+    assert summary["api"].startswith("http://127.0.0.1:")
+    paths = [tmp_path / path for path in summary["images"]]
+    assert len(paths) == len(set(paths)) == 12
+    assert all(path.parent == tmp_path / "X" and is_jpeg(path) for path in paths)
+    assert sorted(paths) == sorted((tmp_path / "X").iterdir())
+    assert summary["bytes_downloaded"] == sum(path.stat().st_size for path in paths)
+
+
+def test_demo_refusals(mock: MockDeepMode, env: dict[str, str], tmp_path: pathlib.Path) -> None:
+    (photo,) = write_photos(tmp_path, 1)
+    cases: dict[str, list[str]] = {
+        "--photo is for --live": ["--photo", photo],
+        "give --photo": ["--live"],
+        "--yes": ["--live", "--photo", photo],  # stdin is not a terminal
+        "are for --live": ["--api-key", "some-key"],
+    }
+    results = run_all(env, *(command("demo", *args) for args in cases.values()), cwd=tmp_path)
+    for needle, result in zip(cases, results, strict=True):
+        assert result.returncode == 2, (needle, result.stdout, result.stderr)
+        assert needle in assert_one_error_line(result.stderr)
+    assert mock.requests == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["photo-1.jpg"]
+
+
+def test_demo_live_with_yes(
+    mock: MockDeepMode, env: dict[str, str], tmp_path: pathlib.Path
+) -> None:
+    photos = write_photos(tmp_path / "photos", 2)
+    out = tmp_path / "out"
+    result = run(
+        env, "demo", "--live", "--yes", "--photo", photos[0], "--photo", photos[1],
+        "--out", str(out), "--gender", "man",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].endswith("56 credits spent")
+    assert [(c.endpoint, c.cost) for c in mock.ledger] == [("create_model", 50)] + [
+        ("generate", 1)
+    ] * 6
+    (create,) = [r for r in mock.requests if r.endpoint == "create_model"]
+    assert [f.filename for f in create.files] == ["photo-1.jpg", "photo-2.jpg"]
+    assert (create.form["gender"], create.form["name"]) == ("man", "deepmode demo")
+    files = sorted(out.iterdir())
+    assert len(files) == 12
+    assert all(f.read_bytes() == mock.image_bytes for f in files)
+
+
+# ----------------------------------------------------------------------------- a mock process
+
+
+def test_the_whole_flow_against_a_mock_serve_process(tmp_path: pathlib.Path) -> None:
+    photos = write_photos(tmp_path / "photos", 2)
+    with mock_process("--api-key", "k-test") as (server, env):
+        assert env["DEEPMODE_API_KEY"] == "k-test"
+        assert env["DEEPMODE_BASE_URL"].startswith("http://127.0.0.1:")
+        balance = run(env, "balance", "--json")
+        assert balance.returncode == 0, balance.stderr
+        assert json.loads(balance.stdout) == {"remaining_balance": 10_000}
+        created = run(env, "models", "create", *photos, *MODEL_OPTIONS, "--wait", "--json")
+        assert created.returncode == 0, created.stderr
+        model = json.loads(created.stdout)
+        assert model["active"] is True
+
+        out = tmp_path / "d"
+        generated = run(
+            env, "generate", "--model-id", model["id"], "--prompt", "x", "--count", "3",
+            "--out", str(out), "--json",
+        )  # fmt: skip
+        assert generated.returncode == 0, generated.stderr
+        items = json.loads(generated.stdout)
+        assert [item["ok"] for item in items] == [True] * 3
+        ids = [image["id"] for item in items for image in item["generation"]["images"]]
+        files = sorted(out.iterdir())
+        assert len(ids) == len(files) == 3
+
+        again = tmp_path / "d2"
+        downloaded, extended = run_all(
+            env,
+            command("download", *ids, "--out", str(again), "--json"),
+            command("models", "extend", model["id"]),
+        )
+        assert downloaded.returncode == 0, downloaded.stderr
+        paths = sorted(pathlib.Path(path) for path in json.loads(downloaded.stdout))
+        assert [path.name for path in paths] == [f.name for f in files]
+        assert [path.read_bytes() for path in paths] == [f.read_bytes() for f in files]
+        assert extended.returncode == 0, extended.stderr
+        assert extended.stdout.startswith(f"{model['id']} expires ")
+
+        after = run(env, "balance", "--json")
+        assert after.returncode == 0, after.stderr
+        assert json.loads(after.stdout) == {"remaining_balance": 10_000 - 50 - 3 - 20}
+
+        stderr = interrupt(server)
+        assert server.returncode == 0, stderr
+        assert "mock stopped" in stderr
+        assert "Traceback" not in stderr
+
+
+# ----------------------------------------------------------------------------- progress bars
+
+
+def terminal_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` for a command whose stderr is a terminal rich will draw on."""
+    hidden = {"TTY_COMPATIBLE", "TTY_INTERACTIVE", "FORCE_TERMINAL", "NO_COLOR"}
+    return {k: v for k, v in env.items() if k not in hidden} | {
+        "TERM": "xterm-256color",
+        "COLUMNS": "100",
+    }
+
+
+def test_generate_progress_bar_on_a_terminal_keeps_results_on_stdout(
+    mock: MockDeepMode, env: dict[str, str], model_id: str, tmp_path: pathlib.Path
+) -> None:
+    out = tmp_path / "d"
+    args = ("--model-id", model_id, "--prompt", "a", "--count", "4", "--out", str(out))
+    (result,) = run_all(terminal_env(env), command("generate", *args), tty=True)
+    assert result.returncode == 0, result.stderr
+    assert "generating" in result.stderr
+    assert "Traceback" not in result.stderr
+    lines = sorted(result.stdout.splitlines())
+    assert [line.split()[0] for line in lines] == ["[0]", "[1]", "[2]", "[3]"], result.stderr
+    assert sorted(pathlib.Path(line.split()[1]) for line in lines) == sorted(out.iterdir())
+
+
+def test_download_and_upload_progress_bars_on_a_terminal(
+    mock: MockDeepMode, env: dict[str, str], model_id: str, tmp_path: pathlib.Path
+) -> None:
+    ids = generated_image_ids(mock, model_id, 3)
+    photos = write_photos(tmp_path / "photos", 2)
+    out = tmp_path / "d"
+    downloaded, created = run_all(
+        terminal_env(env),
+        command("download", *ids, "--out", str(out)),
+        command("models", "create", *photos, *MODEL_OPTIONS),
+        tty=True,
+    )
+    assert downloaded.returncode == 0, downloaded.stderr
+    assert "downloading" in downloaded.stderr
+    assert sorted(pathlib.Path(line) for line in downloaded.stdout.splitlines()) == sorted(
+        out.iterdir()
+    )
+    assert len(list(out.iterdir())) == 3
+
+    assert (created.returncode, created.stdout) == (0, "Created model successfully\n")
+    assert "uploading" in created.stderr
+    for result in (downloaded, created):
+        assert "Traceback" not in result.stderr
+    (create,) = [r for r in mock.requests if r.endpoint == "create_model"]
+    assert [f.filename for f in create.files] == ["photo-1.jpg", "photo-2.jpg"]

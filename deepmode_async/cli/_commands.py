@@ -55,6 +55,8 @@ def models_create(options: argparse.Namespace) -> None:
         raise ValidationError("give the photos (1 to 30 paths) or --image-url, not both")
     if options.wait and options.callback:
         raise ValidationError("--wait receives the training callback itself: drop --callback")
+    if not options.wait and (options.public_url is not None or options.callback_port):
+        raise ValidationError("--public-url and --callback-port are for --wait")
     wait_timeout = check_seconds("--wait-timeout", options.wait_timeout)
     arguments: dict[str, Any] = {
         "images": photos or None,

@@ -110,5 +110,9 @@ def progress_bar(
         amount,
         progress.TimeElapsedColumn(),
     )
-    with progress.Progress(*columns, transient=True, console=Console(stderr=True)) as bars:
+    # Results keep going to stdout (a file, a pipe): only the bar is on the terminal.
+    bars = progress.Progress(
+        *columns, transient=True, console=Console(stderr=True), redirect_stdout=False
+    )
+    with bars:
         yield Bar(bars, bars.add_task(description, total=total))
