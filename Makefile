@@ -42,11 +42,17 @@ smoke: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/deepmode demo
 
+# Every benchmark (each starts the mock in its own process), then the targets table
+# into benchmarks/RESULTS.md and README.md. About 8 minutes on 2 cores.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/batch.py
-	$(BIN)/python benchmarks/mock_throughput.py
+	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/upload_memory.py
+	$(BIN)/python benchmarks/download.py
 	$(BIN)/python benchmarks/sync_overhead.py
+	$(BIN)/python benchmarks/import_time.py
+	$(BIN)/python benchmarks/mock_throughput.py
+	$(BIN)/python benchmarks/report.py
 
 # Client's static types, generated from the async resources (a test says when to rerun).
 blocking-types: $(STAMP)

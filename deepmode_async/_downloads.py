@@ -15,6 +15,7 @@ import os
 import pathlib
 import re
 import tempfile
+import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Final, TypeAlias
@@ -33,7 +34,12 @@ from ._types import Generation, Image, RemixResult
 #: What `images.download` accepts: one of these or an iterable of them.
 Downloadable: TypeAlias = Image | RemixResult | Generation
 
-_CHUNK_SIZE: Final = 1024 * 1024
+#: Bytes read and written per step: what asyncio receives at a time, so no joining.
+_CHUNK_SIZE: Final = 256 * 1024
+#: A write slower than this means a slow disk (NFS, USB): the rest of that file is
+#: written from worker threads, so the event loop is not held up. Page-cache writes
+#: of a chunk take about 0.1 ms, and a thread hop for each costs more than that (B3).
+_SLOW_WRITE: Final = 0.002
 #: Bytes of UTF-8 a file name may take: well under the 255 of common file systems, to
 #: leave room for the `-2` of a duplicate and for the temporary file's affixes.
 _MAX_NAME_BYTES: Final = 200
@@ -289,15 +295,23 @@ class _FileWriter:
         received = 0
         try:
             os.fchmod(fd, _file_mode())  # mkstemp's 0600 would outlive the rename
+            on_loop = True
             with os.fdopen(fd, "wb") as file:
                 async for chunk in response.content.iter_chunked(_CHUNK_SIZE):
-                    await anyio.to_thread.run_sync(file.write, chunk)
+                    if on_loop:
+                        started = time.perf_counter()
+                        file.write(chunk)
+                        on_loop = time.perf_counter() - started < _SLOW_WRITE
+                    else:
+                        await anyio.to_thread.run_sync(file.write, chunk)
                     received += len(chunk)
                     self.tracker.add_bytes(len(chunk))
             expected = response.content_length
             encoded = "Content-Encoding" in response.headers  # then the length is of gzip bytes
             if expected is not None and not encoded and received != expected:
                 raise aiohttp.ClientPayloadError(f"received {received} of {expected} bytes")
+            if on_loop:
+                return self._move_into_place(pathlib.Path(temp_name))
             return await anyio.to_thread.run_sync(self._move_into_place, pathlib.Path(temp_name))
         except BaseException:
             with contextlib.suppress(OSError):

@@ -28,6 +28,7 @@ from deepmode_async import (
     PermissionDeniedError,
     RemixResult,
     ValidationError,
+    _downloads,
 )
 from deepmode_async._downloads import safe_file_name, unique_names
 from deepmode_async.testing import MockDeepMode, sample_image
@@ -645,3 +646,38 @@ async def test_a_download_error_keeps_the_error_that_caused_it(
         cause = caught.value.__cause__
         assert isinstance(cause, PermissionDeniedError), repr(cause)
         assert cause.status_code == 403
+
+
+# ------------------------------------------------------------------ writing to disk
+
+
+@pytest.mark.parametrize(("slow_write", "threaded"), [(10.0, False), (0.0, True)])
+async def test_large_images_arrive_whole_from_the_loop_or_from_threads(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, slow_write: float, threaded: bool
+) -> None:
+    # Writes happen on the loop while they are fast (B3); one slower than _SLOW_WRITE
+    # (every write, at 0.0) sends the rest of that file to worker threads.
+    monkeypatch.setattr(_downloads, "_SLOW_WRITE", slow_write)
+    hops: list[str] = []
+    run_sync = anyio.to_thread.run_sync
+
+    async def counting(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        hops.append(getattr(func, "__name__", ""))
+        return await run_sync(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    size = 3 * _downloads._CHUNK_SIZE + 12_345  # several chunks, the last one short
+    async with (
+        MockDeepMode(image_size=size) as mock,
+        AsyncClient(mock.api_key, base_url=mock.base_url) as dm,
+    ):
+        generation = await generate(dm, mock, 3)
+        paths = await dm.images.download(generation, tmp_path)
+        image = mock.image_bytes
+
+    assert [path.read_bytes() == image for path in paths] == [True] * 3
+    assert listing(tmp_path) == sorted(path.name for path in paths)  # no .part left
+    writes = hops.count("write")
+    # Threaded: the chunks after each file's first (measured) write go to threads.
+    assert writes >= 3 if threaded else writes == 0, hops
+    assert hops.count("_move_into_place") == (3 if threaded else 0)

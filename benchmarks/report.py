@@ -1,0 +1,150 @@
+"""The latest results as markdown: every DESIGN §7 target with its measured value.
+
+Reads benchmarks/results.json (written by the benchmark scripts), writes
+benchmarks/RESULTS.md, and puts the targets table into README.md between the
+`<!-- bench:start -->` and `<!-- bench:end -->` markers. `make bench` runs it last.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import pathlib
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _common import RESULTS, machine
+
+HERE = pathlib.Path(__file__).parent
+REPORT = HERE / "RESULTS.md"
+README = HERE.parent / "README.md"
+MARKERS = re.compile(r"(<!-- bench:start -->\n).*?(<!-- bench:end -->)", re.DOTALL)
+
+Row = tuple[str, str, str, bool | None]  # benchmark, target, measured, met
+
+
+def targets(results: dict[str, Any]) -> list[Row]:
+    """One row per target; a benchmark that has not run yet says so."""
+    rows: list[Row] = []
+
+    def add(key: str, make: Callable[[Any], list[Row]]) -> None:
+        if key in results:
+            rows.extend(make(results[key]))
+        else:
+            rows.append((key, "(not run)", "-", None))
+
+    add("batch", _batch)
+    add("upload_memory", _upload)
+    add("download", _download)
+    add("sync_overhead", _sync)
+    add("import_time", _imports)
+    add("scaling", _scaling)
+    return rows
+
+
+def _batch(batch: dict[str, Any]) -> list[Row]:
+    c = batch["contenders"]
+    sdk = c["generate_many"]
+    over_httpx = sdk["median_s"] / c["httpx.AsyncClient"]["median_s"]
+    over_requests = sdk["median_s"] / c["requests, 100 threads"]["median_s"]
+    cpu = sdk["client_cpu_us_per_call"]
+    return [
+        ("B1 batch", "<= 1.10 x raw aiohttp", f"{sdk['ratio_to_raw_aiohttp']:.2f} x",
+         sdk["ratio_to_raw_aiohttp"] <= 1.10),
+        ("B1 batch", "<= 1.3 x ideal", f"{sdk['ratio_to_ideal']:.2f} x",
+         sdk["ratio_to_ideal"] <= 1.3),
+        ("B1 batch", "faster than httpx.AsyncClient", f"{over_httpx:.2f} x its time",
+         over_httpx < 1),
+        ("B1 batch", "faster than requests + 100 threads", f"{over_requests:.2f} x its time",
+         over_requests < 1),
+        ("B6 CPU", "<= 150 us a call",
+         f"{cpu} us (raw aiohttp: {c['raw aiohttp']['client_cpu_us_per_call']} us)", cpu <= 150),
+    ]  # fmt: skip
+
+
+def _upload(upload: dict[str, Any]) -> list[Row]:
+    r = upload["results"]
+    peak = r["sdk"]["tracemalloc_peak_mib"]
+    speed = r["sdk"]["mb_per_s"] / r["raw"]["mb_per_s"]
+    return [
+        ("B2 upload", "tracemalloc peak <= 8 MiB", f"{peak:.1f} MiB", peak <= 8),
+        ("B2 upload", ">= 0.9 x raw aiohttp throughput", f"{speed:.2f} x", speed >= 0.9),
+    ]
+
+
+def _download(download: dict[str, Any]) -> list[Row]:
+    c = download["contenders"]
+    speed = c["images.download"]["mb_per_s"] / c["raw aiohttp"]["mb_per_s"]
+    return [("B3 download", ">= 0.9 x raw aiohttp throughput", f"{speed:.2f} x", speed >= 0.9)]
+
+
+def _sync(sync: dict[str, Any]) -> list[Row]:
+    overhead = sync["overhead_us_per_call"]
+    threads = sync["concurrent_sync_threads_s"] / sync["concurrent_async_s"]
+    return [
+        ("B4 sync", "<= 200 us a call", f"{overhead:.0f} us", overhead <= 200),
+        ("B4 sync", f"{sync['threads']} threads reach the async throughput",
+         f"{threads:.2f} x the async time", None),
+    ]  # fmt: skip
+
+
+def _imports(imports: dict[str, Any]) -> list[Row]:
+    ratio = imports["ratio"]
+    measured = f"{ratio:.2f} x ({imports['sdk_ms']:.0f} ms vs {imports['deps_ms']:.0f} ms)"
+    return [("B5 import", "<= 1.25 x the four dependencies", measured, ratio <= 1.25)]
+
+
+def _scaling(scaling: dict[str, Any]) -> list[Row]:
+    sdk = {
+        (row["calls"], row["in_flight"]): row
+        for row in scaling["rows"]
+        if row["contender"] == "generate_many"
+    }
+    small, large = sdk[1000, 100], sdk[10000, 100]
+    cpu = large["cpu_us_per_call"] / small["cpu_us_per_call"]
+    rss = large["rss_peak_mib"] - small["rss_peak_mib"]
+    by_flight = ", ".join(
+        f"{flight}: {sdk[1000, flight]['ratio_to_raw_aiohttp']:.2f} x"
+        for flight in (10, 100, 1000)
+        if (1000, flight) in sdk
+    )
+    return [
+        ("Scaling", "CPU a call flat from 1000 to 10000 calls (<= 1.2 x)",
+         f"{cpu:.2f} x ({small['cpu_us_per_call']} -> {large['cpu_us_per_call']} us)", cpu <= 1.2),
+        ("Scaling", "memory flat from 1000 to 10000 calls (peak RSS + <= 4 MiB)",
+         f"{rss:+.1f} MiB ({small['rss_peak_mib']} -> {large['rss_peak_mib']} MiB)", rss <= 4),
+        ("Scaling", "generate_many vs raw aiohttp by calls in flight (1000 calls)", by_flight,
+         None),
+    ]  # fmt: skip
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| benchmark | target | measured | met |", "|---|---|---|---|"]
+    mark = {True: "yes", False: "**no**", None: "-"}
+    lines += [f"| {name} | {target} | {value} | {mark[met]} |" for name, target, value, met in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    stamp = f"Measured {dt.date.today():%Y-%m-%d} on {machine()}."
+    targets_table = table(targets(results))
+    REPORT.write_text(
+        "# Latest benchmark results\n\n"
+        f"{stamp} Written by `make bench` (`benchmarks/report.py`); the figures behind "
+        "them are in `results.json`, each script's own table in its output.\n\n" + targets_table
+    )
+    print(targets_table)
+    readme = README.read_text()
+    if not MARKERS.search(readme):
+        print("README.md has no <!-- bench:start --> / <!-- bench:end --> markers")
+        return
+    block = f"{stamp}\n\n{targets_table}"
+    README.write_text(MARKERS.sub(lambda m: m.group(1) + block + m.group(2), readme, count=1))
+
+
+if __name__ == "__main__":
+    main()
