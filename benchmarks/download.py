@@ -8,9 +8,9 @@ it). Contenders, each writing every image to a file in a fresh temporary directo
 - `raw aiohttp`: one `ClientSession` (`TCPConnector(limit=16)`) and a semaphore of 16,
   `response.content.iter_chunked(256 KiB)` written with a plain `file.write` in the loop
   to a file named by the image id: the fastest simple raw way found (`--raw-variants` also
-  times the same with each write offloaded by `asyncio.to_thread`, as the SDK offloads
-  with anyio: slower here, about 0.8 x, as writes into the page cache are quick and each
-  hop to a thread and back costs more than it saves);
+  times the same with each write offloaded by `asyncio.to_thread`: slower here, about
+  0.8 x, as writes into the page cache are quick and each hop to a thread and back costs
+  more than it saves, which is why the SDK, too, writes on the loop while writes are fast);
 - `curl --parallel`: one `curl --parallel --parallel-max 16 --config FILE -s -S --fail`
   process (and `--globoff`, `--no-progress-meter`: curl 7.88 draws its
   parallel meter despite `-s`), FILE holding a `url = ...` / `output = ...` pair per image
