@@ -81,8 +81,14 @@ def cpu_now(child: bool) -> float:
 
 
 async def raw_aiohttp(
-    session: aiohttp.ClientSession, images: list[Image], dest: pathlib.Path
+    session: aiohttp.ClientSession,
+    images: list[Image],
+    dest: pathlib.Path,
+    *,
+    offload: bool = False,
 ) -> None:
+    """Stream each image to its file; with `offload`, every write goes through
+    `asyncio.to_thread` (the alternative timed by `--raw-variants`)."""
     slots = asyncio.Semaphore(IN_FLIGHT)
 
     async def one(image: Image) -> None:
@@ -91,24 +97,10 @@ async def raw_aiohttp(
             response.raise_for_status()
             with (dest / f"{image.id}.jpeg").open("wb") as file:
                 async for chunk in response.content.iter_chunked(RAW_CHUNK):
-                    file.write(chunk)
-
-    await asyncio.gather(*(one(image) for image in images))
-
-
-async def raw_aiohttp_threaded(
-    session: aiohttp.ClientSession, images: list[Image], dest: pathlib.Path
-) -> None:
-    """The same with every write offloaded by `asyncio.to_thread` (the alternative, for
-    `--raw-variants`)."""
-    slots = asyncio.Semaphore(IN_FLIGHT)
-
-    async def one(image: Image) -> None:
-        async with slots, session.get(URL(image.image_url, encoded=True)) as response:
-            response.raise_for_status()
-            with (dest / f"{image.id}.jpeg").open("wb") as file:
-                async for chunk in response.content.iter_chunked(RAW_CHUNK):
-                    await asyncio.to_thread(file.write, chunk)
+                    if offload:
+                        await asyncio.to_thread(file.write, chunk)
+                    else:
+                        file.write(chunk)
 
     await asyncio.gather(*(one(image) for image in images))
 
@@ -224,7 +216,7 @@ async def measure(
                 contenders.append(
                     Contender(
                         "raw aiohttp, to_thread writes",
-                        lambda i, d: raw_aiohttp_threaded(session, i, d),
+                        lambda i, d: raw_aiohttp(session, i, d, offload=True),
                     )
                 )
             if shutil.which("curl"):
