@@ -1035,3 +1035,33 @@ def test_download_and_upload_progress_bars_on_a_terminal(
         assert "Traceback" not in result.stderr
     (create,) = [r for r in mock.requests if r.endpoint == "create_model"]
     assert [f.filename for f in create.files] == ["photo-1.jpg", "photo-2.jpg"]
+
+
+def test_a_bad_out_is_refused_before_any_credit_is_spent(
+    mock: MockDeepMode, env: dict[str, str], model_id: str, tmp_path: pathlib.Path
+) -> None:
+    taken = tmp_path / "afile"
+    taken.write_text("not a directory\n", encoding="utf-8")
+    image_id = generated_image_ids(mock, model_id, 1)[0]
+    charged = len(mock.ledger)
+    artwork, mask = write_photos(tmp_path, 2)
+    results = run_all(
+        env,
+        command("upscale", image_id, "--out", str(taken)),
+        command("remix", "--model-id", model_id, "--artwork-image", artwork,
+                "--mask-image", mask, "--out", str(taken)),
+        command("demo", "--out", str(taken)),
+    )  # fmt: skip
+    for result in results:
+        assert result.returncode == 2, result.stderr
+        assert "--out" in assert_one_error_line(result.stderr)
+    assert len(mock.ledger) == charged
+
+
+def test_mock_serve_on_a_port_in_use_is_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run(clean_env(), "mock", "serve", "--port", str(taken.getsockname()[1]))
+    assert result.returncode == 1
+    assert "cannot listen" in assert_one_error_line(result.stderr)

@@ -13,7 +13,7 @@ import attrs
 
 from .. import _validate as check
 from .._client import AsyncClient
-from .._downloads import DownloadProgress
+from .._downloads import DownloadProgress, check_destination
 from .._errors import DeepModeError, ValidationError
 from .._types import Accepted, Image, Model, ModelCreated, RemixResult
 from .._uploads import UploadProgress
@@ -176,6 +176,7 @@ async def generate_batch(
 def upscale(options: argparse.Namespace) -> None:
     if options.callback is not None and options.out is not None:
         raise ValidationError("--out needs the image now: drop --callback")
+    _check_out(options)
 
     async def call(dm: AsyncClient) -> Image | Accepted | pathlib.Path:
         callback: str | None = options.callback
@@ -192,6 +193,7 @@ def remix(options: argparse.Namespace) -> None:
         raise ValidationError("give --model-id (remix) or --identity-image (face-id remix)")
     if options.out is not None and options.mode != "sync":
         raise ValidationError("--out needs --mode sync (an async remix is not ready yet)")
+    _check_out(options)
     common = {
         "artwork_image": options.artwork_image,
         "mask_image": options.mask_image,
@@ -260,7 +262,10 @@ def _download_progress(bar: Bar | None) -> Callable[[DownloadProgress], None] | 
 def mock_serve(options: argparse.Namespace) -> None:
     from ..testing.__main__ import run as serve
 
-    serve(options)
+    try:
+        serve(options)
+    except (OSError, OverflowError) as exc:  # a port in use or out of range, a bad host
+        raise DeepModeError(f"the mock cannot listen on {options.host}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -281,6 +286,15 @@ def _prompts(options: argparse.Namespace) -> list[str]:
     if options.count < 1:
         raise ValidationError(f"--count must be at least 1, not {options.count}")
     return [options.prompt] * options.count
+
+
+def _check_out(options: argparse.Namespace) -> None:
+    """`--out` checked before a paid call, so that its result is not lost to a bad path."""
+    if options.out is not None:
+        try:
+            check_destination(options.out)
+        except ValidationError as error:
+            raise ValidationError(f"--out: {error}") from None
 
 
 def check_seconds(name: str, value: float) -> float:

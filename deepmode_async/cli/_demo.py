@@ -20,6 +20,7 @@ import anyio.to_thread
 import attrs
 
 from .._client import AsyncClient
+from .._downloads import check_destination
 from .._errors import ValidationError
 from ..batch import GenerateRequest
 from ._commands import generate_batch, upload
@@ -54,12 +55,20 @@ class Summary:
 
 
 def demo(options: argparse.Namespace) -> None:
+    if not options.live and (options.public_url is not None or options.callback_port):
+        raise ValidationError("--public-url and --callback-port are for --live")
     if options.live:
         if not options.photos:
             raise ValidationError("--live trains from your photos: give --photo PATH (1-30)")
         _confirm(options)
     elif options.photos:
         raise ValidationError("--photo is for --live; the mock demo makes its own photos")
+    elif options.api_key is not None or options.base_url is not None:
+        raise ValidationError("--api-key and --base-url are for --live")
+    try:
+        check_destination(options.out)  # before any credit is spent (it creates the directory)
+    except ValidationError as error:
+        raise ValidationError(f"--out: {error}") from None
     summary = asyncio.run(_run(options))
     if options.json:
         print(dumps(attrs.asdict(summary)))
@@ -135,8 +144,6 @@ async def _client(
         async with AsyncClient(options.api_key, base_url=options.base_url) as dm:
             yield dm, list(options.photos)
         return
-    if options.api_key is not None or options.base_url is not None:
-        raise ValidationError("--api-key and --base-url are for --live")
     from ..testing import MockDeepMode, sample_image
 
     def write_photos(directory: str) -> list[str | pathlib.Path]:
@@ -171,7 +178,8 @@ def _confirm(options: argparse.Namespace) -> None:
         f"The live demo trains a model from {len(options.photos)} photos and generates "
         f"{len(PROMPTS) * IMAGES_PER_PROMPT} images: about {cost} credits of your balance."
     )
-    answer = input("Spend them? [y/N] ")
+    print("Spend them? [y/N] ", end="", file=sys.stderr, flush=True)  # stdout: results
+    answer = sys.stdin.readline()  # "" at end of input: no
     if answer.strip().lower() not in {"y", "yes"}:
         raise ValidationError("the live demo was not confirmed; nothing was spent")
 

@@ -46,27 +46,28 @@ async def local_hub(
         raise ValidationError("with --public-url, give the --callback-port it forwards to")
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", port))
-    except OSError as exc:
-        listener.close()
-        raise ValidationError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
-    from aiohttp import web  # the server side of aiohttp: only commands that wait load it
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise ValidationError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
+        from aiohttp import web  # the server side of aiohttp: only commands that wait load it
 
-    bound_port = listener.getsockname()[1]
-    hub = CallbackHub(public_url or f"http://127.0.0.1:{bound_port}", ttl=ttl)
-    app = hub.aiohttp_app()
-    prefix = urlsplit(hub.public_base_url).path.rstrip("/")
-    if prefix:  # a tunnel passes the path on: serve the hub where its URLs point
-        app, hub_app = web.Application(), app
-        app.add_subapp(prefix, hub_app)
-    runner = web.AppRunner(app, access_log=None)  # paths hold the tokens: no access log
-    try:
-        await runner.setup()
-        await web.SockSite(runner, listener).start()
-        yield hub
+        bound_port = listener.getsockname()[1]
+        hub = CallbackHub(public_url or f"http://127.0.0.1:{bound_port}", ttl=ttl)
+        app = hub.aiohttp_app()
+        prefix = urlsplit(hub.public_base_url).path.rstrip("/")
+        if prefix:  # a tunnel passes the path on: serve the hub where its URLs point
+            app, hub_app = web.Application(), app
+            app.add_subapp(prefix, hub_app)
+        runner = web.AppRunner(app, access_log=None)  # paths hold the tokens: no access log
+        try:
+            await runner.setup()
+            await web.SockSite(runner, listener).start()
+            yield hub
+        finally:
+            await runner.cleanup()
     finally:
-        await runner.cleanup()
         listener.close()
 
 

@@ -110,9 +110,13 @@ def progress_bar(
         amount,
         progress.TimeElapsedColumn(),
     )
-    # Results keep going to stdout (a file, a pipe): only the bar is on the terminal.
+    # Results printed while the bar shows go above it when stdout is the same terminal,
+    # and straight to stdout when it is a file or a pipe.
     bars = progress.Progress(
-        *columns, transient=True, console=Console(stderr=True), redirect_stdout=False
+        *columns,
+        transient=True,
+        console=Console(stderr=True),
+        redirect_stdout=sys.stdout.isatty(),
     )
     with bars:
         yield Bar(bars, bars.add_task(description, total=total))
