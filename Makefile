@@ -43,7 +43,7 @@ demo: $(STAMP)
 	$(BIN)/deepmode demo
 
 # Every benchmark (each starts the mock in its own process), then the targets table
-# into benchmarks/RESULTS.md and README.md. About 8 minutes on 2 cores.
+# into benchmarks/RESULTS.md and README.md. About 4 minutes on 2 cores.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/batch.py
 	$(BIN)/python benchmarks/scaling.py
