@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import io
+import math
 import os
 import pathlib
 from collections.abc import Sequence
@@ -122,3 +123,15 @@ def as_list(name: str, value: Any) -> list[Any]:
     if isinstance(value, str | bytes | bytearray | io.IOBase) or not hasattr(value, "__iter__"):
         raise ValidationError(f"{name} must be a list, not {type(value).__name__}")
     return list(value)
+
+
+def seconds(name: str, value: Any) -> float:
+    """A positive, finite number of seconds."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValidationError(f"{name} must be a positive number of seconds, not {value!r}")
+    return float(value)

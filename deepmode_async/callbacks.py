@@ -25,7 +25,6 @@ import contextlib
 import heapq
 import json
 import logging
-import math
 import secrets
 import threading
 import time
@@ -143,7 +142,7 @@ class PendingCallback(Generic[T]):
         to wait again). Thread-safe: the delivery may arrive on another thread or loop.
         """
         if timeout is not None:
-            _check_seconds("timeout", timeout)
+            check.seconds("timeout", timeout)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         with self._hub._lock:
@@ -229,7 +228,7 @@ class CallbackHub:
         if parts.query or parts.fragment or "#" in url or "?" in url:
             raise ValidationError("public_base_url must not have a query string or fragment")
         self.public_base_url: Final = url.rstrip("/")
-        self.ttl: Final = _check_seconds("ttl", ttl)
+        self.ttl: Final = check.seconds("ttl", ttl)
         self.max_pending: Final = check.positive("max_pending", max_pending)
         self.max_body_size: Final = check.positive("max_body_size", max_body_size)
         self._lock = threading.Lock()
@@ -261,7 +260,7 @@ class CallbackHub:
         """
         if not isinstance(kind, str) or kind not in _PARSERS:
             raise ValidationError(f"kind must be 'model', 'generation' or 'upscale', not {kind!r}")
-        lifetime = self.ttl if ttl is None else _check_seconds("ttl", ttl)
+        lifetime = self.ttl if ttl is None else check.seconds("ttl", ttl)
         now = time.monotonic()
         token = secrets.token_urlsafe(32)  # 256 bits
         pending: PendingCallback[Any] = PendingCallback(self, kind, token, now + lifetime)
@@ -463,14 +462,3 @@ def _may_have_acted(error: APIError) -> bool:
     if isinstance(error, APIConnectionError):
         return request_was_sent(error)
     return isinstance(error, APIStatusError) and error.status_code >= 500
-
-
-def _check_seconds(name: str, value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValidationError(f"{name} must be a positive number of seconds, not {value!r}")
-    return float(value)

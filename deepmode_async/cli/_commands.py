@@ -57,7 +57,7 @@ def models_create(options: argparse.Namespace) -> None:
         raise ValidationError("--wait receives the training callback itself: drop --callback")
     if not options.wait and (options.public_url is not None or options.callback_port):
         raise ValidationError("--public-url and --callback-port are for --wait")
-    wait_timeout = check_seconds("--wait-timeout", options.wait_timeout)
+    wait_timeout = check.seconds("--wait-timeout", options.wait_timeout)
     arguments: dict[str, Any] = {
         "images": photos or None,
         "image_urls": urls or None,
@@ -295,9 +295,3 @@ def _check_out(options: argparse.Namespace) -> None:
             check_destination(options.out)
         except ValidationError as error:
             raise ValidationError(f"--out: {error}") from None
-
-
-def check_seconds(name: str, value: float) -> float:
-    if not value > 0 or value == float("inf"):
-        raise ValidationError(f"{name} must be a positive number of seconds, not {value}")
-    return value
