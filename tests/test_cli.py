@@ -1065,3 +1065,66 @@ def test_mock_serve_on_a_port_in_use_is_one_line() -> None:
         result = run(clean_env(), "mock", "serve", "--port", str(taken.getsockname()[1]))
     assert result.returncode == 1
     assert "cannot listen" in assert_one_error_line(result.stderr)
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "message"),
+    [
+        (signal.SIGTERM, 143, "terminated by SIGTERM"),
+        (signal.SIGHUP, 129, "terminated by SIGHUP"),
+        (signal.SIGINT, 130, "interrupted"),
+    ],
+)
+def test_a_signal_mid_download_unwinds_and_leaves_no_temporary_file(
+    tmp_path: pathlib.Path, signum: int, code: int, message: str
+) -> None:
+    with MockDeepMode(image_size=100_000) as big:
+        (image_id,) = generated_image_ids(big, big.add_model().id, 1)
+        big.stall("download", after_bytes=1000, seconds=30)
+        out = tmp_path / "out"
+        env = clean_env() | {"DEEPMODE_API_KEY": big.api_key, "DEEPMODE_BASE_URL": big.base_url}
+        process = signalled(command("download", image_id, "--out", str(out)), env, out, signum)
+    stdout, stderr = process.communicate()
+    assert (process.returncode, stderr.strip(), stdout) == (code, message, "")
+    assert list(out.iterdir()) == []
+
+
+def signalled(
+    argv: list[str], env: dict[str, str], watched: pathlib.Path, signum: int
+) -> subprocess.Popen[str]:
+    """Run `argv` until a file shows up under `watched`, then send it `signum` and let it
+    finish (killed after 10 s)."""
+    process = subprocess.Popen(  # noqa: S603 (our own entry point)
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: watched.exists() and any(watched.rglob("*.*")), within=TIMEOUT)
+        process.send_signal(signum)
+        process.wait(timeout=10)
+    except BaseException:
+        process.kill()
+        process.communicate()
+        raise
+    return process
+
+
+def test_sigterm_during_the_demo_removes_its_sample_photos(tmp_path: pathlib.Path) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    process = signalled(
+        command("demo", "--out", str(tmp_path / "out")),
+        clean_env() | {"TMPDIR": str(temp)},
+        temp,
+        signal.SIGTERM,
+    )
+    _, stderr = process.communicate()
+    assert (process.returncode, stderr.strip().splitlines()[-1]) == (143, "terminated by SIGTERM")
+    assert list(temp.iterdir()) == []

@@ -4,7 +4,7 @@ Options mirror the Python parameter names with dashes (`--model-id`, `--num-imag
 The key and base URL come from `--api-key` / `--base-url` or the same environment
 variables as `AsyncClient`. `--json` prints machine-readable output on stdout. A failure
 prints one line on stderr and exits non-zero (1 for an API failure, 2 for bad
-arguments, 130 when interrupted); `--debug` shows the traceback instead.
+arguments, 130 when interrupted, 143 on SIGTERM); `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .._errors import DeepModeError, ValidationError
 from .._types import Gender, ModelType, Ratio, RemixMode
 from . import _commands, _demo
 from ._hub import add_hub_options
+from ._signals import Terminated
 from ._terminal import one_line
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_USAGE", "add_mock_options", "main"]
@@ -49,6 +50,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             raise
         print("interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except Terminated as stop:
+        if options.debug:
+            raise
+        print(one_line(stop), file=sys.stderr)
+        sys.exit(stop.exit_code)
     except BrokenPipeError:
         # The reader went away (`deepmode generate ... | head`): stop quietly, and keep
         # Python from complaining again when it flushes stdout at exit.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import pathlib
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ from .._errors import DeepModeError, ValidationError
 from .._types import Accepted, Image, Model, ModelCreated, RemixResult
 from .._uploads import UploadProgress
 from ..batch import BatchResult, GenerateRequest
+from . import _signals
 from ._hub import local_hub
 from ._terminal import Bar, describe, dumps, emit, image_line, jsonable, progress_bar, say
 
@@ -35,7 +35,7 @@ def run(options: argparse.Namespace, call: Callable[[AsyncClient], Awaitable[T]]
         async with AsyncClient(options.api_key, base_url=options.base_url) as dm:
             return await call(dm)
 
-    return asyncio.run(with_client())
+    return _signals.run(with_client())
 
 
 # ----------------------------------------------------------------------------- account

@@ -7,7 +7,6 @@ then against the real API with the user's key and photos, after asking.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import pathlib
 import sys
@@ -23,6 +22,7 @@ from .._client import AsyncClient
 from .._downloads import check_destination
 from .._errors import ValidationError
 from ..batch import GenerateRequest
+from . import _signals
 from ._commands import generate_batch, upload
 from ._hub import local_hub
 from ._terminal import dumps, say
@@ -69,7 +69,7 @@ def demo(options: argparse.Namespace) -> None:
         check_destination(options.out)  # before any credit is spent (it creates the directory)
     except ValidationError as error:
         raise ValidationError(f"--out: {error}") from None
-    summary = asyncio.run(_run(options))
+    summary = _signals.run(_run(options))
     if options.json:
         print(dumps(attrs.asdict(summary)))
         return
