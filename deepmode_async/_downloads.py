@@ -27,7 +27,14 @@ import attrs
 from yarl import URL
 
 from . import _validate as check
-from ._errors import APIError, DeepModeError, DownloadError, PermissionDeniedError, ValidationError
+from ._errors import (
+    APIError,
+    DeepModeError,
+    DownloadError,
+    PermissionDeniedError,
+    ValidationError,
+    report_progress,
+)
 from ._transport import Timeout, Transport
 from ._types import Generation, Image, RemixResult
 
@@ -261,13 +268,16 @@ class _Tracker:
 
     def add_bytes(self, count: int) -> None:
         self.bytes += count
-        if self.callback is not None:
-            self.callback(DownloadProgress(self.files, self.total, self.bytes))
+        self._report()
 
     def file_done(self) -> None:
         self.files += 1
+        self._report()
+
+    def _report(self) -> None:
         if self.callback is not None:
-            self.callback(DownloadProgress(self.files, self.total, self.bytes))
+            progress = DownloadProgress(self.files, self.total, self.bytes)
+            report_progress(self.callback, progress, of="download")
 
 
 @functools.cache

@@ -13,8 +13,8 @@ import email.utils
 import json
 import re
 import time
-from collections.abc import Mapping
-from typing import Any, Final
+from collections.abc import Callable, Mapping
+from typing import Any, Final, TypeVar
 
 import attrs
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -60,6 +60,34 @@ class DownloadError(DeepModeError):
     def __init__(self, message: str, *, image_id: str | None = None) -> None:
         super().__init__(message)
         self.image_id = image_id
+
+
+class ProgressCallbackError(DeepModeError):
+    """A progress callback of yours raised; its exception is the `__cause__`.
+
+    The upload, download or batch it was reporting on stopped there (and is not
+    retried); results already handed to you stay yours.
+    """
+
+
+_Progress = TypeVar("_Progress")
+
+
+def report_progress(
+    callback: Callable[[_Progress], object], progress: _Progress, *, of: str
+) -> None:
+    """Call a user's progress callback; what it raises becomes a `ProgressCallbackError`.
+
+    Raised as our own error because the callback runs deep inside aiohttp (uploads) or a
+    task group (downloads), which would otherwise report it as a network failure or an
+    exception group.
+    """
+    try:
+        callback(progress)
+    except Exception as exc:
+        raise ProgressCallbackError(
+            f"the {of} stopped: its progress callback raised {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 class CallbackTimeoutError(DeepModeError, TimeoutError):

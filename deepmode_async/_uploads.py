@@ -23,7 +23,7 @@ import attrs
 from aiohttp.abc import AbstractStreamWriter
 
 from . import _validate as check
-from ._errors import DeepModeError, ValidationError
+from ._errors import DeepModeError, ValidationError, report_progress
 from ._formats import ACCEPTED_FORMATS, SNIFF_BYTES, ImageFormat, sniff_image_format
 
 #: Anything that can be uploaded as an image.
@@ -52,11 +52,6 @@ class UploadSourceChanged(DeepModeError):
     """A file changed (or vanished) between its check and its upload."""
 
 
-class ProgressCallbackError(DeepModeError):
-    """An upload's progress callback raised (the error is the `__cause__`); nothing more
-    was sent, and the call is not retried."""
-
-
 @attrs.frozen
 class UploadProgress:
     """How far an upload is: image bytes sent of all image bytes. A retry sends the body
@@ -79,13 +74,7 @@ class _SentCounter:
 
     def add(self, count: int) -> None:
         self.sent += count
-        try:
-            self.callback(UploadProgress(self.sent, self.total))
-        except Exception as exc:
-            # Raised as our own error, or aiohttp would report a failed connection.
-            raise ProgressCallbackError(
-                f"the upload stopped: its progress callback raised {type(exc).__name__}: {exc}"
-            ) from exc
+        report_progress(self.callback, UploadProgress(self.sent, self.total), of="upload")
 
 
 @attrs.frozen

@@ -25,7 +25,7 @@ import anyio
 import attrs
 
 from . import _validate as check
-from ._errors import DeepModeError, ValidationError
+from ._errors import DeepModeError, ProgressCallbackError, ValidationError, report_progress
 from ._transport import Pacer, Timeout
 from ._types import Generation, Ratio
 from ._validate import MAX_NUM_IMAGES
@@ -207,7 +207,7 @@ async def run_batch(
         running.add(start(_run_one(images, submitted, request, pacer, download_to, timeout)))
         submitted += 1
         if progress is not None:
-            progress(BatchProgress(submitted, completed, failed))
+            report_progress(progress, BatchProgress(submitted, completed, failed), of="batch")
 
     try:
         while True:
@@ -231,9 +231,17 @@ async def run_batch(
             result: BatchResult = task.result()
             completed += 1
             failed += not result.ok
+            stopped: ProgressCallbackError | None = None
             if progress is not None:
-                progress(BatchProgress(submitted, completed, failed))
-            yield result
+                try:
+                    report_progress(
+                        progress, BatchProgress(submitted, completed, failed), of="batch"
+                    )
+                except ProgressCallbackError as error:
+                    stopped = error
+            yield result  # paid for: it is yours even when the progress callback failed
+            if stopped is not None:
+                raise stopped
         if source.error is not None:
             raise source.error
     finally:

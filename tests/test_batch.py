@@ -28,6 +28,7 @@ from deepmode_async import (
     Generation,
     InternalServerError,
     NotFoundError,
+    ProgressCallbackError,
     Ratio,
     ValidationError,
 )
@@ -645,6 +646,42 @@ async def test_progress_reports_submitted_completed_and_failed(
         assert progress.failed <= progress.completed
     assert max(progress.in_flight for progress in seen) == 3
     assert sum(not result.ok for result in received) == 2
+
+
+async def test_a_failing_progress_callback_stops_the_batch_after_yielding_the_paid_result(
+    mock: MockDeepMode, dm: AsyncClient, model_id: str
+) -> None:
+    def fail_at_first_completion(progress: BatchProgress) -> None:
+        if progress.completed:
+            raise RuntimeError("progress bar broke")
+
+    received: list[BatchResult] = []
+
+    async def consume() -> None:
+        async for result in dm.images.generate_many(
+            requests_for(model_id, 6), concurrency=2, progress=fail_at_first_completion
+        ):
+            received.append(result)
+
+    with pytest.raises(ProgressCallbackError, match=r"the batch stopped: .* progress bar broke"):
+        await consume()
+    assert len(received) == 1
+    assert received[0].ok
+    assert isinstance(received[0].generation, Generation)
+    assert received[0].generation.images[0].id in mock.images
+    await eventually(lambda: mock.in_flight == 0)
+    assert (await dm.account.balance()).remaining_balance == mock.balance  # still works
+
+
+async def test_a_progress_callback_failing_at_submission_stops_the_batch(
+    dm: AsyncClient, model_id: str
+) -> None:
+    def boom(progress: BatchProgress) -> None:
+        raise RuntimeError("no")
+
+    with pytest.raises(ProgressCallbackError) as caught:
+        await run_all(dm, requests_for(model_id, 3), progress=boom)
+    assert isinstance(caught.value.__cause__, RuntimeError)
 
 
 # ------------------------------------------------------------------ bad input

@@ -21,6 +21,7 @@ from deepmode_async import (
     DownloadError,
     Image,
     NotFoundError,
+    ProgressCallbackError,
     ValidationError,
 )
 from deepmode_async._downloads import safe_file_name
@@ -149,8 +150,9 @@ async def test_a_failing_progress_callback_leaves_no_temporary_file(
     def boom(progress: object) -> None:
         raise RuntimeError("progress bar broke")
 
-    with pytest.raises(RuntimeError, match="progress bar broke"):
+    with pytest.raises(ProgressCallbackError, match=r"the download stopped: .* broke") as caught:
         await dm.images.download(generation, tmp_path, progress=boom)
+    assert isinstance(caught.value.__cause__, RuntimeError)
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
 
 

@@ -79,7 +79,8 @@ class BlockingModels(Protocol):
         to a `callback` URL when given (else the API e-mails the account owner). With a
         `CallbackHub` as `callback`, the call waits for training to finish and returns
         the trained `Model` (at most the hub's `ttl`). `progress` is called with an
-        `UploadProgress` as the image bytes of `images` are sent.
+        `UploadProgress` as the image bytes of `images` are sent; if it raises, the
+        upload stops with a `ProgressCallbackError` (and is not retried).
         """
         ...
 
@@ -162,7 +163,8 @@ class BlockingImages(Protocol):
 
         With `download_to`, each generation's images are downloaded into that directory
         as soon as it completes (`.paths`), atomically, as `download` does. `progress`
-        is called with a `BatchProgress` as requests start and finish.
+        is called with a `BatchProgress` as requests start and finish; if it raises, the
+        batch stops with a `ProgressCallbackError` (after yielding the result at hand).
 
         Breaking out of the loop, or cancelling it, cancels what is in flight and waits
         for it to clean up; use `contextlib.aclosing` around the iterator for this to
@@ -250,7 +252,8 @@ class BlockingImages(Protocol):
         made safe and unique; an existing file gets a `-2` name unless `overwrite`. A file
         appears under its name only when complete. An expired URL is refreshed once. The
         first failure cancels the rest and raises `DownloadError`; finished files stay.
-        `progress` is called with a `DownloadProgress` as bytes and files arrive.
+        `progress` is called with a `DownloadProgress` as bytes and files arrive; if it
+        raises, the downloads stop with a `ProgressCallbackError`.
         """
         ...
 

@@ -135,7 +135,8 @@ class Images(Resource):
 
         With `download_to`, each generation's images are downloaded into that directory
         as soon as it completes (`.paths`), atomically, as `download` does. `progress`
-        is called with a `BatchProgress` as requests start and finish.
+        is called with a `BatchProgress` as requests start and finish; if it raises, the
+        batch stops with a `ProgressCallbackError` (after yielding the result at hand).
 
         Breaking out of the loop, or cancelling it, cancels what is in flight and waits
         for it to clean up; use `contextlib.aclosing` around the iterator for this to
@@ -297,7 +298,8 @@ class Images(Resource):
         made safe and unique; an existing file gets a `-2` name unless `overwrite`. A file
         appears under its name only when complete. An expired URL is refreshed once. The
         first failure cancels the rest and raises `DownloadError`; finished files stay.
-        `progress` is called with a `DownloadProgress` as bytes and files arrive.
+        `progress` is called with a `DownloadProgress` as bytes and files arrive; if it
+        raises, the downloads stop with a `ProgressCallbackError`.
         """
         images = flatten(items)
         check.positive("concurrency", concurrency)

@@ -67,7 +67,8 @@ class Models(Resource):
         to a `callback` URL when given (else the API e-mails the account owner). With a
         `CallbackHub` as `callback`, the call waits for training to finish and returns
         the trained `Model` (at most the hub's `ttl`). `progress` is called with an
-        `UploadProgress` as the image bytes of `images` are sent.
+        `UploadProgress` as the image bytes of `images` are sent; if it raises, the
+        upload stops with a `ProgressCallbackError` (and is not retried).
         """
         if isinstance(callback, CallbackHub):
             return await callback._submit_and_wait(  # type: ignore[no-any-return]
