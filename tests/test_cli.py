@@ -933,6 +933,18 @@ def test_demo_live_with_yes(
     assert all(f.read_bytes() == mock.image_bytes for f in files)
 
 
+def test_demo_live_exits_1_when_a_generate_call_fails(
+    mock: MockDeepMode, env: dict[str, str], tmp_path: pathlib.Path
+) -> None:
+    photos = write_photos(tmp_path / "photos", 1)
+    mock.fail("generate", 500, times=1)
+    result = run(env, "demo", "--live", "--yes", "--photo", photos[0], "--out", str(tmp_path))
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines()[-1].endswith("55 credits spent")  # 50 + 5 of 6 calls
+    assert assert_one_error_line(result.stderr) == "error: 1 of 6 generate calls failed"
+    assert len(list(tmp_path.glob("*.jp*g"))) == 10
+
+
 # ----------------------------------------------------------------------------- a mock process
 
 

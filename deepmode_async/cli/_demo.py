@@ -23,7 +23,7 @@ from .._downloads import check_destination
 from .._errors import ValidationError
 from ..batch import GenerateRequest
 from . import _signals
-from ._commands import generate_batch, upload
+from ._commands import BatchFailed, generate_batch, upload
 from ._hub import local_hub
 from ._terminal import dumps, say
 
@@ -49,6 +49,7 @@ class Summary:
     images: list[pathlib.Path]
     bytes_downloaded: int
     credits_spent: int
+    failed_calls: int
     training_seconds: float
     batch_seconds: float
     total_seconds: float
@@ -79,6 +80,8 @@ def demo(options: argparse.Namespace) -> None:
         f"({summary.bytes_downloaded / 1024:.0f} KiB) in {options.out}, "
         f"{summary.credits_spent} credits spent"
     )
+    if summary.failed_calls:  # each was reported on its own line above
+        raise BatchFailed(f"{summary.failed_calls} of {len(PROMPTS)} generate calls failed")
 
 
 async def _run(options: argparse.Namespace) -> Summary:
@@ -116,9 +119,6 @@ async def _run(options: argparse.Namespace) -> Summary:
         )
         results = await generate_batch(batch_options, dm, requests)
         generated = time.perf_counter()
-        failed = [result for result in results if not result.ok]
-        if failed:  # the mock does not fail; the real API might
-            _note(options, f"   {len(failed)} of {len(results)} calls failed")
         after = (await dm.account.balance()).remaining_balance
 
     paths = [path for result in results for path in result.paths or ()]
@@ -128,6 +128,7 @@ async def _run(options: argparse.Namespace) -> Summary:
         images=paths,
         bytes_downloaded=sum(path.stat().st_size for path in paths),
         credits_spent=before - after,
+        failed_calls=sum(not result.ok for result in results),
         training_seconds=round(trained - started, 3),
         batch_seconds=round(generated - trained, 3),
         total_seconds=round(time.perf_counter() - started, 3),
