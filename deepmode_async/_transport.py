@@ -354,12 +354,22 @@ class Transport:
             "Authorization": f"Bearer {api_key}",
         }
         self._plain_headers: Final = {"User-Agent": user_agent}
+        self._key: Final = api_key.encode()
         self._with_content_type: dict[str, dict[str, str]] = {}  # built once per type
 
-    def _api_headers_for(self, content_type: str) -> dict[str, str]:
-        headers = {**self._api_headers, "Content-Type": content_type}
-        self._with_content_type[content_type] = headers
-        return headers
+    def _api_headers_for(self, content_type: str | None) -> dict[str, str]:
+        if content_type is None:
+            return self._api_headers
+        if (known := self._with_content_type.get(content_type)) is None:
+            known = self._with_content_type[content_type] = {
+                **self._api_headers,
+                "Content-Type": content_type,
+            }
+        return known
+
+    def _redacted(self, body: bytes) -> bytes:
+        """An error body without the key, should a server echo it ("invalid key: ...")."""
+        return body.replace(self._key, b"[redacted]") if self._key else body
 
     def api_url(self, path: str) -> URL:
         """The URL of an API path whose variable segments are already percent-encoded."""
@@ -416,12 +426,15 @@ class Transport:
         pacer: Pacer | None = None,
     ) -> Any:
         """Call an API path and return its JSON answer (raising for anything else)."""
-        headers = self._api_headers
-        if body is not None and content_type is not None:
-            headers = self._with_content_type.get(content_type) or self._api_headers_for(
-                content_type
-            )
-        request = Request(method, self.api_url(path), idempotent, headers, body)
+        # No local holds the headers: error reporters that capture frame locals (Sentry
+        # does by default) would send the key along. `Request`'s repr hides them.
+        request = Request(
+            method,
+            self.api_url(path),
+            idempotent,
+            self._api_headers_for(content_type if body is not None else None),
+            body,
+        )
         return await self.send(request, _read_json, timeout=timeout, pacer=pacer)
 
     def plain_request(self, url: URL) -> Request:
@@ -486,6 +499,8 @@ class Transport:
     ) -> T:
         started = time.perf_counter()
         status: int | str = "no answer"
+        failure: DeepModeError
+        cause: BaseException | None
         try:
             async with session.request(
                 request.method,
@@ -500,31 +515,34 @@ class Transport:
             ) as response:
                 status = response.status
                 if not 200 <= status < 300:
-                    body = await _read_capped(response, _ERROR_BODY_LIMIT)
+                    body = self._redacted(await _read_capped(response, _ERROR_BODY_LIMIT))
                     raise status_error(request.info, status, body, response.headers)
                 return await consume(response)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             status = "timeout"
-            raise APITimeoutError(
+            failure = APITimeoutError(
                 f"{request.info} timed out: {_timeout_cause(exc)}", request=request.info
-            ) from exc
-        except aiohttp.ClientError as exc:
-            own = exc.__cause__
-            if isinstance(own, DeepModeError):  # raised by our own upload payload
-                raise own from own.__cause__  # keeps its cause, drops aiohttp's wrapper
-            status = type(exc).__name__
-            error = APIConnectionError(
-                f"{request.info} failed: {_describe_client_error(exc)}", request=request.info
             )
-            # aiohttp's response errors carry the request's headers (the key) in their repr.
-            raise error from (None if isinstance(exc, aiohttp.ClientResponseError) else exc)
+            cause = _without_frames(exc)
+        except aiohttp.ClientError as exc:
+            status = type(exc).__name__
+            if isinstance(exc.__cause__, DeepModeError):  # raised by our own upload payload
+                failure, cause = exc.__cause__, exc.__cause__.__cause__  # without the wrapper
+            else:
+                failure = APIConnectionError(
+                    f"{request.info} failed: {_describe_client_error(exc)}", request=request.info
+                )
+                # aiohttp's response errors carry the request's headers in their repr.
+                response_error = isinstance(exc, aiohttp.ClientResponseError)
+                cause = None if response_error else _without_frames(exc)
         except DeepModeError:
             raise
         except ValueError as exc:  # e.g. a host name the resolver cannot encode
             status = type(exc).__name__
-            raise APIConnectionError(
+            failure = APIConnectionError(
                 f"{request.info} failed: {type(exc).__name__}: {exc}", request=request.info
-            ) from exc
+            )
+            cause = _without_frames(exc)
         finally:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
@@ -534,6 +552,15 @@ class Transport:
                     (time.perf_counter() - started) * 1000,
                     attempt,
                 )
+        # Raised out here, not in the handlers, so that no `__context__` keeps aiohttp's
+        # exception: the request's headers, and with them the key, would come along.
+        raise failure from cause
+
+
+def _without_frames(error: BaseException) -> BaseException:
+    """`error` without its traceback: aiohttp's frames hold the request's headers in
+    their locals, which error reporters (Sentry, by default) capture and send."""
+    return error.with_traceback(None)
 
 
 async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:

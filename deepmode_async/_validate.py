@@ -74,9 +74,14 @@ def boolean(name: str, value: Any) -> bool:
 
 
 def header_value(name: str, value: Any) -> str:
-    """Text that can go into an HTTP header: printable ASCII, no line breaks."""
-    if not isinstance(value, str) or not value.isascii() or not value.isprintable():
-        raise ValidationError(f"{name} must be printable ASCII text, not {value!r}")
+    """Text that can go into an HTTP header: printable ASCII, no line breaks.
+
+    The value is not repeated in the error: a header may carry a secret.
+    """
+    if not isinstance(value, str):
+        raise ValidationError(f"{name} must be text, not {type(value).__name__}")
+    if not value.isascii() or not value.isprintable():
+        raise ValidationError(f"{name} must be printable ASCII text, without line breaks")
     return value
 
 
