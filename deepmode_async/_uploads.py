@@ -9,6 +9,7 @@ writes the body again.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import pathlib
@@ -120,6 +121,7 @@ class _StreamedFile(aiohttp.payload.Payload):
             for start in range(0, remaining, CHUNK_SIZE):
                 await self._write(writer, view[start : start + CHUNK_SIZE])
             return
+        whole = remaining == upload.size
         opened = _OpenFiles()
         try:
             if isinstance(upload.source, pathlib.Path):
@@ -136,6 +138,13 @@ class _StreamedFile(aiohttp.payload.Payload):
                     )
                 await self._write(writer, chunk)
                 remaining -= len(chunk)
+            # A file still being written (a photo still syncing) would otherwise go out
+            # cut at its checked size; raising before the closing boundary aborts the body.
+            if whole and len(await anyio.to_thread.run_sync(file.read, 1)) > 0:
+                raise UploadSourceChanged(
+                    f"{upload.filename!r} grew while it was uploaded (it had {upload.size} "
+                    "bytes when checked); upload it again once it is complete"
+                )
         finally:
             opened.close()
             if not isinstance(upload.source, pathlib.Path):
@@ -175,13 +184,41 @@ class _OpenFiles:
 
 def _open(path: pathlib.Path, upload: UploadFile, opened: _OpenFiles) -> IO[bytes]:
     try:
-        file = path.open("rb")
+        file = _open_regular_file(path)
+    except _NotARegularFile:
+        raise UploadSourceChanged(
+            f"{upload.filename!r} is no longer a regular file; it cannot be uploaded"
+        ) from None
     except OSError as exc:
         raise UploadSourceChanged(
             f"{upload.filename!r} could not be opened for upload: {exc.strerror}"
         ) from exc
     opened.add(file)
     return file
+
+
+class _NotARegularFile(Exception):
+    """A pipe, a socket or a device: no size, maybe no end."""
+
+
+def _open_regular_file(path: pathlib.Path) -> IO[bytes]:
+    """`path` opened for reading if it is a regular file (`IsADirectoryError` or
+    `_NotARegularFile` if not), checked on the open file itself, not on its name.
+
+    Opened without blocking: opening a FIFO would otherwise wait for a writer, forever.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise _NotARegularFile(path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def multipart(
@@ -259,20 +296,20 @@ def _inspect_source(label: str, field: str, source: object, filename: str | None
 
 def _inspect_path(label: str, path: pathlib.Path) -> tuple[bytes, int]:
     try:
-        status = path.stat()
-        if stat.S_ISDIR(status.st_mode):
-            raise ValidationError(f"{label}: {str(path)!r} is a directory, not an image")
-        if not stat.S_ISREG(status.st_mode):  # a pipe or a device: no size, maybe no end
-            raise ValidationError(f"{label}: {str(path)!r} is not a regular file")
-        with path.open("rb") as file:
+        with _open_regular_file(path) as file:
             head = file.read(SNIFF_BYTES)
+            size = os.fstat(file.fileno()).st_size
+    except IsADirectoryError:
+        raise ValidationError(f"{label}: {str(path)!r} is a directory, not an image") from None
+    except _NotARegularFile:
+        raise ValidationError(f"{label}: {str(path)!r} is not a regular file") from None
     except FileNotFoundError:
         raise ValidationError(f"{label}: no such file: {str(path)!r}") from None
     except PermissionError:
         raise ValidationError(f"{label}: no permission to read {str(path)!r}") from None
     except OSError as exc:
         raise ValidationError(f"{label}: cannot read {str(path)!r}: {exc.strerror}") from None
-    return head, status.st_size
+    return head, size
 
 
 def _inspect_file_object(label: str, field: str, file: Any, filename: str | None) -> UploadFile:

@@ -25,7 +25,13 @@ import anyio
 import attrs
 
 from . import _validate as check
-from ._errors import DeepModeError, ProgressCallbackError, ValidationError, report_progress
+from ._errors import (
+    DeepModeError,
+    DownloadError,
+    ProgressCallbackError,
+    ValidationError,
+    report_progress,
+)
 from ._transport import Pacer, Timeout
 from ._types import Generation, Ratio
 from ._validate import MAX_NUM_IMAGES
@@ -271,6 +277,9 @@ async def _run_one(
         return BatchResult(index, request, generation)
     try:
         paths = await images.download(generation, download_to, timeout=timeout)
+    except ValidationError as error:  # download_to was fine when checked, not any more
+        failure = DownloadError(f"Could not save the images: {error}")
+        return BatchResult(index, request, generation, error=failure)
     except DeepModeError as error:
         return BatchResult(index, request, generation, error=error)
     return BatchResult(index, request, generation, tuple(paths))
