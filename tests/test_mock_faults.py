@@ -1,9 +1,12 @@
-"""Fault injection: failures, dropped connections, stalls, truncation, rate limits, latency."""
+"""Fault injection: failures, dropped connections, stalls, truncation, rate limits, latency,
+and faults dealt at random (`chaos`)."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -573,3 +576,184 @@ async def test_after_processing_makes_no_sense_for_downloads(mock: MockDeepMode)
         mock.drop("download", after_processing=True)
     with pytest.raises(ValueError, match="after_bytes"):
         mock.stall("download", after_processing=True)
+
+
+# ------------------------------------------------------------------ chaos
+
+
+async def _outcome(env: Env, endpoint: Endpoint = "generate") -> int | str:
+    """The status of one call, or "dropped" when the connection closed instead."""
+    try:
+        return (await CALLS[endpoint](env)).status
+    except aiohttp.ClientPayloadError:
+        return "truncated"
+    except aiohttp.ClientConnectionError:
+        return "dropped"
+
+
+async def _outcomes(env: Env, count: int, endpoint: Endpoint = "generate") -> list[int | str]:
+    return [await _outcome(env, endpoint) for _ in range(count)]
+
+
+async def test_chaos_deals_each_fault_at_about_its_rate(env: Env) -> None:
+    mock, calls = env.mock, 400
+    odds: dict[int | str, float] = {429: 0.2, 503: 0.1, "dropped": 0.1, 500: 0.05}
+    before = snapshot(mock)
+    mock.chaos(
+        rate_limited=odds[429],
+        unavailable=odds[503],
+        dropped=odds["dropped"],
+        server_error=odds[500],
+        retry_after=2,
+        seed=8,
+    )
+
+    outcomes = await _outcomes(env, calls)
+
+    counts = collections.Counter(outcomes)
+    assert set(counts) == {200, 429, 503, 500, "dropped"}
+    for outcome, p in odds.items():
+        # Four standard deviations of a binomial: fails by chance about once in 15 000.
+        spread = 4 * math.sqrt(calls * p * (1 - p))
+        assert abs(counts[outcome] - calls * p) < spread, (outcome, counts)
+    # Only the calls carried out were charged: those answered and those dropped after.
+    dealt = records(mock, "generate")[-calls:]
+    assert [r.status if r.status is not None else "dropped" for r in dealt] == outcomes
+    charged = {charge.request_id for charge in mock.ledger[before.charges :]}
+    assert charged == {r.request_id for r in dealt if r.status in (200, None)}
+    assert mock.balance == before.balance - counts[200] - counts["dropped"]
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_chaos_refusals_say_when_to_come_back(env: Env, status: int) -> None:
+    if status == 429:
+        env.mock.chaos(rate_limited=1.0, retry_after=2.5)
+    else:
+        env.mock.chaos(unavailable=1.0, retry_after=2.5)
+    for endpoint in ("generate", "balance"):
+        refused = await CALLS[endpoint](env)
+        assert (refused.status, refused.headers["Retry-After"]) == (status, "2.5")
+
+
+async def test_a_chaos_500_has_no_retry_after_and_costs_nothing(env: Env) -> None:
+    before = snapshot(env.mock)
+    env.mock.chaos(server_error=1.0)
+    failed = await CALLS["generate"](env)
+    assert failed.status == 500
+    assert "Retry-After" not in failed.headers
+    assert snapshot(env.mock) == before
+
+
+async def test_the_same_seed_deals_the_same_faults(env: Env) -> None:
+    def deal(seed: int) -> None:
+        env.mock.chaos(rate_limited=0.3, unavailable=0.2, dropped=0.1, server_error=0.1, seed=seed)
+
+    deal(1)
+    first = await _outcomes(env, 60)
+    deal(1)
+    again = await _outcomes(env, 60)
+    deal(2)
+    other = await _outcomes(env, 60)
+
+    assert first == again
+    assert other != first
+    assert len(set(first)) == 5  # every kind appears, so equality means something
+
+
+async def test_chaos_spares_the_image_host_unless_named(env: Env) -> None:
+    mock = env.mock
+    mock.chaos(rate_limited=1.0)
+    assert await _outcome(env, "balance") == 429
+    assert await _outcome(env, "download") == 200
+
+    mock.chaos(["download", "retrieve_image"], unavailable=1.0)
+    assert await _outcome(env, "download") == 503
+    assert await _outcome(env, "retrieve_image") == 503
+    assert await _outcome(env, "generate") == 200
+
+    mock.chaos("download", dropped=1.0)  # a download was served: it is cut short
+    assert await _outcome(env, "download") == "truncated"
+    assert await _outcome(env, "balance") == 200
+
+
+async def test_chaos_adds_latency_within_the_range(env: Env) -> None:
+    mock = env.mock
+    mock.chaos(latency=(0.1, 0.15))
+    for endpoint in ("balance", "generate"):
+        started = time.monotonic()
+        assert await _outcome(env, endpoint) == 200
+        assert 0.1 <= time.monotonic() - started < 0.5
+
+    mock.chaos(server_error=1.0, latency=(0.1, 0.1))  # a fault waits too
+    started = time.monotonic()
+    assert await _outcome(env) == 500
+    assert time.monotonic() - started >= 0.1
+
+    mock.chaos(["generate"], latency=(0.2, 0.2))
+    assert await _timed(CALLS["balance"](env)) < 0.15
+
+
+async def test_queued_faults_come_before_chaos(env: Env) -> None:
+    env.mock.chaos(rate_limited=1.0)
+    env.mock.fail("generate", 418, times=2)
+    assert await _outcomes(env, 3) == [418, 418, 429]
+
+
+async def test_clear_faults_ends_chaos(env: Env) -> None:
+    env.mock.chaos(rate_limited=0.5, dropped=0.5, latency=(0.2, 0.2))
+    env.mock.clear_faults()
+    started = time.monotonic()
+    assert await _outcomes(env, 20) == [200] * 20
+    assert time.monotonic() - started < 1
+
+
+async def test_a_dealt_drop_skips_a_rejected_call_without_waiting_for_the_next(env: Env) -> None:
+    """Unlike `drop(after_processing=True)`, a fault dealt by chaos is for its call only."""
+    mock = env.mock
+    mock.chaos(dropped=1.0)
+    rejected = await answer(env.http.post("/api/images/generate", json={"prompt": "p"}))
+    assert rejected.status == 422
+    mock.chaos()  # nothing dealt from now on; the queue must not hold the drop
+    assert await _outcome(env) == 200
+
+
+BAD_CHAOS: dict[str, dict[str, Any]] = {
+    "negative": {"rate_limited": -0.1},
+    "above one": {"dropped": 1.5},
+    "sum above one": {"rate_limited": 0.5, "unavailable": 0.3, "server_error": 0.3},
+    "nan": {"server_error": math.nan},
+    "bool": {"unavailable": True},
+    "text": {"rate_limited": "0.1"},
+    "latency reversed": {"latency": (0.2, 0.1)},
+    "latency negative": {"latency": (-1.0, 0.1)},
+    "latency one number": {"latency": 0.1},
+    "latency infinite": {"latency": (0.0, math.inf)},
+}
+
+
+@pytest.mark.parametrize("options", BAD_CHAOS.values(), ids=BAD_CHAOS.keys())
+async def test_chaos_rejects_bad_settings(env: Env, options: dict[str, Any]) -> None:
+    env.mock.chaos(rate_limited=1.0)
+    with pytest.raises(ValueError, match=r"probabilit|latency"):
+        env.mock.chaos(**options)
+    assert await _outcome(env) == 429  # the settings before stay
+
+
+async def test_chaos_rejects_an_unknown_endpoint(mock: MockDeepMode) -> None:
+    with pytest.raises(ValueError, match="unknown endpoint"):
+        mock.chaos(["generate", "generat"], rate_limited=1.0)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="unknown endpoint"):
+        mock.chaos("images", rate_limited=1.0)  # type: ignore[arg-type]
+
+
+async def test_chaos_in_the_thread_backed_form() -> None:
+    with MockDeepMode() as mock:
+        mock.chaos(rate_limited=1.0, retry_after=3)
+        async with aiohttp.ClientSession(
+            mock.base_url, headers={"Authorization": f"Bearer {mock.api_key}"}
+        ) as http:
+            async with http.get("/api/check-balance") as response:
+                assert (response.status, response.headers["Retry-After"]) == (429, "3")
+            mock.clear_faults()
+            async with http.get("/api/check-balance") as response:
+                assert response.status == 200

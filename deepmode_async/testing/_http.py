@@ -40,7 +40,12 @@ def field_error(loc: str | int, type_: str, msg: str, value: Any = None) -> dict
 
 @attrs.frozen
 class Fault:
-    """A misbehaviour queued for the next call of an endpoint (see `MockDeepMode.fail` & co)."""
+    """A misbehaviour for one call of an endpoint, queued (see `MockDeepMode.fail` & co) or
+    dealt at random (`MockDeepMode.chaos`).
+
+    `delay` is waited before anything else happens (chaos's random latency); `dealt` marks
+    a fault dealt by chaos, which is never queued, so it is not put back for a later call.
+    """
 
     kind: Literal["status", "drop", "stall", "truncate"]
     status: int = 500
@@ -51,6 +56,8 @@ class Fault:
     after_processing: bool = False
     seconds: float = 0.0
     after_bytes: int | None = None
+    delay: float = 0.0
+    dealt: bool = False
 
     def response(self) -> web.Response:
         """The answer of a `status` fault: the given body, or `{"detail": ...}`."""
@@ -67,6 +74,8 @@ async def misbehave_before(fault: Fault | None, request: web.Request) -> web.Res
     """Carry out what `fault` does before a call is processed; a response ends the call."""
     if fault is None:
         return None
+    if fault.delay > 0:
+        await asyncio.sleep(fault.delay)
     if fault.kind == "status":
         return fault.response()
     if fault.after_processing:

@@ -6,6 +6,8 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
+import math
+import random
 import secrets
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
@@ -13,6 +15,7 @@ from typing import Any, Final, Self
 
 import aiohttp
 import anyio.from_thread
+import attrs
 from aiohttp import web
 from yarl import URL
 
@@ -53,7 +56,9 @@ class MockDeepMode:
     credits are charged as documented (a rejected call costs nothing), models finish
     training after `training_delay` seconds and callbacks are POSTed with retries.
     Faults (`fail`, `drop`, `stall`, `truncate`, `limit_concurrency`) misbehave on
-    demand; `requests`, `ledger`, `callbacks`, `models` and `images` show what happened.
+    demand; `chaos` deals 429s, 503s, dropped connections, 500s and latency at random,
+    for soak and chaos tests. `requests`, `ledger`, `callbacks`, `models` and `images`
+    show what happened.
 
     Args:
         api_key: the one key accepted; any other gets 401.
@@ -131,6 +136,7 @@ class MockDeepMode:
             collections.deque
         )
         self._rate_limit: tuple[int, str | None] | None = None
+        self._chaos: _Chaos | None = None
         self._clock_offset = dt.timedelta()
         self._tasks: set[asyncio.Task[None]] = set()
         self._runners: list[web.AppRunner] = []
@@ -374,20 +380,88 @@ class MockDeepMode:
         """How long each call of `endpoint` takes on the server from now on."""
         self.latency[check_endpoint(endpoint)] = seconds
 
+    def chaos(
+        self,
+        endpoints: Endpoint | Iterable[Endpoint] | None = None,
+        *,
+        rate_limited: float = 0.0,
+        unavailable: float = 0.0,
+        dropped: float = 0.0,
+        server_error: float = 0.0,
+        latency: tuple[float, float] = (0.0, 0.0),
+        retry_after: float | str = 0.01,
+        seed: int | None = None,
+    ) -> None:
+        """Misbehave at random on every call of `endpoints` from now on.
+
+        Each call independently gets, with these probabilities (at most 1 in all): a 429
+        (`rate_limited`) or a 503 (`unavailable`), both with `retry_after` as
+        `Retry-After` and charging nothing; its connection closed after the call was
+        carried out and charged (`dropped`: the ambiguous failure of
+        `drop(after_processing=True)`; a download is cut half-way as by `truncate`); or
+        a 500 charging nothing (`server_error`). Every call, faulty or not, first waits
+        a uniformly random time within `latency` (min, max seconds).
+
+        `endpoints` defaults to the API's endpoints; the image host misbehaves only
+        when `"download"` is named. Queued faults (`fail` & co) come first. Draws come
+        from `random.Random(seed)`: a seed repeats the same faults for the same sequence
+        of calls. Calling `chaos` again replaces the settings; `clear_faults` ends it.
+        """
+        chosen: frozenset[Endpoint]
+        if endpoints is None:
+            chosen = frozenset(name for name in ENDPOINTS if name != "download")
+        elif isinstance(endpoints, str):
+            chosen = frozenset({check_endpoint(endpoints)})
+        else:
+            chosen = frozenset(check_endpoint(name) for name in endpoints)
+        odds = {
+            "rate_limited": rate_limited,
+            "unavailable": unavailable,
+            "dropped": dropped,
+            "server_error": server_error,
+        }
+        for name, value in odds.items():
+            if not _is_number(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a probability between 0 and 1, not {value!r}")
+        if math.fsum(odds.values()) > 1.0 + 1e-9:
+            raise ValueError(f"the probabilities add up to more than 1: {odds}")
+        if (
+            not isinstance(latency, tuple)
+            or len(latency) != 2
+            or not all(_is_number(value) and value >= 0 for value in latency)
+            or latency[0] > latency[1]
+        ):
+            raise ValueError(f"latency must be (min, max) seconds with 0 <= min <= max: {latency}")
+        retry = format_retry_after(retry_after)
+        assert retry is not None
+        faults = (
+            (rate_limited, Fault("status", 429, retry_after=retry, dealt=True)),
+            (unavailable, Fault("status", 503, retry_after=retry, dealt=True)),
+            (dropped, Fault("drop", after_processing=True, dealt=True)),
+            (server_error, Fault("status", 500, dealt=True)),
+        )
+        self._chaos = _Chaos(chosen, faults, latency, random.Random(seed))
+
     def clear_faults(self) -> None:
-        """Forget every queued fault and the concurrency limit."""
+        """Forget every queued fault, the concurrency limit and `chaos`."""
         self._faults.clear()
         self._rate_limit = None
+        self._chaos = None
 
     def _queue(self, endpoint: Endpoint, times: int, fault: Fault) -> None:
         self._faults[check_endpoint(endpoint)].extend([fault] * times)
 
     def _requeue_fault(self, endpoint: Endpoint, fault: Fault) -> None:
-        self._faults[endpoint].appendleft(fault)
+        if not fault.dealt:  # one dealt by chaos was meant for this call only
+            self._faults[endpoint].appendleft(fault)
 
     def _take_fault(self, endpoint: Endpoint | None) -> Fault | None:
-        queue = self._faults.get(endpoint) if endpoint is not None else None
-        return queue.popleft() if queue else None
+        if endpoint is None:
+            return None
+        if queue := self._faults.get(endpoint):
+            return queue.popleft()
+        chaos = self._chaos
+        return chaos.deal(endpoint) if chaos is not None else None
 
     # ------------------------------------------------------------------ used by the hosts
 
@@ -554,3 +628,42 @@ class MockDeepMode:
                 raise Problem(400, f"Image URL {index} could not be fetched: {exc}") from None
             if sniff_image_format(head) is None:
                 raise Problem(400, f"Image URL {index} ({url}) is not a valid image")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class _Chaos:
+    """The settings of `MockDeepMode.chaos`, dealing a fault (or none) per call."""
+
+    def __init__(
+        self,
+        endpoints: frozenset[Endpoint],
+        faults: Iterable[tuple[float, Fault]],
+        latency: tuple[float, float],
+        rng: random.Random,
+    ) -> None:
+        self.endpoints = endpoints
+        self.faults = [(odds, fault) for odds, fault in faults if odds > 0]
+        self.latency = latency
+        self.rng = rng
+
+    def deal(self, endpoint: Endpoint) -> Fault | None:
+        """This call's fault, with its latency; None for a call left alone."""
+        if endpoint not in self.endpoints:
+            return None
+        # Two draws per call whatever they give, so a seed repeats the same sequence.
+        roll = self.rng.random()
+        delay = self.rng.uniform(*self.latency)
+        chosen: Fault | None = None
+        for odds, fault in self.faults:
+            if roll < odds:
+                chosen = fault
+                break
+            roll -= odds
+        if chosen is not None and endpoint == "download" and chosen.kind == "drop":
+            chosen = Fault("truncate", dealt=True)  # a download was served: cut it short
+        if chosen is None:
+            return Fault("stall", seconds=0.0, delay=delay, dealt=True) if delay > 0 else None
+        return attrs.evolve(chosen, delay=delay) if delay > 0 else chosen
