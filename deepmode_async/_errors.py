@@ -14,7 +14,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Final, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 import attrs
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -35,7 +35,36 @@ class RequestInfo:
 
 
 class DeepModeError(Exception):
-    """The root of every error this SDK raises."""
+    """The root of every error this SDK raises.
+
+    Errors pickle (to cross a process boundary: multiprocessing, a task queue), keeping
+    their attributes; a `CallbackTimeoutError`'s `.pending` stays behind, as it belongs
+    to a hub in this process.
+    """
+
+    #: Attributes that cannot leave this process; they come back as None.
+    _local_attributes: ClassVar[frozenset[str]] = frozenset()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own pickling calls `cls(*args)`, which keyword-only arguments break.
+        state = {
+            name: None if name in self._local_attributes else _to_pickle(value)
+            for name, value in vars(self).items()
+        }
+        return (_unpickle, (type(self), self.args, state))
+
+
+def _to_pickle(value: Any) -> Any:
+    # A read-only view of headers does not pickle; the dict under it does.
+    return CIMultiDict(value) if isinstance(value, CIMultiDictProxy) else value
+
+
+def _unpickle(cls: type[DeepModeError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls)
+    error.args = args
+    for name, value in state.items():
+        setattr(error, name, CIMultiDictProxy(value) if isinstance(value, CIMultiDict) else value)
+    return error
 
 
 class ValidationError(DeepModeError, ValueError):
@@ -96,6 +125,8 @@ class CallbackTimeoutError(DeepModeError, TimeoutError):
     From `pending.wait(timeout=...)`, `.pending` is that `PendingCallback`, which can be
     awaited again until the hub's `ttl` for it ends.
     """
+
+    _local_attributes = frozenset({"pending"})
 
     def __init__(self, message: str, *, pending: Any = None) -> None:
         super().__init__(message)

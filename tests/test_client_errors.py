@@ -9,6 +9,9 @@ import datetime as dt
 import email.utils
 import json
 import logging
+import pathlib
+import pickle
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -29,6 +32,7 @@ from deepmode_async import (
     AuthenticationError,
     BadRequestError,
     Balance,
+    CallbackTimeoutError,
     ConflictError,
     DeepModeError,
     DownloadError,
@@ -45,6 +49,7 @@ from deepmode_async import (
     ResponseValidationError,
     Timeout,
     UnprocessableEntityError,
+    ValidationError,
 )
 from deepmode_async._convert import structure
 from deepmode_async._errors import parse_retry_after, read_detail
@@ -816,3 +821,51 @@ async def test_a_redirect_is_not_followed_so_no_header_reaches_another_origin() 
         assert home_headers["Authorization"] == f"Bearer {SECRET_KEY}"
         assert elsewhere.seen == []  # neither the key nor the default headers went there
         assert SECRET_KEY not in str(caught.value) + repr(caught.value)
+
+
+# ------------------------------------------------------------------ pickling
+
+
+async def test_errors_pickle_with_their_attributes(
+    mock: MockDeepMode, closed_port: int, tmp_path: pathlib.Path
+) -> None:
+    """Errors cross process boundaries (multiprocessing, task queues) whole."""
+    mock.fail("generate", 429, retry_after=7, detail="slow down")
+    errors: list[DeepModeError] = []
+    async with AsyncClient(mock.api_key, base_url=mock.base_url, max_retries=0) as dm:
+        for call in (
+            dm.images.generate(model_id="m", prompt="a cat"),
+            dm.images.retrieve("missing"),
+            dm.images.generate(model_id="m", prompt=""),
+        ):
+            with pytest.raises(DeepModeError) as caught:
+                await call
+            errors.append(caught.value)
+        image = attrs.evolve(
+            (await dm.images.generate(model_id=mock.add_model().id, prompt="a")).images[0],
+            image_url=f"http://127.0.0.1:{closed_port}/x.jpg",
+        )
+        with pytest.raises(DownloadError) as download:
+            await dm.images.download(image, tmp_path)
+        errors.append(download.value)
+    errors.append(CallbackTimeoutError("no callback", pending=threading.Lock()))
+
+    assert [type(error) for error in errors] == [
+        RateLimitError,
+        NotFoundError,
+        ValidationError,
+        DownloadError,
+        CallbackTimeoutError,
+    ]
+    for error in errors:
+        copy = pickle.loads(pickle.dumps(error))  # noqa: S301 (our own bytes)
+        assert (type(copy), str(copy), copy.args) == (type(error), str(error), error.args)
+        local = {"pending"} if isinstance(error, CallbackTimeoutError) else set()
+        for name, value in vars(error).items():
+            assert getattr(copy, name) == (None if name in local else value), name
+    rate_limited = pickle.loads(pickle.dumps(errors[0]))  # noqa: S301 (our own bytes)
+    assert isinstance(rate_limited, RateLimitError)
+    assert isinstance(errors[0], RateLimitError)
+    assert (rate_limited.status_code, rate_limited.retry_after) == (429, 7)
+    assert rate_limited.headers["retry-after"] == "7"  # still case-insensitive
+    assert rate_limited.request == errors[0].request
