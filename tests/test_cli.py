@@ -299,8 +299,8 @@ def test_generate_validation_before_any_request(
     empty = tmp_path / "empty.txt"
     empty.write_text("\n   \n", encoding="utf-8")
     cases = {
-        "prompt": ["--prompt", ""],
-        "num_images": ["--prompt", "a cat", "--num-images", "9"],
+        "--prompt must not be empty": ["--prompt", ""],
+        "--num-images must be": ["--prompt", "a cat", "--num-images", "9"],
         "--prompt or --prompts-file": [],
         "--count": ["--prompt", "a cat", "--count", "0"],
         "cannot read --prompts-file": ["--prompts-file", str(tmp_path / "missing.txt")],
@@ -677,8 +677,9 @@ def test_models_create_refusals_before_any_request(
         "give the photos": [],
         "not both": [photo, *url],
         "not 31": [photo] * 31,
-        "notes.txt": [photo, str(notes)],
-        "no such file": [str(tmp_path / "missing.jpg")],
+        "PHOTO #2 ('notes.txt') is not an image": [photo, str(notes)],
+        "PHOTO: no such file": [str(tmp_path / "missing.jpg")],
+        "--image-url #1 must be an absolute http or https URL": ["--image-url", "notaurl"],
         "--wait-timeout": [photo, "--wait", "--wait-timeout", "0"],
         "--public-url": [photo, "--wait", "--base-url", "https://api.example.invalid"],
         "--callback-port it forwards to": [

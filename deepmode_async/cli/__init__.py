@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Final, NoReturn
 
 from .._errors import DeepModeError, ValidationError
 from .._types import Gender, ModelType, Ratio, RemixMode
@@ -63,9 +64,33 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except DeepModeError as error:
         if options.debug:
             raise
+        if isinstance(error, ValidationError):
+            print(f"error: {_as_option(one_line(error), options.parser)}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
         print(f"error: {one_line(error)}", file=sys.stderr)
-        sys.exit(EXIT_USAGE if isinstance(error, ValidationError) else EXIT_FAILED)
+        sys.exit(EXIT_FAILED)
     sys.exit(0)
+
+
+#: SDK parameters whose option has another name.
+_OPTION_DESTS: Final = {"dest": "out", "public_base_url": "public_url"}
+
+
+def _as_option(message: str, parser: argparse.ArgumentParser) -> str:
+    """An SDK `ValidationError` message, which starts with the parameter at fault, with
+    that parameter named as the command's option: `image_urls[0] must be...` becomes
+    `--image-url #1 must be...`, `images: no such file...` becomes `PHOTO: ...`."""
+    found = re.match(r"([a-z_]+)(?:\[(\d+)\])?", message)
+    if found is None:
+        return message
+    dest = _OPTION_DESTS.get(found[1], found[1])
+    for action in parser._actions:
+        if action.dest == dest and action.help != argparse.SUPPRESS:
+            name = max(action.option_strings, key=len) if action.option_strings else None
+            name = name or str(action.metavar or dest.upper())
+            number = f" #{int(found[2]) + 1}" if found[2] is not None else ""
+            return name + number + message[found.end() :]
+    return message
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         with_common: bool = True,
     ) -> argparse.ArgumentParser:
         sub = parent.add_parser(name, parents=[common] if with_common else [], help=help)
-        sub.set_defaults(run=run)
+        sub.set_defaults(run=run, parser=sub)
         return sub
 
     command(commands, "balance", _commands.balance, "remaining credits")

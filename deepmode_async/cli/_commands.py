@@ -291,7 +291,4 @@ def _prompts(options: argparse.Namespace) -> list[str]:
 def _check_out(options: argparse.Namespace) -> None:
     """`--out` checked before a paid call, so that its result is not lost to a bad path."""
     if options.out is not None:
-        try:
-            check_destination(options.out)
-        except ValidationError as error:
-            raise ValidationError(f"--out: {error}") from None
+        check_destination(options.out)

@@ -66,10 +66,7 @@ def demo(options: argparse.Namespace) -> None:
         raise ValidationError("--photo is for --live; the mock demo makes its own photos")
     elif options.api_key is not None or options.base_url is not None:
         raise ValidationError("--api-key and --base-url are for --live")
-    try:
-        check_destination(options.out)  # before any credit is spent (it creates the directory)
-    except ValidationError as error:
-        raise ValidationError(f"--out: {error}") from None
+    check_destination(options.out)  # before any credit is spent (it creates the directory)
     summary = _signals.run(_run(options))
     if options.json:
         print(dumps(attrs.asdict(summary)))
