@@ -305,6 +305,8 @@ def test_generate_validation_before_any_request(
         "--count": ["--prompt", "a cat", "--count", "0"],
         "cannot read --prompts-file": ["--prompts-file", str(tmp_path / "missing.txt")],
         "no prompts": ["--prompts-file", str(empty)],
+        "--prompts-file, not both": ["--prompt", "a", "--prompts-file", str(empty)],
+        "--count is for --prompt": ["--prompts-file", str(empty), "--count", "2"],
     }
     results = run_all(
         env, *(command("generate", "--model-id", model_id, *args) for args in cases.values())

@@ -273,6 +273,10 @@ def mock_serve(options: argparse.Namespace) -> None:
 
 def _prompts(options: argparse.Namespace) -> list[str]:
     if options.prompts_file is not None:
+        if options.prompt is not None:
+            raise ValidationError("give --prompt or --prompts-file, not both")
+        if options.count != 1:
+            raise ValidationError("--count is for --prompt; --prompts-file makes a call a line")
         try:
             text = pathlib.Path(options.prompts_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
