@@ -17,7 +17,8 @@ import re
 import tempfile
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import zlib
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Final, TypeAlias
 
 import aiohttp
@@ -280,6 +281,45 @@ class _Tracker:
             report_progress(self.callback, progress, of="download")
 
 
+class _BodyDecoder:
+    """Undoes a body's `Content-Encoding` (downloads ask aiohttp for the raw bytes).
+
+    Done here rather than by aiohttp because aiohttp does not notice a gzip stream that
+    ends early: a cut-off image would be saved as complete. Output comes in bounded
+    pieces, so a small compressed body cannot expand into memory all at once.
+    """
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding.strip().lower()
+        if self.encoding in ("", "identity"):
+            self._zlib = None
+        elif self.encoding in ("gzip", "x-gzip", "deflate"):
+            self._zlib = zlib.decompressobj(wbits=32 + zlib.MAX_WBITS)  # gzip or zlib header
+        else:
+            raise DownloadError(
+                f"the image host sent it {encoding!r}-encoded, which is unsupported"
+            )
+
+    def decode(self, chunk: bytes) -> Iterator[bytes]:
+        if self._zlib is None:
+            yield chunk
+            return
+        try:
+            data = self._zlib.decompress(chunk, _CHUNK_SIZE)
+            while data:
+                yield data
+                data = self._zlib.decompress(self._zlib.unconsumed_tail, _CHUNK_SIZE)
+        except zlib.error as exc:
+            raise aiohttp.ClientPayloadError(
+                f"its {self.encoding} encoding is broken: {exc}"
+            ) from None
+
+    def check_complete(self) -> None:
+        if self._zlib is not None and (not self._zlib.eof or self._zlib.unused_data):
+            what = "ended early" if not self._zlib.eof else "has data after its end"
+            raise aiohttp.ClientPayloadError(f"its {self.encoding}-encoded body {what}")
+
+
 @functools.cache
 def _file_mode() -> int:
     """The mode a new file gets here: 0666 less the process's umask."""
@@ -299,26 +339,29 @@ class _FileWriter:
     async def consume(self, response: aiohttp.ClientResponse) -> pathlib.Path:
         if response.status != 200:  # a 204 or a partial answer is not the image
             raise DownloadError(f"the image host answered {response.status}, not the image")
+        decoder = _BodyDecoder(response.headers.get("Content-Encoding", ""))
         fd, temp_name = tempfile.mkstemp(
             dir=self.target.parent, prefix=f".{self.target.name[:40]}.", suffix=".part"
         )
-        received = 0
+        received = written = 0
         try:
             os.fchmod(fd, _file_mode())  # mkstemp's 0600 would outlive the rename
             on_loop = True
             with os.fdopen(fd, "wb") as file:
                 async for chunk in response.content.iter_chunked(_CHUNK_SIZE):
-                    if on_loop:
-                        started = time.perf_counter()
-                        file.write(chunk)
-                        on_loop = time.perf_counter() - started < _SLOW_WRITE
-                    else:
-                        await anyio.to_thread.run_sync(file.write, chunk)
                     received += len(chunk)
-                    self.tracker.add_bytes(len(chunk))
+                    for data in decoder.decode(chunk):
+                        if on_loop:
+                            started = time.perf_counter()
+                            file.write(data)
+                            on_loop = time.perf_counter() - started < _SLOW_WRITE
+                        else:
+                            await anyio.to_thread.run_sync(file.write, data)
+                        written += len(data)
+                        self.tracker.add_bytes(len(data))
+            decoder.check_complete()
             expected = response.content_length
-            encoded = "Content-Encoding" in response.headers  # then the length is of gzip bytes
-            if expected is not None and not encoded and received != expected:
+            if expected is not None and received != expected:
                 raise aiohttp.ClientPayloadError(f"received {received} of {expected} bytes")
             if on_loop:
                 return self._move_into_place(pathlib.Path(temp_name))
@@ -326,9 +369,9 @@ class _FileWriter:
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temp_name)
-            if received:
+            if written:
                 with contextlib.suppress(Exception):  # a failing progress callback, again
-                    self.tracker.add_bytes(-received)  # a retry starts this file over
+                    self.tracker.add_bytes(-written)  # a retry starts this file over
             raise
 
     def _move_into_place(self, temp: pathlib.Path) -> pathlib.Path:

@@ -11,7 +11,6 @@ import asyncio
 import functools
 import json
 import logging
-import math
 import platform
 import random
 import time
@@ -22,6 +21,7 @@ import aiohttp
 import attrs
 from yarl import URL
 
+from . import _validate as check
 from ._convert import parse_json
 from ._errors import (
     APIConnectionError,
@@ -63,15 +63,8 @@ class Timeout:
     def __attrs_post_init__(self) -> None:
         for name in ("connect", "read", "total"):
             value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or value <= 0
-            ):
-                raise ValidationError(
-                    f"Timeout.{name} must be a positive number of seconds or None"
-                )
+            if value is not None:
+                check.seconds(f"Timeout.{name}", value)
 
 
 def coerce_timeout(value: Timeout | float | None, default: Timeout) -> Timeout:
@@ -302,6 +295,8 @@ class Request:
     idempotent: bool
     headers: Mapping[str, str] = attrs.field(factory=dict, repr=False)  # holds the key
     body: Callable[[], Any] | None = None
+    #: False: the answer's body comes as sent, its `Content-Encoding` left to the consumer.
+    decompress: bool = True
 
     @property
     def info(self) -> RequestInfo:
@@ -353,7 +348,8 @@ class Transport:
             **default_headers,
             "Authorization": f"Bearer {api_key}",
         }
-        self._plain_headers: Final = {"User-Agent": user_agent}
+        # Only the encodings downloads can undo (see `_downloads._BodyDecoder`).
+        self._plain_headers: Final = {"User-Agent": user_agent, "Accept-Encoding": "gzip, deflate"}
         self._key: Final = api_key.encode()
         self._with_content_type: dict[str, dict[str, str]] = {}  # built once per type
 
@@ -439,7 +435,7 @@ class Transport:
 
     def plain_request(self, url: URL) -> Request:
         """A GET to another host (the image host): no key, no default headers."""
-        return Request("GET", url, True, self._plain_headers)
+        return Request("GET", url, True, self._plain_headers, decompress=False)
 
     async def send(
         self,
@@ -512,6 +508,7 @@ class Transport:
                 # must not reach another host, and signed URLs are not redirected.
                 allow_redirects=False,
                 raise_for_status=False,  # whatever the session was told: errors are ours
+                auto_decompress=request.decompress,
             ) as response:
                 status = response.status
                 if not 200 <= status < 300:

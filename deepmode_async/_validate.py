@@ -31,7 +31,7 @@ def choice(name: str, value: Any, enum_cls: type[E]) -> str:
         return value
     allowed = ", ".join(repr(member.value) for member in enum_cls)
     raise ValidationError(
-        f"{name} must be one of {allowed} (or {enum_cls.__name__}.*), not {value!r}"
+        f"{name} must be one of {allowed} (or {enum_cls.__name__}.*), not {_shown(value)}"
     )
 
 
@@ -63,13 +63,13 @@ def integer(name: str, value: Any, low: int, high: int) -> int:
 
 def positive(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValidationError(f"{name} must be a positive int, not {value!r}")
+        raise ValidationError(f"{name} must be a positive int, not {_shown(value)}")
     return value
 
 
 def boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValidationError(f"{name} must be True or False, not {value!r}")
+        raise ValidationError(f"{name} must be True or False, not {_shown(value)}")
     return value
 
 
@@ -94,7 +94,7 @@ def http_url(name: str, value: Any) -> str:
     except ValueError:
         valid = False
     if not valid or any(ch.isspace() or not ch.isprintable() for ch in value):
-        raise ValidationError(f"{name} must be an absolute http or https URL, not {value!r}")
+        raise ValidationError(f"{name} must be an absolute http or https URL, not {_shown(value)}")
     return str(value)
 
 
@@ -132,11 +132,25 @@ def as_list(name: str, value: Any) -> list[Any]:
 
 def seconds(name: str, value: Any) -> float:
     """A positive, finite number of seconds."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValidationError(f"{name} must be a positive number of seconds, not {value!r}")
+    try:
+        usable = (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)  # an int beyond a float's range raises OverflowError
+            and value > 0
+        )
+    except OverflowError:
+        usable = False
+    if not usable:
+        raise ValidationError(f"{name} must be a positive number of seconds, not {_shown(value)}")
     return float(value)
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message shows it: its repr, cut short (and an int too long
+    for Python to print at all named as such)."""
+    try:
+        shown = repr(value)
+    except ValueError:  # int's string conversion limit
+        return "an int of more than 4300 digits"
+    return shown if len(shown) <= 80 else shown[:77] + "..."

@@ -367,7 +367,12 @@ class CallbackHub:
         from aiohttp import web
 
         async def deliver(request: web.Request) -> web.Response:
-            body = await _read_at_most(request.content.iter_chunked(64 * 1024), self.max_body_size)
+            try:
+                body = await _read_at_most(
+                    request.content.iter_chunked(64 * 1024), self.max_body_size
+                )
+            except web.RequestPayloadError as exc:  # e.g. a Content-Encoding it does not have
+                return web.json_response({"detail": f"Malformed body: {exc}"}, status=400)
             status, detail = self.receive(request.match_info["token"], body)
             return web.json_response({"detail": detail}, status=status)
 
