@@ -58,15 +58,21 @@ class AsyncClient:
     ) -> None:
         _configure_logging(os.environ.get("DEEPMODE_LOG"))
         key = _api_key(api_key if api_key is not None else os.environ.get("DEEPMODE_API_KEY"))
-        url = _base_url(base_url or os.environ.get("DEEPMODE_BASE_URL") or DEFAULT_BASE_URL)
+        if base_url is None:
+            base_url = os.environ.get("DEEPMODE_BASE_URL") or DEFAULT_BASE_URL
+        url = _base_url(base_url)
         if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
-            raise ValidationError(f"max_retries must be an int >= 0, not {max_retries!r}")
+            raise ValidationError(
+                f"max_retries must be an int >= 0, not {check.shown(max_retries)}"
+            )
         if (
             not isinstance(max_connections, int)
             or isinstance(max_connections, bool)
             or max_connections < 1
         ):
-            raise ValidationError(f"max_connections must be an int >= 1, not {max_connections!r}")
+            raise ValidationError(
+                f"max_connections must be an int >= 1, not {check.shown(max_connections)}"
+            )
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             raise ValidationError("session must be an aiohttp.ClientSession or None")
         self._transport = Transport(
@@ -143,12 +149,12 @@ def _base_url(value: object) -> URL:
     except ValueError:
         url = None
     if url is None or url.scheme not in ("http", "https") or not url.host:
-        raise ValidationError(f"base_url must be an absolute http(s) URL, not {value!r}")
+        raise ValidationError(f"base_url must be an absolute http(s) URL, not {check.shown(value)}")
     if url.user is not None or url.password is not None:
         # Never echo it: the URL carries a password.
         raise ValidationError("base_url must not hold credentials: pass api_key= instead")
     if url.query_string or url.fragment:
-        raise ValidationError(f"base_url must have no query or fragment, not {value!r}")
+        raise ValidationError(f"base_url must have no query or fragment, not {check.shown(value)}")
     return url
 
 

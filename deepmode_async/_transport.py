@@ -75,7 +75,9 @@ def coerce_timeout(value: Timeout | float | None, default: Timeout) -> Timeout:
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
         return attrs.evolve(default, read=value)
-    raise ValidationError(f"timeout must be a Timeout, a number of seconds or None, not {value!r}")
+    raise ValidationError(
+        f"timeout must be a Timeout, a number of seconds or None, not {check.shown(value)}"
+    )
 
 
 @functools.lru_cache(maxsize=64)

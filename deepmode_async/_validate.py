@@ -31,7 +31,7 @@ def choice(name: str, value: Any, enum_cls: type[E]) -> str:
         return value
     allowed = ", ".join(repr(member.value) for member in enum_cls)
     raise ValidationError(
-        f"{name} must be one of {allowed} (or {enum_cls.__name__}.*), not {_shown(value)}"
+        f"{name} must be one of {allowed} (or {enum_cls.__name__}.*), not {shown(value)}"
     )
 
 
@@ -63,13 +63,13 @@ def integer(name: str, value: Any, low: int, high: int) -> int:
 
 def positive(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValidationError(f"{name} must be a positive int, not {_shown(value)}")
+        raise ValidationError(f"{name} must be a positive int, not {shown(value)}")
     return value
 
 
 def boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValidationError(f"{name} must be True or False, not {_shown(value)}")
+        raise ValidationError(f"{name} must be True or False, not {shown(value)}")
     return value
 
 
@@ -94,7 +94,7 @@ def http_url(name: str, value: Any) -> str:
     except ValueError:
         valid = False
     if not valid or any(ch.isspace() or not ch.isprintable() for ch in value):
-        raise ValidationError(f"{name} must be an absolute http or https URL, not {_shown(value)}")
+        raise ValidationError(f"{name} must be an absolute http or https URL, not {shown(value)}")
     return str(value)
 
 
@@ -142,11 +142,11 @@ def seconds(name: str, value: Any) -> float:
     except OverflowError:
         usable = False
     if not usable:
-        raise ValidationError(f"{name} must be a positive number of seconds, not {_shown(value)}")
+        raise ValidationError(f"{name} must be a positive number of seconds, not {shown(value)}")
     return float(value)
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """A value as an error message shows it: its repr, cut short (and an int too long
     for Python to print at all named as such)."""
     try:

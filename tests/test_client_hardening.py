@@ -208,6 +208,12 @@ def test_sanitizing_a_huge_name_is_quick() -> None:
         ({"base_url": "https://user:hunter2@api.example.com"}, "credentials"),
         ({"base_url": "https://api.example.com/#frag"}, "fragment"),
         ({"timeout": float("nan")}, "positive"),
+        ({"timeout": 10**400}, "positive number of seconds"),
+        ({"timeout": 10**5000}, "more than 4300 digits"),
+        ({"max_retries": -(10**5000)}, "more than 4300 digits"),
+        ({"base_url": ""}, "absolute"),  # not the production API in silence
+        ({"base_url": 0}, "must be a str"),
+        ({"base_url": b""}, "must be a str"),
     ],
 )
 def test_odd_client_options_are_validation_errors(options: dict[str, object], message: str) -> None:
