@@ -33,6 +33,7 @@ from deepmode_async import (
     Ratio,
     RemixMode,
     RemixResult,
+    _uploads,
 )
 from deepmode_async._uploads import ImageInput
 from deepmode_async.testing import MockDeepMode, RecordedRequest, UploadedFile
@@ -643,18 +644,18 @@ async def test_cancelled_upload_closes_the_file_it_was_opening(
     path = write(tmp_path / "face.jpg", JPEG)
     opened: list[Any] = []
     opening = threading.Event()
-    real_open = pathlib.Path.open
+    real_open = _uploads._open_regular_file
 
-    def slow_open(self: pathlib.Path, *args: Any, **kwargs: Any) -> Any:
-        if self == path and len(opened) == 1:  # the 1st open inspects, the 2nd uploads
+    def slow_open(source: pathlib.Path) -> Any:
+        if source == path and len(opened) == 1:  # the 1st open inspects, the 2nd uploads
             opening.set()
             time.sleep(0.2)
-        file = real_open(self, *args, **kwargs)
-        if self == path:
+        file = real_open(source)
+        if source == path:
             opened.append(file)
         return file
 
-    monkeypatch.setattr(pathlib.Path, "open", slow_open)
+    monkeypatch.setattr(_uploads, "_open_regular_file", slow_open)
     try:
         task = asyncio.create_task(dm.models.create(images=[path], **TRAINING))
         await eventually(opening.is_set)
