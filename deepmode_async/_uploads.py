@@ -184,8 +184,8 @@ class _OpenFiles:
 
 def _open(path: pathlib.Path, upload: UploadFile, opened: _OpenFiles) -> IO[bytes]:
     try:
-        file = _open_regular_file(path)
-    except _NotARegularFile:
+        file = open_regular_file(path)
+    except NotARegularFile:
         raise UploadSourceChanged(
             f"{upload.filename!r} is no longer a regular file; it cannot be uploaded"
         ) from None
@@ -197,13 +197,13 @@ def _open(path: pathlib.Path, upload: UploadFile, opened: _OpenFiles) -> IO[byte
     return file
 
 
-class _NotARegularFile(Exception):
+class NotARegularFile(Exception):
     """A pipe, a socket or a device: no size, maybe no end."""
 
 
-def _open_regular_file(path: pathlib.Path) -> IO[bytes]:
+def open_regular_file(path: pathlib.Path) -> IO[bytes]:
     """`path` opened for reading if it is a regular file (`IsADirectoryError` or
-    `_NotARegularFile` if not), checked on the open file itself, not on its name.
+    `NotARegularFile` if not), checked on the open file itself, not on its name.
 
     Opened without blocking: opening a FIFO would otherwise wait for a writer, forever.
     """
@@ -213,7 +213,7 @@ def _open_regular_file(path: pathlib.Path) -> IO[bytes]:
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
         if not stat.S_ISREG(mode):
-            raise _NotARegularFile(path)
+            raise NotARegularFile(path)
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -244,7 +244,7 @@ def multipart(
     return build
 
 
-async def prepare(field: str, inputs: Sequence[ImageInput]) -> list[UploadFile]:
+async def check_files(field: str, inputs: Sequence[ImageInput]) -> list[UploadFile]:
     """Check every input and describe it for upload, or raise `ValidationError`.
 
     Paths and file objects are inspected in a worker thread (a few bytes each), so a
@@ -296,12 +296,12 @@ def _inspect_source(label: str, field: str, source: object, filename: str | None
 
 def _inspect_path(label: str, path: pathlib.Path) -> tuple[bytes, int]:
     try:
-        with _open_regular_file(path) as file:
+        with open_regular_file(path) as file:
             head = file.read(SNIFF_BYTES)
             size = os.fstat(file.fileno()).st_size
     except IsADirectoryError:
         raise ValidationError(f"{label}: {str(path)!r} is a directory, not an image") from None
-    except _NotARegularFile:
+    except NotARegularFile:
         raise ValidationError(f"{label}: {str(path)!r} is not a regular file") from None
     except FileNotFoundError:
         raise ValidationError(f"{label}: no such file: {str(path)!r}") from None

@@ -644,7 +644,7 @@ async def test_cancelled_upload_closes_the_file_it_was_opening(
     path = write(tmp_path / "face.jpg", JPEG)
     opened: list[Any] = []
     opening = threading.Event()
-    real_open = _uploads._open_regular_file
+    real_open = _uploads.open_regular_file
 
     def slow_open(source: pathlib.Path) -> Any:
         if source == path and len(opened) == 1:  # the 1st open inspects, the 2nd uploads
@@ -655,7 +655,7 @@ async def test_cancelled_upload_closes_the_file_it_was_opening(
             opened.append(file)
         return file
 
-    monkeypatch.setattr(_uploads, "_open_regular_file", slow_open)
+    monkeypatch.setattr(_uploads, "open_regular_file", slow_open)
     try:
         task = asyncio.create_task(dm.models.create(images=[path], **TRAINING))
         await eventually(opening.is_set)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from deepmode_async import AsyncClient, DeepModeError
-from deepmode_async._uploads import multipart, prepare
+from deepmode_async._uploads import check_files, multipart
 from deepmode_async.testing import MockDeepMode, sample_image
 
 pytestmark = pytest.mark.anyio
@@ -30,7 +30,7 @@ def photo(tmp_path: pathlib.Path) -> pathlib.Path:
 
 
 async def send(dm: AsyncClient, photo: pathlib.Path, change: str) -> DeepModeError:
-    files = await prepare("images", [photo])  # checked here...
+    files = await check_files("images", [photo])  # checked here...
     if change == "shrunk":
         photo.write_bytes(sample_image("jpeg"))
     else:

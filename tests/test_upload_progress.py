@@ -32,7 +32,7 @@ from deepmode_async import (
     UploadProgress,
     ValidationError,
 )
-from deepmode_async._uploads import CHUNK_SIZE, ImageInput, _SentCounter, _StreamedFile, prepare
+from deepmode_async._uploads import CHUNK_SIZE, ImageInput, _SentCounter, _StreamedFile, check_files
 from deepmode_async.testing import MockDeepMode, sample_image
 
 pytestmark = pytest.mark.anyio
@@ -282,7 +282,7 @@ async def test_uploads_without_progress_send_the_same_bytes(
     assert [r.status for r in mock.requests] == [200, 200]
     assert calls[-1] == UploadProgress(603_000 + 3_000, 606_000)
     # Without a counter, bytes go out as aiohttp's own BytesPayload; with one, streamed.
-    (upload,) = await prepare("images", [big])
+    (upload,) = await check_files("images", [big])
     assert type(upload.payload()) is aiohttp.payload.BytesPayload
     counted = upload.payload(_SentCounter(upload.size, calls.append))
     assert isinstance(counted, _StreamedFile)

@@ -137,6 +137,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_model_options(create, required=True)
     create.add_argument("--name")
+    create.add_argument(
+        "--prepare",
+        action="store_true",
+        help="make the photos upright 640x640 JPEGs without metadata first (images extra)",
+    )
     create.add_argument("--callback", metavar="URL", help="where the API POSTs the model")
     create.add_argument(
         "--wait", action="store_true", help="wait for training; print the model (its id)"

@@ -65,6 +65,10 @@ def models_create(options: argparse.Namespace) -> None:
         "model_type": options.model_type,
         "name": options.name,
     }
+    if options.prepare:
+        if urls:
+            raise ValidationError("--prepare is for photos (paths), not --image-url")
+        arguments["prepare"] = True
 
     async def create(dm: AsyncClient) -> ModelCreated | Model:
         if not options.wait:

@@ -43,6 +43,7 @@ class BlockingModels(Protocol):
         name: str | None = None,
         callback: str | None = None,
         progress: UploadProgressCallback | None = None,
+        prepare: bool = False,
         timeout: Timeout | float | None = None,
     ) -> ModelCreated: ...
     @overload
@@ -56,6 +57,7 @@ class BlockingModels(Protocol):
         name: str | None = None,
         callback: CallbackHub,
         progress: UploadProgressCallback | None = None,
+        prepare: bool = False,
         timeout: Timeout | float | None = None,
     ) -> Model: ...
     def create(
@@ -68,6 +70,7 @@ class BlockingModels(Protocol):
         name: str | None = None,
         callback: str | CallbackHub | None = None,
         progress: UploadProgressCallback | None = None,
+        prepare: bool = False,
         timeout: Timeout | float | None = None,
     ) -> ModelCreated | Model:
         """Start training a model (50 credits) from `images` or from `image_urls`.
@@ -81,6 +84,13 @@ class BlockingModels(Protocol):
         the trained `Model` (at most the hub's `ttl`). `progress` is called with an
         `UploadProgress` as the image bytes of `images` are sent; if it raises, the
         upload stops with a `ProgressCallbackError` (and is not retried).
+
+        With `prepare=True` (needs the `images` extra), `images` first go through
+        `deepmode_async.prep.prepare_training_set`: turned upright, padded to 640 x 640 on
+        white, and re-encoded as JPEG without any metadata (no GPS location). If any photo
+        would be skipped (not an image, damaged, too small, a duplicate), nothing is sent
+        and a `deepmode_async.prep.TrainingSetError` lists why; call
+        `prepare_training_set` yourself to train on the usable ones only.
         """
         ...
 

@@ -13,7 +13,7 @@ from .._downloads import Downloadable, Downloader, ProgressCallback, check_desti
 from .._errors import ValidationError
 from .._transport import Pacer, Timeout, Transport, coerce_timeout, json_body
 from .._types import Accepted, Generation, Image, Ratio, RemixMode, RemixResult
-from .._uploads import ImageInput, multipart, prepare
+from .._uploads import ImageInput, check_files, multipart
 from ..batch import BatchProgressCallback, BatchResult, GenerateRequest, run_batch
 from ..callbacks import CallbackHub
 from ._base import Resource
@@ -270,7 +270,7 @@ class Images(Resource):
             ("mode", check.choice("mode", mode, RemixMode)),
         ]
         files = [
-            upload for name, image in images.items() for upload in await prepare(name, [image])
+            upload for name, image in images.items() for upload in await check_files(name, [image])
         ]
         return await self._call(
             RemixResult,

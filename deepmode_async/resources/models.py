@@ -9,7 +9,7 @@ from .. import _validate as check
 from .._errors import ValidationError
 from .._transport import Timeout, json_body
 from .._types import Gender, Model, ModelCreated, ModelExtension, ModelType
-from .._uploads import ImageInput, UploadProgressCallback, multipart, prepare
+from .._uploads import ImageInput, UploadProgressCallback, check_files, multipart
 from .._validate import MAX_TRAINING_IMAGES
 from ..callbacks import CallbackHub
 from ._base import Resource
@@ -29,6 +29,7 @@ class Models(Resource):
         name: str | None = None,
         callback: str | None = None,
         progress: UploadProgressCallback | None = None,
+        prepare: bool = False,
         timeout: Timeout | float | None = None,
     ) -> ModelCreated: ...
 
@@ -43,6 +44,7 @@ class Models(Resource):
         name: str | None = None,
         callback: CallbackHub,
         progress: UploadProgressCallback | None = None,
+        prepare: bool = False,
         timeout: Timeout | float | None = None,
     ) -> Model: ...
 
@@ -56,6 +58,7 @@ class Models(Resource):
         name: str | None = None,
         callback: str | CallbackHub | None = None,
         progress: UploadProgressCallback | None = None,
+        prepare: bool = False,
         timeout: Timeout | float | None = None,
     ) -> ModelCreated | Model:
         """Start training a model (50 credits) from `images` or from `image_urls`.
@@ -69,6 +72,13 @@ class Models(Resource):
         the trained `Model` (at most the hub's `ttl`). `progress` is called with an
         `UploadProgress` as the image bytes of `images` are sent; if it raises, the
         upload stops with a `ProgressCallbackError` (and is not retried).
+
+        With `prepare=True` (needs the `images` extra), `images` first go through
+        `deepmode_async.prep.prepare_training_set`: turned upright, padded to 640 x 640 on
+        white, and re-encoded as JPEG without any metadata (no GPS location). If any photo
+        would be skipped (not an image, damaged, too small, a duplicate), nothing is sent
+        and a `deepmode_async.prep.TrainingSetError` lists why; call
+        `prepare_training_set` yourself to train on the usable ones only.
         """
         if isinstance(callback, CallbackHub):
             return await callback._submit_and_wait(  # type: ignore[no-any-return]
@@ -81,6 +91,7 @@ class Models(Resource):
                     name=name,
                     callback=url,
                     progress=progress,
+                    prepare=prepare,
                     timeout=timeout,
                 ),
             )
@@ -88,6 +99,8 @@ class Models(Resource):
             raise ValidationError("give exactly one of images= or image_urls=")
         if progress is not None and not callable(progress):
             raise ValidationError("progress must be a callable or None")
+        if check.boolean("prepare", prepare) and images is None:
+            raise ValidationError("prepare=True applies to images=, not to image_urls=")
         fields: dict[str, Any] = {
             "gender": check.choice("gender", gender, Gender),
             "model_type": check.choice("model_type", model_type, ModelType),
@@ -107,7 +120,9 @@ class Models(Resource):
             )
         inputs = check.as_list("images", images)
         check.count("images", inputs, 1, MAX_TRAINING_IMAGES)
-        files = await prepare("images", inputs)
+        if prepare:
+            inputs = await _prepared(inputs)
+        files = await check_files("images", inputs)
         return await self._call(
             ModelCreated,
             "POST",
@@ -125,3 +140,21 @@ class Models(Resource):
         return await self._call(
             ModelExtension, "POST", f"/api/models/{segment}/extend", timeout=timeout
         )
+
+
+async def _prepared(inputs: list[ImageInput]) -> list[ImageInput]:
+    """`inputs` as `deepmode_async.prep` prepares them, or an error if any is unusable."""
+    try:
+        from .. import prep  # Pillow: only for those who ask for it
+    except ImportError as exc:
+        raise ValidationError(f"prepare=True needs Pillow: {exc}") from None
+    training_set = await prep.prepare_training_set(inputs)
+    if training_set.skipped:
+        reasons = "; ".join(f"{photo.source}: {photo.reason}" for photo in training_set.skipped)
+        raise prep.TrainingSetError(
+            f"{len(training_set.skipped)} of {len(inputs)} photos cannot be used, so nothing "
+            f"was sent: {reasons}. Leave them out, or train on the usable ones with "
+            "deepmode_async.prep.prepare_training_set",
+            training_set,
+        )
+    return list(training_set.images)
