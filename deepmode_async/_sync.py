@@ -41,7 +41,7 @@ T = TypeVar("T")
 
 _SIGNALS_INTERRUPT_WAITS = os.name == "posix"
 _WAKE_UP_SECONDS = 0.2
-_CLEANUP_WAIT = 60.0  # seconds an abandoned iteration may take to clean up on the loop
+_CLEANUP_WAIT = 60.0  # seconds an abandoned call or iteration may take to clean up
 
 
 class Client:
@@ -149,8 +149,34 @@ def _wait(future: Future[T]) -> T:
                 return future.result()
 
 
-async def _coroutine(function: Callable[[], Awaitable[T]]) -> T:
-    return await function()
+class _Call:
+    """One blocking call's coroutine on the loop, which an interrupted caller waits for:
+    its cleanup (temporary files, connections) is over before the interrupt goes on."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started = False
+        self._abandoned = False
+        self._ended = threading.Event()
+
+    async def run(self, function: Callable[[], Awaitable[T]]) -> T:
+        with self._lock:
+            if self._abandoned:  # interrupted before it began: nothing to do or undo
+                raise asyncio.CancelledError
+            self._started = True
+        try:
+            return await function()
+        finally:
+            self._ended.set()
+
+    def abandon(self, future: Future[T]) -> None:
+        """Cancel the call, and wait for it to end if it had begun."""
+        with self._lock:
+            self._abandoned = True
+            started = self._started
+        future.cancel()
+        if started:
+            self._ended.wait(_CLEANUP_WAIT)
 
 
 class _LoopThread:
@@ -170,7 +196,8 @@ class _LoopThread:
         """Run a coroutine function on the loop and wait; an interrupt here cancels it."""
         started = self._started or self._start()  # no lock once it runs
         self._refuse_own_thread(started)
-        coroutine = _coroutine(function)
+        call = _Call()
+        coroutine = call.run(function)
         try:
             # Straight onto the loop: a portal task (with its cancel scope) costs more.
             future = asyncio.run_coroutine_threadsafe(coroutine, started.loop)
@@ -182,7 +209,7 @@ class _LoopThread:
         except concurrent.futures.CancelledError:  # not by us: the client closed meanwhile
             raise _closed_error("during the call") from None
         except BaseException:
-            future.cancel()  # KeyboardInterrupt in this thread: stop the call on the loop
+            call.abandon(future)  # KeyboardInterrupt in this thread: stop the call on the loop
             raise
 
     def iterate(self, function: Callable[[], AsyncIterator[T]]) -> Iterator[T]:

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar
 
 import aiohttp
+import anyio
 import attrs
 from yarl import URL
 
@@ -353,6 +354,7 @@ class Transport:
         # Only the encodings downloads can undo (see `_downloads._BodyDecoder`).
         self._plain_headers: Final = {"User-Agent": user_agent, "Accept-Encoding": "gzip, deflate"}
         self._key: Final = api_key.encode()
+        self._calls: set[anyio.CancelScope] = set()  # of `send`s in flight, for `aclose`
         self._with_content_type: dict[str, dict[str, str]] = {}  # built once per type
 
     def _api_headers_for(self, content_type: str | None) -> dict[str, str]:
@@ -378,8 +380,13 @@ class Transport:
         return self._closed
 
     async def aclose(self) -> None:
-        """Close the session if this transport created it; later calls raise."""
+        """End the calls in flight, close the session if this transport created it; later
+        calls raise."""
         self._closed = True
+        # Closing the session alone would leave a call reading a body waiting forever:
+        # aiohttp drops the reader's wake-up and its read timeout with the connection.
+        for call in list(self._calls):
+            call.cancel()
         session, self._session = self._session, None
         if session is not None and self._owns_session:
             await session.close()
@@ -453,6 +460,22 @@ class Transport:
         is a failed attempt like any other. A `pacer` shares slots and back-offs with
         the other calls of a batch.
         """
+        call = anyio.CancelScope()
+        self._calls.add(call)
+        try:
+            with call:
+                return await self._send(request, consume, timeout, pacer)
+        finally:
+            self._calls.discard(call)
+        raise DeepModeError("This client was closed during the call")  # `call` was cancelled
+
+    async def _send(
+        self,
+        request: Request,
+        consume: Callable[[aiohttp.ClientResponse], Awaitable[T]],
+        timeout: Timeout | None,
+        pacer: Pacer | None,
+    ) -> T:
         session = self._get_session()
         client_timeout = _client_timeout(timeout or self.timeout)
         pace = pacer.call() if pacer is not None else _UNPACED
@@ -536,6 +559,12 @@ class Transport:
                 cause = None if response_error else _without_frames(exc)
         except DeepModeError:
             raise
+        except RuntimeError as exc:
+            if not self._closed:
+                raise
+            # aiohttp's "Connection closed." when the session closed under a read
+            status = type(exc).__name__
+            failure, cause = DeepModeError("This client was closed during the call"), None
         except ValueError as exc:  # e.g. a host name the resolver cannot encode
             status = type(exc).__name__
             failure = APIConnectionError(

@@ -193,7 +193,7 @@ class DeepModeApi:
         mock._enter()
         try:
             response = await self._answer(request, handler, record)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionError):  # the client hung up
             record.disconnected = True
             raise
         finally:

@@ -114,7 +114,7 @@ class BlobHost:
         record = self.mock._record(request)
         try:
             response = await self._answer(request, handler, record)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionError):  # the client hung up
             record.disconnected = True
             raise
         note_answer(record, request, response)

@@ -87,8 +87,13 @@ async def misbehave_before(fault: Fault | None, request: web.Request) -> web.Res
     return None
 
 
+#: Set on a request whose connection the mock closed on purpose (a fault).
+_DROPPED: Final = web.RequestKey("dropped", bool)
+
+
 def drop_connection(request: web.Request) -> web.Response:
     """Close the connection without an answer; the returned response is never sent."""
+    request[_DROPPED] = True
     if request.transport is not None:
         request.transport.close()
     return web.Response()
@@ -97,9 +102,12 @@ def drop_connection(request: web.Request) -> web.Response:
 def note_answer(
     record: RecordedRequest, request: web.Request, response: web.StreamResponse
 ) -> None:
-    """Record the status sent, unless the connection was dropped instead of answered."""
+    """Record the status sent; or, when the connection is gone, that the client hung up
+    (unless the mock dropped it on purpose)."""
     if request.transport is not None and not request.transport.is_closing():
         record.status = response.status
+    elif not request.get(_DROPPED, False):
+        record.disconnected = True
 
 
 def format_retry_after(value: float | str | None) -> str | None:
