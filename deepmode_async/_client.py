@@ -112,7 +112,12 @@ class AsyncClient:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
 
     async def aclose(self) -> None:
-        """Close the client's session (not one you passed in). Closing twice is harmless."""
+        """Close the client's session (not one you passed in). Calls still in flight end
+        with a `DeepModeError` ("closed during the call"). Closing twice is harmless.
+
+        A session you passed in is yours to close, after your calls: aiohttp leaves a
+        call that is reading a body waiting forever when its session closes under it.
+        """
         await self._transport.aclose()
 
     async def __aenter__(self) -> Self:

@@ -28,6 +28,7 @@ import attrs
 from yarl import URL
 
 from . import _validate as check
+from ._encoding import BodyDecoder
 from ._errors import (
     APIError,
     DeepModeError,
@@ -147,7 +148,7 @@ def check_destination(dest: str | os.PathLike[str]) -> pathlib.Path:
     except FileExistsError:
         raise ValidationError(f"dest {str(path)!r} exists and is not a directory") from None
     except OSError as exc:
-        raise ValidationError(f"cannot create dest {str(path)!r}: {exc.strerror}") from None
+        raise ValidationError(f"dest {str(path)!r} cannot be created: {exc.strerror}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValidationError(f"dest {str(path)!r} is not writable")
     return path
@@ -281,43 +282,11 @@ class _Tracker:
             report_progress(self.callback, progress, of="download")
 
 
-class _BodyDecoder:
-    """Undoes a body's `Content-Encoding` (downloads ask aiohttp for the raw bytes).
-
-    Done here rather than by aiohttp because aiohttp does not notice a gzip stream that
-    ends early: a cut-off image would be saved as complete. Output comes in bounded
-    pieces, so a small compressed body cannot expand into memory all at once.
-    """
-
-    def __init__(self, encoding: str) -> None:
-        self.encoding = encoding.strip().lower()
-        if self.encoding in ("", "identity"):
-            self._zlib = None
-        elif self.encoding in ("gzip", "x-gzip", "deflate"):
-            self._zlib = zlib.decompressobj(wbits=32 + zlib.MAX_WBITS)  # gzip or zlib header
-        else:
-            raise DownloadError(
-                f"the image host sent it {encoding!r}-encoded, which is unsupported"
-            )
-
-    def decode(self, chunk: bytes) -> Iterator[bytes]:
-        if self._zlib is None:
-            yield chunk
-            return
-        try:
-            data = self._zlib.decompress(chunk, _CHUNK_SIZE)
-            while data:
-                yield data
-                data = self._zlib.decompress(self._zlib.unconsumed_tail, _CHUNK_SIZE)
-        except zlib.error as exc:
-            raise aiohttp.ClientPayloadError(
-                f"its {self.encoding} encoding is broken: {exc}"
-            ) from None
-
-    def check_complete(self) -> None:
-        if self._zlib is not None and (not self._zlib.eof or self._zlib.unused_data):
-            what = "ended early" if not self._zlib.eof else "has data after its end"
-            raise aiohttp.ClientPayloadError(f"its {self.encoding}-encoded body {what}")
+def _decoded(decoder: BodyDecoder, chunk: bytes) -> Iterator[bytes]:
+    try:
+        yield from decoder.decode(chunk)
+    except zlib.error as exc:  # not a transient fault: not retried
+        raise DownloadError(f"its {decoder.encoding} encoding is broken: {exc}") from None
 
 
 @functools.cache
@@ -339,7 +308,11 @@ class _FileWriter:
     async def consume(self, response: aiohttp.ClientResponse) -> pathlib.Path:
         if response.status != 200:  # a 204 or a partial answer is not the image
             raise DownloadError(f"the image host answered {response.status}, not the image")
-        decoder = _BodyDecoder(response.headers.get("Content-Encoding", ""))
+        decoder = BodyDecoder(response.headers.get("Content-Encoding", ""), _CHUNK_SIZE)
+        if not decoder.supported:
+            raise DownloadError(
+                f"the image host sent it {decoder.encoding!r}-encoded, which is unsupported"
+            )
         fd, temp_name = tempfile.mkstemp(
             dir=self.target.parent, prefix=f".{self.target.name[:40]}.", suffix=".part"
         )
@@ -350,7 +323,7 @@ class _FileWriter:
             with os.fdopen(fd, "wb") as file:
                 async for chunk in response.content.iter_chunked(_CHUNK_SIZE):
                     received += len(chunk)
-                    for data in decoder.decode(chunk):
+                    for data in _decoded(decoder, chunk):
                         if on_loop:
                             started = time.perf_counter()
                             file.write(data)
@@ -359,7 +332,8 @@ class _FileWriter:
                             await anyio.to_thread.run_sync(file.write, data)
                         written += len(data)
                         self.tracker.add_bytes(len(data))
-            decoder.check_complete()
+            if not decoder.complete:  # retried, as any answer cut short
+                raise aiohttp.ClientPayloadError(f"its {decoder.encoding} stream ended early")
             expected = response.content_length
             if expected is not None and received != expected:
                 raise aiohttp.ClientPayloadError(f"received {received} of {expected} bytes")

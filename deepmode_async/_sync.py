@@ -120,7 +120,8 @@ class Client:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
 
     def close(self) -> None:
-        """Close the connections and stop the helper thread. Closing twice is harmless."""
+        """Close the connections and stop the helper thread; calls still in flight (in
+        other threads) end with a `DeepModeError`. Closing twice is harmless."""
         self._finalizer.detach()
         self._loop.close()
 

@@ -24,6 +24,7 @@ from yarl import URL
 
 from . import _validate as check
 from ._convert import parse_json
+from ._encoding import ACCEPTED, decoded_prefix
 from ._errors import (
     APIConnectionError,
     APIError,
@@ -351,8 +352,7 @@ class Transport:
             **default_headers,
             "Authorization": f"Bearer {api_key}",
         }
-        # Only the encodings downloads can undo (see `_downloads._BodyDecoder`).
-        self._plain_headers: Final = {"User-Agent": user_agent, "Accept-Encoding": "gzip, deflate"}
+        self._plain_headers: Final = {"User-Agent": user_agent, "Accept-Encoding": ACCEPTED}
         self._key: Final = api_key.encode()
         self._calls: set[anyio.CancelScope] = set()  # of `send`s in flight, for `aclose`
         self._with_content_type: dict[str, dict[str, str]] = {}  # built once per type
@@ -467,7 +467,8 @@ class Transport:
                 return await self._send(request, consume, timeout, pacer)
         finally:
             self._calls.discard(call)
-        raise DeepModeError("This client was closed during the call")  # `call` was cancelled
+        # Only `aclose` cancels `call` (an outer cancellation is not swallowed by it).
+        raise DeepModeError("This client was closed during the call")
 
     async def _send(
         self,
@@ -537,7 +538,11 @@ class Transport:
             ) as response:
                 status = response.status
                 if not 200 <= status < 300:
-                    body = self._redacted(await _read_capped(response, _ERROR_BODY_LIMIT))
+                    body = await _read_capped(response, _ERROR_BODY_LIMIT)
+                    if not request.decompress:
+                        encoding = response.headers.get("Content-Encoding", "")
+                        body = decoded_prefix(body, encoding, _ERROR_BODY_LIMIT)
+                    body = self._redacted(body)
                     raise status_error(request.info, status, body, response.headers)
                 return await consume(response)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
@@ -586,8 +591,9 @@ class Transport:
 
 
 def _without_frames(error: BaseException) -> BaseException:
-    """`error` without its traceback: aiohttp's frames hold the request's headers in
-    their locals, which error reporters (Sentry, by default) capture and send."""
+    """`error` without its own traceback: aiohttp's frames there hold the request's
+    headers in their locals, which error reporters (Sentry, by default) capture and send.
+    (Exceptions further down its chain keep theirs; none of their frames holds them.)"""
     return error.with_traceback(None)
 
 

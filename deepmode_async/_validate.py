@@ -57,7 +57,7 @@ def integer(name: str, value: Any, low: int, high: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValidationError(f"{name} must be an int, not {type(value).__name__}")
     if not low <= value <= high:
-        raise ValidationError(f"{name} must be from {low} to {high}, not {value}")
+        raise ValidationError(f"{name} must be from {low} to {high}, not {shown(value)}")
     return value
 
 
@@ -150,7 +150,7 @@ def shown(value: Any) -> str:
     """A value as an error message shows it: its repr, cut short (and an int too long
     for Python to print at all named as such)."""
     try:
-        shown = repr(value)
+        text = repr(value)
     except ValueError:  # int's string conversion limit
         return "an int of more than 4300 digits"
-    return shown if len(shown) <= 80 else shown[:77] + "..."
+    return text if len(text) <= 80 else text[:77] + "..."

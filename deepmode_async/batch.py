@@ -191,10 +191,11 @@ async def run_batch(
 ) -> AsyncGenerator[BatchResult, None]:
     """Yield one `BatchResult` per request as each completes (see `generate_many`).
 
-    When the input fails (or holds something other than a `GenerateRequest`), no more
-    requests are started; those in flight still finish and yield, then the error is
-    raised. Leaving early (break, an exception, cancellation) cancels what is in flight
-    and waits for it to clean up.
+    When the input fails (or holds something other than a `GenerateRequest`), or the
+    progress callback raises, no more requests are started; those in flight still
+    finish and yield (they are paid for), then the error is raised. Leaving early
+    (break, an exception, cancellation) cancels what is in flight and waits for it to
+    clean up.
     """
     source = _Input(requests)
     pacer = Pacer(concurrency)
@@ -202,6 +203,16 @@ async def run_batch(
     running: set[asyncio.Task[Any]] = set()
     pulling: asyncio.Task[object] | None = None
     submitted = completed = failed = 0
+    stopped: ProgressCallbackError | None = None
+
+    def report() -> None:
+        nonlocal progress, stopped
+        if progress is None:
+            return
+        try:
+            report_progress(progress, BatchProgress(submitted, completed, failed), of="batch")
+        except ProgressCallbackError as error:
+            progress, stopped = None, error  # called no more; raised once the batch ends
 
     def start(coroutine: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -212,12 +223,11 @@ async def run_batch(
         nonlocal submitted
         running.add(start(_run_one(images, submitted, request, pacer, download_to, timeout)))
         submitted += 1
-        if progress is not None:
-            report_progress(progress, BatchProgress(submitted, completed, failed), of="batch")
+        report()
 
     try:
         while True:
-            while source.open and pulling is None and len(running) < concurrency:
+            while source.open and not stopped and pulling is None and len(running) < concurrency:
                 if source.sync is not None:
                     request = source.next_now()
                     if isinstance(request, GenerateRequest):
@@ -237,17 +247,10 @@ async def run_batch(
             result: BatchResult = task.result()
             completed += 1
             failed += not result.ok
-            stopped: ProgressCallbackError | None = None
-            if progress is not None:
-                try:
-                    report_progress(
-                        progress, BatchProgress(submitted, completed, failed), of="batch"
-                    )
-                except ProgressCallbackError as error:
-                    stopped = error
-            yield result  # paid for: it is yours even when the progress callback failed
-            if stopped is not None:
-                raise stopped
+            report()
+            yield result
+        if stopped is not None:
+            raise stopped
         if source.error is not None:
             raise source.error
     finally:

@@ -259,7 +259,9 @@ class CallbackHub:
         the hub's).
         """
         if not isinstance(kind, str) or kind not in _PARSERS:
-            raise ValidationError(f"kind must be 'model', 'generation' or 'upscale', not {kind!r}")
+            raise ValidationError(
+                f"kind must be 'model', 'generation' or 'upscale', not {check.shown(kind)}"
+            )
         lifetime = self.ttl if ttl is None else check.seconds("ttl", ttl)
         now = time.monotonic()
         token = secrets.token_urlsafe(32)  # 256 bits

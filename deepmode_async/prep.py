@@ -196,11 +196,11 @@ def _options(
     """Every argument checked, before any photo is touched."""
     check.integer("size", size, 1, MAX_SIZE)
     if mode not in ("pad", "crop"):
-        raise ValidationError(f"mode must be 'pad' or 'crop', not {mode!r}")
+        raise ValidationError(f"mode must be 'pad' or 'crop', not {check.shown(mode)}")
     if format == "jpg":
         format = "jpeg"
     if format not in _SAVE:
-        raise ValidationError(f"format must be 'jpeg', 'png' or 'webp', not {format!r}")
+        raise ValidationError(f"format must be 'jpeg', 'png' or 'webp', not {check.shown(format)}")
     check.integer("quality", quality, 1, 95)
     check.positive("min_side", min_side)
     check.boolean("keep_icc", keep_icc)
@@ -213,7 +213,7 @@ def _colour(value: Any) -> tuple[int, int, int]:
             rgb = ImageColor.getrgb(value)
         except ValueError:
             raise ValidationError(
-                f"background must be a colour name or '#rrggbb', not {value!r}"
+                f"background must be a colour name or '#rrggbb', not {check.shown(value)}"
             ) from None
         return (rgb[0], rgb[1], rgb[2])
     if (
@@ -226,7 +226,8 @@ def _colour(value: Any) -> tuple[int, int, int]:
     ):
         return (value[0], value[1], value[2])
     raise ValidationError(
-        f"background must be a colour name, '#rrggbb' or an (r, g, b) tuple of 0-255, not {value!r}"
+        "background must be a colour name, '#rrggbb' or an (r, g, b) tuple of 0-255, "
+        f"not {check.shown(value)}"
     )
 
 
@@ -284,7 +285,7 @@ def _read_file_object(source: str, file: IO[bytes]) -> bytes:
         data = file.read()
         if start is not None:
             file.seek(start)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # whatever a file-like object raises (a zip member: BadZipFile)
         raise PhotoError(source, f"cannot read the file object: {exc}") from None
     if not isinstance(data, bytes):
         raise PhotoError(source, "the file object must be opened in binary mode ('rb')")

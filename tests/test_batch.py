@@ -648,40 +648,50 @@ async def test_progress_reports_submitted_completed_and_failed(
     assert sum(not result.ok for result in received) == 2
 
 
-async def test_a_failing_progress_callback_stops_the_batch_after_yielding_the_paid_result(
+async def consume_until_raised(
+    dm: AsyncClient, requests: list[GenerateRequest], **options: Any
+) -> tuple[list[BatchResult], ProgressCallbackError]:
+    received: list[BatchResult] = []
+
+    async def consume() -> None:
+        async for result in dm.images.generate_many(requests, **options):
+            received.append(result)
+
+    with pytest.raises(ProgressCallbackError) as caught:
+        await consume()
+    return received, caught.value
+
+
+async def test_a_failing_progress_callback_stops_the_batch_after_the_paid_results(
     mock: MockDeepMode, dm: AsyncClient, model_id: str
 ) -> None:
     def fail_at_first_completion(progress: BatchProgress) -> None:
         if progress.completed:
             raise RuntimeError("progress bar broke")
 
-    received: list[BatchResult] = []
-
-    async def consume() -> None:
-        async for result in dm.images.generate_many(
-            requests_for(model_id, 6), concurrency=2, progress=fail_at_first_completion
-        ):
-            received.append(result)
-
-    with pytest.raises(ProgressCallbackError, match=r"the batch stopped: .* progress bar broke"):
-        await consume()
-    assert len(received) == 1
-    assert received[0].ok
-    assert isinstance(received[0].generation, Generation)
-    assert received[0].generation.images[0].id in mock.images
-    await eventually(lambda: mock.in_flight == 0)
+    received, error = await consume_until_raised(
+        dm, requests_for(model_id, 6), concurrency=2, progress=fail_at_first_completion
+    )
+    assert str(error).startswith("the batch stopped: its progress callback raised RuntimeError")
+    # Both calls in flight were paid for: both are yielded; none is started after.
+    assert len(received) == len(mock.ledger) == len(sent(mock, "generate")) == 2
+    assert all(result.ok for result in received)
+    assert {result.generation.images[0].id for result in received if result.generation} <= set(
+        mock.images
+    )
     assert (await dm.account.balance()).remaining_balance == mock.balance  # still works
 
 
 async def test_a_progress_callback_failing_at_submission_stops_the_batch(
-    dm: AsyncClient, model_id: str
+    mock: MockDeepMode, dm: AsyncClient, model_id: str
 ) -> None:
     def boom(progress: BatchProgress) -> None:
         raise RuntimeError("no")
 
-    with pytest.raises(ProgressCallbackError) as caught:
-        await run_all(dm, requests_for(model_id, 3), progress=boom)
-    assert isinstance(caught.value.__cause__, RuntimeError)
+    received, error = await consume_until_raised(dm, requests_for(model_id, 3), progress=boom)
+    assert isinstance(error.__cause__, RuntimeError)
+    assert [result.ok for result in received] == [True]  # the one sent, yielded
+    assert len(mock.ledger) == len(sent(mock, "generate")) == 1
 
 
 # ------------------------------------------------------------------ bad input

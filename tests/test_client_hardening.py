@@ -5,14 +5,18 @@ from __future__ import annotations
 import gzip
 import os
 import pathlib
+import re
 import time
+import zlib
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import aiohttp
 import anyio
 import attrs
 import pytest
 from aiohttp import web
+from conftest import make_client
 from yarl import URL
 
 from deepmode_async import (
@@ -26,6 +30,7 @@ from deepmode_async import (
 )
 from deepmode_async._downloads import safe_file_name
 from deepmode_async._transport import Request
+from deepmode_async.callbacks import CallbackHub
 from deepmode_async.testing import MockDeepMode, sample_image
 
 pytestmark = pytest.mark.anyio
@@ -52,7 +57,12 @@ async def image_host() -> AsyncIterator[str]:
     async def plain(request: web.Request) -> web.Response:
         return web.Response(body=JPEG)
 
+    async def encoded(request: web.Request) -> web.Response:
+        status, encoding, body = ENCODED[request.match_info["case"]]
+        return web.Response(status=status, body=body, headers={"Content-Encoding": encoding})
+
     app = web.Application()
+    app.router.add_get("/encoded/{case}", encoded)
     app.router.add_get("/gzip", gzipped)
     app.router.add_get("/empty", empty)
     app.router.add_get("/image", plain)
@@ -163,6 +173,54 @@ async def test_a_gzip_encoded_image_downloads_whole(
     assert path.read_bytes() == JPEG
 
 
+def _raw_deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+HALF = len(JPEG) // 2
+ENCODED: dict[str, tuple[int, str, bytes]] = {
+    "zlib-deflate": (200, "deflate", zlib.compress(JPEG)),
+    "raw-deflate": (200, "deflate", _raw_deflate(JPEG)),
+    "gzip-members": (200, "gzip", gzip.compress(JPEG[:HALF]) + gzip.compress(JPEG[HALF:])),
+    "gzip-cut": (200, "gzip", gzip.compress(JPEG)[:-12]),
+    "gzip-empty": (200, "gzip", b""),
+    "gzip-junk": (200, "gzip", b"\x1f\x8b not gzip at all"),
+    "deflate-trailing": (200, "deflate", zlib.compress(JPEG) + b"junk"),
+    "brotli": (200, "br", JPEG),
+    "gzip-404": (404, "gzip", gzip.compress(b"BlobNotFound: The specified blob does not exist.")),
+}
+
+
+@pytest.mark.parametrize("case", ["zlib-deflate", "raw-deflate", "gzip-members"])
+async def test_deflate_and_multi_member_gzip_images_download_whole(
+    dm: AsyncClient, image_host: str, tmp_path: pathlib.Path, case: str
+) -> None:
+    (path,) = await dm.images.download(image_at(f"{image_host}/encoded/{case}"), tmp_path)
+    assert path.read_bytes() == JPEG
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("gzip-cut", "cut off before its end"),  # aiohttp alone saved it as complete
+        ("gzip-empty", "cut off before its end"),
+        ("gzip-junk", "its gzip encoding is broken"),
+        ("deflate-trailing", "data after the end of the deflate stream"),
+        ("brotli", "'br'-encoded, which is unsupported"),
+        ("gzip-404", "404: BlobNotFound: The specified blob does not exist."),
+    ],
+)
+async def test_a_badly_encoded_image_is_a_download_error_and_leaves_nothing(
+    mock: MockDeepMode, image_host: str, tmp_path: pathlib.Path, case: str, message: str
+) -> None:
+    async with make_client(mock) as dm:
+        with pytest.raises(DownloadError, match=re.escape(message)) as caught:
+            await dm.images.download(image_at(f"{image_host}/encoded/{case}"), tmp_path)
+    assert caught.value.image_id == "i1"
+    assert list(tmp_path.iterdir()) == []
+
+
 async def test_a_204_from_the_image_host_is_not_saved_as_the_image(
     dm: AsyncClient, image_host: str, tmp_path: pathlib.Path
 ) -> None:
@@ -226,3 +284,22 @@ def test_a_request_never_shows_its_key() -> None:
     request = Request("GET", URL("http://x/"), True, {"Authorization": "Bearer sk-secret"})
     assert "sk-secret" not in repr(request)
     assert "sk-secret" not in repr(attrs.evolve(request))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"num_images": 10**5000}, {"timeout": 10**400}, {"ratio": "x" * 100_000}],
+)
+async def test_huge_and_long_values_give_short_validation_errors(
+    dm: AsyncClient, options: dict[str, Any]
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        await dm.images.generate(model_id="m", prompt="p", **options)
+    assert len(str(caught.value)) < 300
+
+
+def test_a_long_callback_kind_gives_a_short_validation_error() -> None:
+    hub = CallbackHub("https://hooks.example/cb")
+    with pytest.raises(ValidationError) as caught:
+        hub.expect(cast(Any, "k" * 100_000))
+    assert len(str(caught.value)) < 300

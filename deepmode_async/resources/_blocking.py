@@ -173,8 +173,9 @@ class BlockingImages(Protocol):
 
         With `download_to`, each generation's images are downloaded into that directory
         as soon as it completes (`.paths`), atomically, as `download` does. `progress`
-        is called with a `BatchProgress` as requests start and finish; if it raises, the
-        batch stops with a `ProgressCallbackError` (after yielding the result at hand).
+        is called with a `BatchProgress` as requests start and finish; if it raises, no
+        more requests start, those in flight are yielded, and then it raises
+        `ProgressCallbackError`.
 
         Breaking out of the loop, or cancelling it, cancels what is in flight and waits
         for it to clean up; use `contextlib.aclosing` around the iterator for this to

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable
 from typing import Any, overload
+
+import anyio.to_thread
 
 from .. import _validate as check
 from .._errors import ValidationError
@@ -145,9 +148,11 @@ class Models(Resource):
 async def _prepared(inputs: list[ImageInput]) -> list[ImageInput]:
     """`inputs` as `deepmode_async.prep` prepares them, or an error if any is unusable."""
     try:
-        from .. import prep  # Pillow: only for those who ask for it
+        # Imported in a worker thread (Pillow takes tens of milliseconds), then bound here.
+        await anyio.to_thread.run_sync(importlib.import_module, "deepmode_async.prep")
+        from .. import prep
     except ImportError as exc:
-        raise ValidationError(f"prepare=True needs Pillow: {exc}") from None
+        raise ValidationError(f"prepare needs Pillow: {exc}") from None
     training_set = await prep.prepare_training_set(inputs)
     if training_set.skipped:
         reasons = "; ".join(f"{photo.source}: {photo.reason}" for photo in training_set.skipped)

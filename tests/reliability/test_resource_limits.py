@@ -223,7 +223,7 @@ async def test_a_photo_that_grows_mid_upload_is_a_clear_error(
         with first.open("ab") as file:
             file.write(b"\xff" * MB)
 
-    with pytest.raises(DeepModeError) as caught:
+    with pytest.raises(UploadSourceChanged, match="grew while it was uploaded") as caught:
         await dm.models.create(
             images=[first], progress=at(8 * MB, grow), gender="woman", model_type="amateur"
         )
@@ -259,7 +259,7 @@ async def test_a_photo_swapped_for_a_fifo_before_its_turn_fails_at_once(
 
     started = time.monotonic()
     try:
-        with pytest.raises(DeepModeError) as caught:
+        with pytest.raises(UploadSourceChanged, match="is no longer a regular file") as caught:
             await dm.models.create(
                 images=[first, second], progress=at(MB, swap), gender="woman", model_type="amateur"
             )
@@ -373,7 +373,7 @@ async def test_bad_download_destinations_are_refused_before_spending(
     locked.chmod(0o555)
     cases: list[tuple[str | pathlib.Path, str]] = [
         (a_file, f"dest {str(a_file)!r} exists and is not a directory"),
-        (a_file / "sub", f"cannot create dest {str(a_file / 'sub')!r}: Not a directory"),
+        (a_file / "sub", f"dest {str(a_file / 'sub')!r} cannot be created: Not a directory"),
         (f"{tmp_path}/a\0b", "dest contains a NUL byte, which no path can hold"),
     ]
     if not ROOT:
