@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar
 
 import aiohttp
-import anyio
 import attrs
 from yarl import URL
 
@@ -354,7 +353,9 @@ class Transport:
         }
         self._plain_headers: Final = {"User-Agent": user_agent, "Accept-Encoding": ACCEPTED}
         self._key: Final = api_key.encode()
-        self._calls: set[anyio.CancelScope] = set()  # of `send`s in flight, for `aclose`
+        # The tasks of `send`s in flight, and those that `aclose` cancelled.
+        self._calls: set[asyncio.Task[Any]] = set()
+        self._closed_calls: set[asyncio.Task[Any]] = set()
         self._with_content_type: dict[str, dict[str, str]] = {}  # built once per type
 
     def _api_headers_for(self, content_type: str | None) -> dict[str, str]:
@@ -385,8 +386,9 @@ class Transport:
         self._closed = True
         # Closing the session alone would leave a call reading a body waiting forever:
         # aiohttp drops the reader's wake-up and its read timeout with the connection.
-        for call in list(self._calls):
-            call.cancel()
+        for task in self._calls:
+            self._closed_calls.add(task)
+            task.cancel()
         session, self._session = self._session, None
         if session is not None and self._owns_session:
             await session.close()
@@ -460,15 +462,20 @@ class Transport:
         is a failed attempt like any other. A `pacer` shares slots and back-offs with
         the other calls of a batch.
         """
-        call = anyio.CancelScope()
-        self._calls.add(call)
+        task = asyncio.current_task()
+        assert task is not None
+        self._calls.add(task)
         try:
-            with call:
-                return await self._send(request, consume, timeout, pacer)
+            return await self._send(request, consume, timeout, pacer)
+        except asyncio.CancelledError:
+            # Swallowed only when `aclose` alone cancelled the task (as asyncio.timeout
+            # does); an anyio cancel scope would cost more than the whole call's own work.
+            if task in self._closed_calls and task.uncancel() == 0:
+                raise DeepModeError("This client was closed during the call") from None
+            raise
         finally:
-            self._calls.discard(call)
-        # Only `aclose` cancels `call` (an outer cancellation is not swallowed by it).
-        raise DeepModeError("This client was closed during the call")
+            self._calls.discard(task)
+            self._closed_calls.discard(task)
 
     async def _send(
         self,
