@@ -468,8 +468,8 @@ class Transport:
         try:
             return await self._send(request, consume, timeout, pacer)
         except asyncio.CancelledError:
-            # Swallowed only when `aclose` alone cancelled the task (as asyncio.timeout
-            # does); an anyio cancel scope would cost more than the whole call's own work.
+            # Swallowed only when `aclose` alone cancelled the task, as asyncio.timeout
+            # does (an anyio cancel scope per call measured 15-20 us of CPU more).
             if task in self._closed_calls and task.uncancel() == 0:
                 raise DeepModeError("This client was closed during the call") from None
             raise
