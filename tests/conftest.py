@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -36,6 +37,17 @@ async def mock() -> AsyncIterator[MockDeepMode]:
     """A mock on the test's own event loop, with the default options."""
     async with MockDeepMode(callback_backoff=0.01) as server:
         yield server
+
+
+@pytest.fixture
+def sdk_logger() -> Iterator[logging.Logger]:
+    """The SDK's logger without handlers (so DEEPMODE_LOG adds its own), put back after."""
+    logger = logging.getLogger("deepmode_async")
+    level, handlers = logger.level, list(logger.handlers)
+    logger.handlers.clear()
+    yield logger
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
 
 
 @pytest.fixture

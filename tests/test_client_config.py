@@ -165,9 +165,10 @@ async def test_a_client_belongs_to_the_loop_it_first_ran_in(mock: MockDeepMode) 
     assert "event loop" in str(error[0])
 
 
-def test_deepmode_log_turns_on_debug_logging_to_stderr(clean_env: pytest.MonkeyPatch) -> None:
-    logger = logging.getLogger("deepmode_async")
-    logger.handlers.clear()
+def test_deepmode_log_turns_on_debug_logging_to_stderr(
+    clean_env: pytest.MonkeyPatch, sdk_logger: logging.Logger
+) -> None:
+    logger = sdk_logger
     clean_env.setenv("DEEPMODE_LOG", "debug")
     AsyncClient("k")
     assert logger.level == logging.DEBUG

@@ -13,7 +13,7 @@ import pathlib
 import pickle
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -83,17 +83,6 @@ async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
     """A client on the mock that never retries, so every error surfaces at once."""
     async with AsyncClient(mock.api_key, base_url=mock.base_url, max_retries=0) as client:
         yield client
-
-
-@pytest.fixture
-def logger_state() -> Iterator[logging.Logger]:
-    """The SDK's logger, put back as it was (DEEPMODE_LOG adds a handler and a level)."""
-    logger = logging.getLogger("deepmode_async")
-    level, handlers = logger.level, list(logger.handlers)
-    logger.handlers.clear()
-    yield logger
-    logger.setLevel(level)
-    logger.handlers[:] = handlers
 
 
 def assert_readable(detail: str) -> None:
@@ -729,7 +718,7 @@ async def test_the_key_and_signatures_stay_out_of_logs_and_errors(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
-    logger_state: logging.Logger,
+    sdk_logger: logging.Logger,
     tmp_path: Any,
 ) -> None:
     monkeypatch.setenv("DEEPMODE_LOG", "debug")

@@ -78,17 +78,6 @@ def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
-@pytest.fixture
-def sdk_logger() -> Iterator[logging.Logger]:
-    """The SDK's logger without handlers (so DEEPMODE_LOG adds its own), put back after."""
-    logger = logging.getLogger("deepmode_async")
-    level, handlers = logger.level, list(logger.handlers)
-    logger.handlers.clear()
-    yield logger
-    logger.setLevel(level)
-    logger.handlers[:] = handlers
-
-
 # ------------------------------------------------------------------ where a secret may show
 
 
