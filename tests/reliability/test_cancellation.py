@@ -145,6 +145,17 @@ def summary(title: str, runs: list[Run], fds: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
+def assert_descriptors_returned(
+    title: str, runs: list[Run], fds: tuple[int, int, int, int, int]
+) -> None:
+    """Print what the runs hit, with the open fds (before the mock, before the client,
+    warm, after the client, after the mock), and check both came back to where they were."""
+    names = ("before mock", "before client", "warm", "after client", "after mock")
+    print(summary(title, runs, dict(zip(names, fds, strict=True))))
+    before_mock, before_client, _, after_client, after_mock = fds
+    assert (after_client, after_mock) == (before_client, before_mock)
+
+
 def windows(phases: Sequence[tuple[float, float]]) -> str:
     return ", ".join(f"{start * 1000:.0f}-{end * 1000:.0f}" for start, end in phases) + " ms"
 
@@ -359,15 +370,11 @@ async def test_downloads_cancelled_at_random_points(mechanism: str, tmp_path: pa
             }, summary("downloads", runs, {"warm": warm})
         after_client = await fds_settled(before_client)
     after_mock = await fds_settled(before_mock)
-    numbers = {
-        "before mock": before_mock,
-        "before client": before_client,
-        "warm": warm,
-        "after client": after_client,
-        "after mock": after_mock,
-    }
-    print(summary(f"downloads/{mechanism} (phases {windows(phases)})", runs, numbers))
-    assert (after_client, after_mock) == (before_client, before_mock)
+    assert_descriptors_returned(
+        f"downloads/{mechanism} (phases {windows(phases)})",
+        runs,
+        (before_mock, before_client, warm, after_client, after_mock),
+    )
 
 
 # ----------------------------------------------------------------------------- a batch
@@ -489,15 +496,11 @@ async def test_batches_cancelled_at_random_points(mechanism: str, tmp_path: path
             }, summary("batches", runs, {"warm": warm})
         after_client = await fds_settled(before_client)
     after_mock = await fds_settled(before_mock)
-    numbers = {
-        "before mock": before_mock,
-        "before client": before_client,
-        "warm": warm,
-        "after client": after_client,
-        "after mock": after_mock,
-    }
-    print(summary(f"batches/{mechanism} (phases {windows(phases)})", runs, numbers))
-    assert (after_client, after_mock) == (before_client, before_mock)
+    assert_descriptors_returned(
+        f"batches/{mechanism} (phases {windows(phases)})",
+        runs,
+        (before_mock, before_client, warm, after_client, after_mock),
+    )
 
 
 # ----------------------------------------------------------------------------- an upload
@@ -578,15 +581,11 @@ async def test_uploads_cancelled_at_random_points(mechanism: str, tmp_path: path
             assert [f.size for f in mock.requests[-1].files] == [UPLOAD_SIZE] * 3
         after_client = await fds_settled(before_client)
     after_mock = await fds_settled(before_mock)
-    numbers = {
-        "before mock": before_mock,
-        "before client": before_client,
-        "warm": warm,
-        "after client": after_client,
-        "after mock": after_mock,
-    }
-    print(summary(f"uploads/{mechanism} (phases {windows(phases)})", runs, numbers))
-    assert (after_client, after_mock) == (before_client, before_mock)
+    assert_descriptors_returned(
+        f"uploads/{mechanism} (phases {windows(phases)})",
+        runs,
+        (before_mock, before_client, warm, after_client, after_mock),
+    )
 
 
 # ----------------------------------------------------------------------------- waiting
@@ -793,15 +792,11 @@ async def test_cancelling_callback_hub_waits_at_random_points(tmp_path: pathlib.
     finally:
         await runner.cleanup()
     after_mock = await fds_settled(before_mock)
-    numbers = {
-        "before mock and hub": before_mock,
-        "before client": before_client,
-        "warm": warm,
-        "after client": after_client,
-        "after mock and hub": after_mock,
-    }
-    print(summary(f"callback hub (phases {windows(phases)})", runs, numbers))
-    assert (after_client, after_mock) == (before_client, before_mock)
+    assert_descriptors_returned(
+        f"callback hub (phases {windows(phases)})",
+        runs,
+        (before_mock, before_client, warm, after_client, after_mock),
+    )
 
 
 async def test_closing_an_async_client_mid_download_ends_the_call(
