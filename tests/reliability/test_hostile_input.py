@@ -27,7 +27,6 @@ import math
 import os
 import pathlib
 import re
-import socket
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Final, TypeVar
@@ -35,12 +34,11 @@ from typing import Any, Final, TypeVar
 import aiohttp
 import attrs
 import pytest
-import uvicorn
 from _support import leftovers
 from aiohttp import web
-from conftest import eventually
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from test_callbacks import bound_socket, serve_aiohttp, serve_uvicorn
 
 from deepmode_async import (
     Accepted,
@@ -375,13 +373,6 @@ class RawServer:
         self.deliver = deliver
         self.seen.clear()
         self.delivered.clear()
-
-
-def bound_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
 
 
 @pytest.fixture
@@ -863,29 +854,11 @@ async def serve_hub(adapter: str, hub_options: dict[str, Any]) -> AsyncIterator[
     """A hub served on loopback at /cb by its aiohttp or its ASGI adapter (uvicorn)."""
     sock = bound_socket()
     hub = CallbackHub(f"http://127.0.0.1:{sock.getsockname()[1]}/cb", **hub_options)
-    if adapter == "aiohttp":
-        app = web.Application()
-        app.add_subapp("/cb", hub.aiohttp_app())
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.25)
-        await runner.setup()
-        try:
-            await web.SockSite(runner, sock).start()
-            yield hub
-        finally:
-            await runner.cleanup()
-            sock.close()
-        return
-    config = uvicorn.Config(app=hub.asgi_app(), log_level="critical", log_config=None)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        await eventually(lambda: server.started or task.done(), within=5)
-        assert server.started, task.result()
+    serve = (
+        serve_aiohttp(hub, sock) if adapter == "aiohttp" else serve_uvicorn(hub.asgi_app(), sock)
+    )
+    async with serve:
         yield hub
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 @pytest.fixture(params=["aiohttp", "asgi"])
@@ -1263,43 +1236,26 @@ class Known:
         return makers[value.name]()
 
 
-URLS = st.sampled_from(
-    [
-        "https://app.example.com/cb",
-        "http://127.0.0.1:9/cb",
-        "ftp://x/cb",
-        "http://",
-        "https:///x",
-        "http://[::1",
-        "http://a b/",
-        " http://a/",
-        "http://a/\x00",
-        "javascript:alert(1)",
-        "//no-scheme/x",
-        "http://" + "a" * 300 + "/",
-    ]
-)
+BAD_URLS = [
+    "ftp://x/cb",
+    "http://",
+    "https:///x",
+    "http://[::1",
+    "http://a b/",
+    " http://a/",
+    "http://a/\x00",
+    "javascript:alert(1)",
+    "//no-scheme/x",
+    "http://" + "a" * 300 + "/",
+]
+URLS = st.sampled_from(["https://app.example.com/cb", "http://127.0.0.1:9/cb", *BAD_URLS])
 TIMEOUTS = maybe(
     st.sampled_from([None, 30, 30.0, 1e300, Timeout(), Timeout(connect=5, read=60, total=None)])
 )
 PROGRESS = maybe(st.sampled_from([None, noop]))
 MODEL_IDS = maybe(st.just(Ref("model_id")), ["unknown-model", "../x", "a/b", "%2e", " "])
 IMAGE_IDS = maybe(st.just(Ref("image_id")), ["unknown-image", "..", "a?b#c", "\t"])
-CALLBACKS = maybe(
-    st.sampled_from([None, None, Ref("hub"), "http://127.0.0.1:9/cb"]),
-    [
-        "ftp://x/cb",
-        "http://",
-        "https:///x",
-        "http://[::1",
-        "http://a b/",
-        " http://a/",
-        "http://a/\x00",
-        "javascript:alert(1)",
-        "//no-scheme/x",
-        "http://" + "a" * 300 + "/",
-    ],
-)
+CALLBACKS = maybe(st.sampled_from([None, None, Ref("hub"), "http://127.0.0.1:9/cb"]), BAD_URLS)
 GOOD_IMAGE = st.sampled_from(
     [Ref("photo"), Ref("photo text"), Ref("BytesIO"), JPEG, ("a.png", PNG), ("a.jpg", JPEG, "x/y")]
 )
