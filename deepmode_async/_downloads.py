@@ -154,6 +154,10 @@ def check_destination(dest: str | os.PathLike[str]) -> pathlib.Path:
     return path
 
 
+#: Images downloaded at once by `images.download` (and by a batch, per generation).
+DOWNLOAD_CONCURRENCY: Final = 16
+
+
 class Downloader:
     """Downloads images through the transport; `refresh` re-signs an expired URL."""
 
@@ -225,7 +229,8 @@ class Downloader:
             except APIError as exc:
                 raise _failed(image, str(exc)) from exc
             except OSError as exc:  # the local disk, not the network
-                raise _failed(image, f"cannot write {str(target)!r}: {exc}") from exc
+                reason = exc.strerror or str(exc)  # not the temporary file's name
+                raise _failed(image, f"cannot write {str(target)!r}: {reason}") from exc
             except DownloadError as exc:
                 if exc.image_id is not None:
                     raise

@@ -25,9 +25,9 @@ import anyio
 import attrs
 
 from . import _validate as check
+from ._downloads import DOWNLOAD_CONCURRENCY
 from ._errors import (
     DeepModeError,
-    DownloadError,
     ProgressCallbackError,
     ValidationError,
     report_progress,
@@ -279,10 +279,16 @@ async def _run_one(
     if download_to is None:
         return BatchResult(index, request, generation)
     try:
-        paths = await images.download(generation, download_to, timeout=timeout)
-    except ValidationError as error:  # download_to was fine when checked, not any more
-        failure = DownloadError(f"Could not save the images: {error}")
-        return BatchResult(index, request, generation, error=failure)
+        # `download_to` was checked once for the batch; should it go away later, writing
+        # into it fails as a `DownloadError` ("cannot write"), with the generation kept.
+        paths = await images._downloader.download(
+            generation.images,
+            download_to,
+            concurrency=DOWNLOAD_CONCURRENCY,
+            overwrite=False,
+            progress=None,
+            timeout=timeout,
+        )
     except DeepModeError as error:
         return BatchResult(index, request, generation, error=error)
     return BatchResult(index, request, generation, tuple(paths))

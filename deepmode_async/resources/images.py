@@ -9,7 +9,14 @@ from collections.abc import AsyncGenerator, AsyncIterable, Iterable
 from typing import overload
 
 from .. import _validate as check
-from .._downloads import Downloadable, Downloader, ProgressCallback, check_destination, flatten
+from .._downloads import (
+    DOWNLOAD_CONCURRENCY,
+    Downloadable,
+    Downloader,
+    ProgressCallback,
+    check_destination,
+    flatten,
+)
 from .._errors import ValidationError
 from .._transport import Pacer, Timeout, Transport, coerce_timeout, json_body
 from .._types import Accepted, Generation, Image, Ratio, RemixMode, RemixResult
@@ -287,7 +294,7 @@ class Images(Resource):
         items: Downloadable | Iterable[Downloadable],
         dest: str | os.PathLike[str],
         *,
-        concurrency: int = 16,
+        concurrency: int = DOWNLOAD_CONCURRENCY,
         overwrite: bool = False,
         progress: ProgressCallback | None = None,
         timeout: Timeout | float | None = None,
