@@ -8,7 +8,11 @@ import pathlib
 from collections.abc import AsyncIterable, Iterable, Iterator
 from typing import Protocol, overload
 
-from .._downloads import Downloadable, ProgressCallback
+from .._downloads import (
+    DOWNLOAD_CONCURRENCY,
+    Downloadable,
+    ProgressCallback,
+)
 from .._transport import Timeout
 from .._types import (
     Accepted,
@@ -251,7 +255,7 @@ class BlockingImages(Protocol):
         items: Downloadable | Iterable[Downloadable],
         dest: str | os.PathLike[str],
         *,
-        concurrency: int = 16,
+        concurrency: int = DOWNLOAD_CONCURRENCY,
         overwrite: bool = False,
         progress: ProgressCallback | None = None,
         timeout: Timeout | float | None = None,
