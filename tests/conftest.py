@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -11,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import attrs
+import hypothesis
 import pytest
 from aiohttp import web
 
@@ -18,6 +20,12 @@ from deepmode_async import AsyncClient
 from deepmode_async.testing import MockDeepMode
 
 FAST = 0.001  # backoff base for tests: retries without sleeping
+
+# `make test` tries the same examples on every run, so a red CI can be replayed rather
+# than being a seed nobody kept; `HYPOTHESIS_PROFILE=explore` searches afresh each run.
+hypothesis.settings.register_profile("ci", derandomize=True, database=None)
+hypothesis.settings.register_profile("explore")
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def make_client(mock: MockDeepMode, *, max_retries: int = 2, **options: Any) -> AsyncClient:

@@ -1078,6 +1078,7 @@ def all_files(root: pathlib.Path) -> set[pathlib.Path]:
 )
 @example(names=["a" * 600, "a" * 600], existing=["a" * 600], overwrite=False)
 @example(names=["../sibling.txt", "..", "/", "\\..\\sibling.txt"], existing=[], overwrite=True)
+@example(names=["\ud800\udcff"], existing=[], overwrite=False)
 async def test_any_file_name_lands_directly_inside_dest(
     raw: RawServer,
     rdm: AsyncClient,
@@ -1107,7 +1108,9 @@ async def test_any_file_name_lands_directly_inside_dest(
     everything_before = all_files(tmp_path)
 
     generation = await rdm.images.generate(model_id="m", prompt="p", num_images=len(names))
-    assert [image.file_name for image in generation.images] == names
+    # JSON joins a lone high surrogate followed by a low one into one character.
+    served = [json.loads(json.dumps(name)) for name in names]
+    assert [image.file_name for image in generation.images] == served
     paths = await rdm.images.download(generation, dest, overwrite=overwrite)
 
     assert len(paths) == len(names)
