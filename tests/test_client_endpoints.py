@@ -8,7 +8,6 @@ import io
 import os
 import pathlib
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
 from typing import Any
@@ -643,13 +642,13 @@ async def test_cancelled_upload_closes_the_file_it_was_opening(
     """A call cancelled while a path is being opened for its part leaks no open file."""
     path = write(tmp_path / "face.jpg", JPEG)
     opened: list[Any] = []
-    opening = threading.Event()
+    opening, cancelled = threading.Event(), threading.Event()
     real_open = _uploads.open_regular_file
 
     def slow_open(source: pathlib.Path) -> Any:
         if source == path and len(opened) == 1:  # the 1st open inspects, the 2nd uploads
             opening.set()
-            time.sleep(0.2)
+            cancelled.wait(5)  # the open ends only after the call was cancelled
         file = real_open(source)
         if source == path:
             opened.append(file)
@@ -660,6 +659,7 @@ async def test_cancelled_upload_closes_the_file_it_was_opening(
         task = asyncio.create_task(dm.models.create(images=[path], **TRAINING))
         await eventually(opening.is_set)
         task.cancel()
+        cancelled.set()
         with pytest.raises(asyncio.CancelledError):
             await task
         # aiohttp writes the body in a task of its own, which ends a moment later.

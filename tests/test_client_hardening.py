@@ -16,7 +16,7 @@ import anyio
 import attrs
 import pytest
 from aiohttp import web
-from conftest import make_client
+from conftest import eventually, make_client
 from yarl import URL
 
 from deepmode_async import (
@@ -128,11 +128,11 @@ async def test_a_closed_session_of_yours_gives_a_typed_error(mock: MockDeepMode)
 async def test_closing_the_client_during_a_backoff_ends_the_call(
     dm: AsyncClient, mock: MockDeepMode
 ) -> None:
-    mock.fail("balance", 503, retry_after=0.3)
+    mock.fail("balance", 503, retry_after=30)
     async with anyio.create_task_group() as group:
 
         async def close_soon() -> None:
-            await anyio.sleep(0.1)
+            await eventually(lambda: any(r.status == 503 for r in mock.requests))
             await dm.aclose()
 
         group.start_soon(close_soon)

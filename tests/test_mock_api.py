@@ -394,7 +394,7 @@ async def test_check_balance(mock: MockDeepMode, http: aiohttp.ClientSession) ->
 async def test_create_model_callback_posts_the_trained_model(
     mock: MockDeepMode, http: aiohttp.ClientSession, receiver: Receiver
 ) -> None:
-    mock.training_delay = 0.1
+    mock.training_delay = 1.0  # long enough to look before it ends, on a loaded machine too
     data = form(("images", "face.jpg", JPEG), name="Ann", callback=receiver.url, **TRAINING)
     assert await ok(http, post(MODELS, data=data)) == {"message": "Created model successfully"}
     [model] = mock.models.values()
@@ -416,7 +416,7 @@ async def test_create_model_callback_posts_the_trained_model(
 async def test_generate_callback(
     mock: MockDeepMode, http: aiohttp.ClientSession, receiver: Receiver
 ) -> None:
-    mock.set_latency("generate", 0.2)
+    mock.set_latency("generate", 1.0)  # the callback must not have come when we look
     call = await valid_call(mock, http, "generate", num_images=2, callback=receiver.url)
     assert await ok(http, call) == {"message": "Generating images..."}
     assert receiver.bodies == []
@@ -432,7 +432,7 @@ async def test_generate_callback(
 async def test_upscale_callback(
     mock: MockDeepMode, http: aiohttp.ClientSession, receiver: Receiver
 ) -> None:
-    mock.set_latency("upscale", 0.2)
+    mock.set_latency("upscale", 1.0)
     call = await valid_call(mock, http, "upscale", callback=receiver.url)
     assert await ok(http, call) == {"message": "Upscaling images..."}
     assert receiver.bodies == []

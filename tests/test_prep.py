@@ -738,11 +738,13 @@ async def test_the_loop_keeps_ticking_while_thirty_large_photos_are_prepared(
 ) -> None:
     lock = threading.Lock()
     running, peak = 0, 0
+    threads: set[int] = set()  # where the photos were prepared
     real_prepare = prep_module._prepare_one
 
     def counted(*args: Any) -> Any:
         nonlocal running, peak
         with lock:
+            threads.add(threading.get_ident())
             running += 1
             peak = max(peak, running)
         try:
@@ -786,8 +788,9 @@ async def test_the_loop_keeps_ticking_while_thirty_large_photos_are_prepared(
     assert peak == 2  # two photos at a time, never more
     # Each was decoded at a quarter of its side (1000 x 750 >= 640 wide), not 12 MP.
     assert resized == [(1000, 750)] * 30
-    # Measured on 2 cores: longest gap ~15-25 ms, ~1.6 s for the 30 photos. Done on
-    # the loop, the gap would be the whole run.
-    assert max(gaps) < 0.1, f"longest gap {max(gaps) * 1000:.0f} ms"
-    assert len(gaps) >= elapsed / 0.01 / 2
+    assert threading.get_ident() not in threads  # the work never ran on the loop's thread
+    # Measured on 2 cores: longest gap ~15-25 ms, ~1.6 s for the 30 photos. Done on the
+    # loop, a gap would last at least one photo; the bounds leave room for a loaded machine.
+    assert max(gaps) < 0.25, f"longest gap {max(gaps) * 1000:.0f} ms"
+    assert len(gaps) >= elapsed / 0.01 / 4
     print(f"30 photos in {elapsed:.2f} s, longest gap {max(gaps) * 1000:.1f} ms")

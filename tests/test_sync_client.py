@@ -158,11 +158,20 @@ def test_ctrl_c_cancels_the_call_in_flight(dm: Client, mock: MockDeepMode) -> No
     # What Ctrl+C does: SIGINT to the main thread, where the call waits.
     main = threading.main_thread().ident
     assert main is not None
-    timer = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT))
-    timer.start()
+    sent = len(mock.requests)
+
+    def interrupt_once_the_call_is_held() -> None:
+        deadline = time.monotonic() + 5
+        while len(mock.requests) == sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt_once_the_call_is_held)
+    interrupter.start()
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         dm.account.balance()
+    interrupter.join()
     assert time.monotonic() - started < 5
     deadline = time.monotonic() + 5
     while not mock.requests[-1].disconnected:  # the call was cancelled, its connection closed

@@ -67,6 +67,7 @@ T = TypeVar("T")
 How = Literal["move_on_after", "scope.cancel", "task.cancel"]
 
 RUNS = 10  # cancelled runs per subject and mechanism
+HUB_HOLD = 0.2  # how long the server holds a callback-mode call before answering
 MECHANISMS = ["scope", "task"]  # scope: move_on_after and CancelScope.cancel() in turn
 
 
@@ -522,7 +523,9 @@ async def test_uploads_cancelled_at_random_points(mechanism: str, tmp_path: path
     images = photos(tmp_path / "photos", 3)  # 24 MB streamed from disk: some ms on loopback
     before_mock = open_fds()
     runs: list[Run] = []
-    async with MockDeepMode(latency={"create_model": 0.05}) as mock:
+    # The server takes 0.25 s to answer: a window wide enough to cancel in, even when a
+    # loaded machine makes one upload last longer than the one timed.
+    async with MockDeepMode(latency={"create_model": 0.25}) as mock:
         before_client = open_fds()
         async with make_client(mock) as dm:
             create = functools.partial(dm.models.create, images=images, **TRAINING)
@@ -613,15 +616,16 @@ async def test_a_cancel_during_a_retry_backoff_leaves_nothing(
     await dm.images.download(generation, tmp_path / "warm")  # a connection to each host
     before = open_fds()
 
-    # A download that failed with a 500 waits (jittered, up to 1000 s) to try again.
+    # A download that failed with a 500 waits (jittered, up to 1000 s) to try again. The
+    # cancel comes 0.5 s in: long after the 500, even on a loaded machine.
     mock.fail("download", 500)
     since = len(mock.requests)
     started = time.monotonic()
     cancelled, _ = await cancel_after(
-        how, 0.15, lambda: dm.images.download(generation, tmp_path / "out")
+        how, 0.5, lambda: dm.images.download(generation, tmp_path / "out")
     )
     assert cancelled
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 2
     assert [r.status for r in mock.requests[since:]] == [500]  # cancelled in the backoff
     assert leftovers(tmp_path) == []
     assert files(tmp_path / "out") == []
@@ -630,7 +634,7 @@ async def test_a_cancel_during_a_retry_backoff_leaves_nothing(
     mock.fail("generate", 429, retry_after=30)
     since, charges = len(mock.requests), len(mock.ledger)
     cancelled, _ = await cancel_after(
-        how, 0.15, lambda: dm.images.generate(model_id=generation.images[0].model_id, prompt="q")
+        how, 0.5, lambda: dm.images.generate(model_id=generation.images[0].model_id, prompt="q")
     )
     assert cancelled
     assert [r.status for r in mock.requests[since:]] == [429]
@@ -723,7 +727,8 @@ async def test_cancelling_callback_hub_waits_at_random_points(tmp_path: pathlib.
     await runner.setup()
     await web.SockSite(runner, sock).start()  # the server closes it when cleaned up
     try:
-        # Callback mode: the call is held 30 ms, answered, and the result POSTed 60 ms later.
+        # Callback mode: the call is held HUB_HOLD s, answered, and the result POSTed 60 ms
+        # later. The hold is long enough for the call to be in it on a loaded machine.
         async with MockDeepMode(
             latency={"generate": 0.06}, callback_retries=1, callback_backoff=0.01
         ) as mock:
@@ -731,18 +736,18 @@ async def test_cancelling_callback_hub_waits_at_random_points(tmp_path: pathlib.
             before_client = open_fds()
             async with make_client(mock) as dm:
                 assert (await dm.account.balance()).remaining_balance == mock.balance
-                mock.stall("generate", seconds=0.03)
+                mock.stall("generate", seconds=HUB_HOLD)
                 duration = await timed(
                     lambda: dm.images.generate(model_id=model.id, prompt="p", callback=hub)
                 )
                 warm = await steady_fds()
                 hows: list[How] = ["move_on_after", "scope.cancel", "task.cancel"]
                 # Held on the way in, waiting for the callback, after the end.
-                phases = [(0.0, 0.03), (0.03, duration), (duration, 2 * duration)]
+                phases = [(0.0, HUB_HOLD), (HUB_HOLD, duration), (duration, 2 * duration)]
                 for run, (_, delay) in enumerate(plan("scope", phases, seed=4)):
                     how = hows[run % 3]
                     mock.clear_faults()
-                    mock.stall("generate", seconds=0.03)
+                    mock.stall("generate", seconds=HUB_HOLD)
                     since, charges = len(mock.requests), len(mock.ledger)
                     deliveries = len(mock.callbacks)
 
@@ -859,17 +864,21 @@ def test_blocking_timeouts_mid_download_and_mid_upload(tmp_path: pathlib.Path) -
             # outlives its total timeout half-way through the body.
             peak = UploadPeak()
 
-            def slow(progress: UploadProgress) -> None:
+            def slow(progress: UploadProgress) -> None:  # the body would take about 3 s
                 peak(progress)
-                time.sleep(0.002)
+                time.sleep(0.01)
 
             with pytest.raises(APITimeoutError):
                 dm.models.create(
-                    images=images, progress=slow, timeout=Timeout(total=0.1), **TRAINING
+                    images=images, progress=slow, timeout=Timeout(total=0.5), **TRAINING
                 )
             assert 0 < peak.sent < peak.total
-            wait_until(lambda: all(settled(r) for r in mock.requests))
-            assert mock.requests[-1].endpoint == "create_model"
+            wait_until(
+                lambda: (
+                    mock.requests[-1].endpoint == "create_model"
+                    and all(settled(r) for r in mock.requests)
+                )
+            )
             assert mock.requests[-1].disconnected
             assert [c.endpoint for c in mock.ledger] == ["generate"]  # no training charged
 

@@ -42,7 +42,7 @@ from deepmode_async.testing._records import RecordedRequest
 pytestmark = pytest.mark.anyio
 
 SIZE = 1024 * 1024  # large enough that a fault at half the body is really mid-stream
-SHORT = Timeout(connect=5, read=0.4)  # a stalled body gives up quickly
+SHORT = Timeout(connect=5, read=1.0)  # a stalled body (5 s) gives up quickly
 
 
 def sha256(data: bytes) -> str:
