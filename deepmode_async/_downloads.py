@@ -37,6 +37,7 @@ from ._errors import (
     ValidationError,
     report_progress,
 )
+from ._tasks import map_bounded
 from ._transport import Timeout, Transport
 from ._types import Generation, Image, RemixResult
 
@@ -187,24 +188,13 @@ class Downloader:
             ]
         )
         tracker = _Tracker(len(images), progress)
-        paths: list[pathlib.Path | None] = [None] * len(images)
-        limiter = anyio.Semaphore(concurrency)
 
-        async def run(index: int) -> None:
-            async with limiter:
-                paths[index] = await self._one(
-                    images[index], dest / names[index], overwrite, tracker, timeout
-                )
+        async def one(index: int) -> pathlib.Path:
+            path = await self._one(images[index], dest / names[index], overwrite, tracker, timeout)
             tracker.file_done()
+            return path
 
-        try:
-            async with anyio.create_task_group() as group:
-                for index in range(len(images)):
-                    group.start_soon(run, index)
-        except BaseExceptionGroup as failures:
-            first = _first_leaf(failures)
-            raise first from first.__cause__  # not from the group: keep the real cause
-        return [path for path in paths if path is not None]
+        return await map_bounded(one, range(len(images)), concurrency)
 
     async def _one(
         self,
@@ -257,11 +247,6 @@ def _signed_url(url: str, image: Image | RemixResult) -> URL:
 
 def _failed(image: Image | RemixResult, reason: str) -> DownloadError:
     return DownloadError(f"Could not download image {image.id}: {reason}", image_id=image.id)
-
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 class _Tracker:

@@ -388,6 +388,28 @@ def test_download_unknown_id_fails(env: dict[str, str], tmp_path: pathlib.Path) 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_download_fetches_the_ids_side_by_side(
+    mock: MockDeepMode, env: dict[str, str], model_id: str, tmp_path: pathlib.Path
+) -> None:
+    with Client(mock.api_key, base_url=mock.base_url) as dm:
+        generations = [dm.images.generate(model_id=model_id, prompt="p") for _ in range(6)]
+    ids = [generation.images[0].id for generation in generations]
+    mock.peak_in_flight = 0
+    mock.set_latency("retrieve_image", 0.5)  # long enough for every start to overlap
+    result = run(env, "download", *ids, "--out", str(tmp_path / "dl"), "--concurrency", "3")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 6
+    assert [r.endpoint for r in mock.requests].count("retrieve_image") == 6
+    assert mock.peak_in_flight == 3  # --concurrency bounds the lookups too
+
+    # One unknown id among them: one error line naming it, and nothing downloaded.
+    mock.set_latency("retrieve_image", 0)
+    result = run(env, "download", *ids[:3], "no-such-image", "--out", str(tmp_path / "bad"))
+    assert result.returncode == 1
+    assert "no-such-image" in assert_one_error_line(result.stderr)
+    assert not (tmp_path / "bad").exists() or list((tmp_path / "bad").iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- mock serve
 
 

@@ -14,6 +14,7 @@ from .. import _validate as check
 from .._client import AsyncClient
 from .._downloads import DownloadProgress, check_destination
 from .._errors import DeepModeError, ValidationError
+from .._tasks import map_bounded
 from .._types import Accepted, Image, Model, ModelCreated, RemixResult
 from .._uploads import UploadProgress
 from ..batch import BatchResult, GenerateRequest
@@ -239,7 +240,8 @@ def download(options: argparse.Namespace) -> None:
     check.positive("--concurrency", options.concurrency)
 
     async def call(dm: AsyncClient) -> list[pathlib.Path]:
-        images = [await dm.images.retrieve(image_id) for image_id in options.image_ids]
+        # Fresh URLs for all of them first, side by side: the names are chosen together.
+        images = await map_bounded(dm.images.retrieve, options.image_ids, options.concurrency)
         with progress_bar(options, "downloading", len(images)) as bar:
             return await dm.images.download(
                 images,
