@@ -581,6 +581,15 @@ async def test_fastapi_mount(plain: aiohttp.ClientSession, delivered: dict[str, 
         assert pending.done
 
 
+async def test_a_delivery_with_a_trailing_slash_is_received_by_either_adapter(
+    serve: StartHub, plain: aiohttp.ClientSession, delivered: dict[str, Any]
+) -> None:
+    hub = await serve()
+    pending = hub.expect("upscale")
+    assert await post(plain, pending.url + "/", delivered["upscale"]) == (200, "received")
+    assert (await pending.wait(timeout=2)).id == delivered["upscale"]["id"]
+
+
 async def test_unknown_token_is_404(serve: StartHub, plain: aiohttp.ClientSession) -> None:
     hub = await serve()
     pending = hub.expect("upscale")
