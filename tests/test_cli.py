@@ -438,6 +438,40 @@ def test_a_connection_failure_is_one_line_without_retry_warnings(
     assert "retry 1 of 2" in debug.stderr  # the warnings are there when asked for
 
 
+def test_timeout_and_max_retries_set_the_clients(mock: MockDeepMode, env: dict[str, str]) -> None:
+    mock.stall("balance", seconds=30)
+    started = time.monotonic()
+    done = run(env, "balance", "--timeout", "0.3", "--max-retries", "0")
+    assert done.returncode == 1
+    assert "timed out" in assert_one_error_line(done.stderr)
+    assert time.monotonic() - started < 10  # not the 30 s stall, nor 600 s by default
+    assert [r.endpoint for r in mock.requests] == ["balance"]  # and no second try
+
+    mock.clear_faults()
+    mock.fail("balance", 503, retry_after=0)
+    assert run(env, "balance", "--max-retries", "0").returncode == 1
+    mock.fail("balance", 503, retry_after=0)
+    assert run(env, "balance").returncode == 0  # retried by default
+    assert [r.status for r in mock.requests[1:]] == [503, 503, 200]
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--timeout", "0"], "--timeout"),
+        (["--timeout", "nan"], "--timeout"),
+        (["--max-retries", "-1"], "--max-retries"),
+    ],
+)
+def test_bad_timeout_or_max_retries_is_a_usage_error(
+    mock: MockDeepMode, env: dict[str, str], args: list[str], named: str
+) -> None:
+    done = run(env, "balance", *args)
+    assert done.returncode == 2
+    assert assert_one_error_line(done.stderr).startswith(f"error: {named} must be")
+    assert mock.requests == []
+
+
 def test_download_concurrency_is_checked_before_any_request(
     mock: MockDeepMode, env: dict[str, str], tmp_path: pathlib.Path
 ) -> None:

@@ -97,6 +97,15 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--api-key", help="API key (default: $DEEPMODE_API_KEY)")
     common.add_argument("--base-url", help="API base URL (default: $DEEPMODE_BASE_URL)")
+    common.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="longest wait for each piece of an answer (default: 600)",
+    )
+    common.add_argument(
+        "--max-retries", type=int, metavar="N", help="tries after the first (default: 2)"
+    )
     common.add_argument("--json", action="store_true", help="machine-readable output")
     common.add_argument("--debug", action="store_true", help="show tracebacks and requests")
 

@@ -29,11 +29,22 @@ class BatchFailed(DeepModeError):
     """Some requests of a batch failed (each was reported on its own line)."""
 
 
+def client(options: argparse.Namespace, **where: str) -> AsyncClient:
+    """A client made from the common options; `where` (`api_key`, `base_url`) overrides
+    the ones given, as the demo does for its embedded mock."""
+    settings: dict[str, Any] = {"api_key": options.api_key, "base_url": options.base_url}
+    if options.timeout is not None:
+        settings["timeout"] = check.seconds("--timeout", options.timeout)
+    if options.max_retries is not None:
+        settings["max_retries"] = options.max_retries
+    return AsyncClient(**(settings | where))
+
+
 def run(options: argparse.Namespace, call: Callable[[AsyncClient], Awaitable[T]]) -> T:
     """Run `call` with a client made from the options, on a fresh event loop."""
 
     async def with_client() -> T:
-        async with AsyncClient(options.api_key, base_url=options.base_url) as dm:
+        async with client(options) as dm:
             return await call(dm)
 
     return _signals.run(with_client())

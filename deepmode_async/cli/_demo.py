@@ -23,7 +23,7 @@ from .._downloads import check_destination
 from .._errors import ValidationError
 from ..batch import GenerateRequest
 from . import _signals
-from ._commands import BatchFailed, generate_batch, upload
+from ._commands import BatchFailed, client, generate_batch, upload
 from ._hub import local_hub
 from ._terminal import dumps, say
 
@@ -139,7 +139,7 @@ async def _client(
     """A client for the real API and the user's photos, or for a fresh embedded mock and
     sample photos written to a temporary directory."""
     if options.live:
-        async with AsyncClient(options.api_key, base_url=options.base_url) as dm:
+        async with client(options) as dm:
             yield dm, list(options.photos)
         return
     from ..testing import MockDeepMode, sample_image
@@ -159,7 +159,7 @@ async def _client(
             MockDeepMode(
                 training_delay=MOCK_TRAINING_DELAY, latency={"generate": MOCK_GENERATE_LATENCY}
             ) as mock,
-            AsyncClient(mock.api_key, base_url=mock.base_url) as dm,
+            client(options, api_key=mock.api_key, base_url=mock.base_url) as dm,
         ):
             yield dm, photos
 
