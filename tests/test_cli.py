@@ -402,12 +402,28 @@ def test_download_fetches_the_ids_side_by_side(
     assert [r.endpoint for r in mock.requests].count("retrieve_image") == 6
     assert mock.peak_in_flight == 3  # --concurrency bounds the lookups too
 
+    # An API that lets two in at a time: the lookups slow down together instead of each
+    # using up its retries on 429s.
+    mock.limit_concurrency(2, retry_after=0.1)
+    mock.set_latency("retrieve_image", 0.3)
+    result = run(env, "download", *ids, "--out", str(tmp_path / "paced"), "--concurrency", "6")
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "paced").iterdir())) == 6
+    mock.limit_concurrency(None)
+
     # One unknown id among them: one error line naming it, and nothing downloaded.
     mock.set_latency("retrieve_image", 0)
     result = run(env, "download", *ids[:3], "no-such-image", "--out", str(tmp_path / "bad"))
     assert result.returncode == 1
     assert "no-such-image" in assert_one_error_line(result.stderr)
     assert not (tmp_path / "bad").exists() or list((tmp_path / "bad").iterdir()) == []
+
+    # An id that cannot be one is refused before any lookup.
+    sent = len(mock.requests)
+    result = run(env, "download", ids[0], "", "--out", str(tmp_path / "bad"))
+    assert result.returncode == 2
+    assert assert_one_error_line(result.stderr).startswith("error: IMAGE_ID #2 ")
+    assert len(mock.requests) == sent
 
 
 # ----------------------------------------------------------------------------- mock serve
@@ -470,6 +486,19 @@ def test_bad_timeout_or_max_retries_is_a_usage_error(
     assert done.returncode == 2
     assert assert_one_error_line(done.stderr).startswith(f"error: {named} must be")
     assert mock.requests == []
+
+
+def test_a_bad_timeout_is_refused_before_the_live_demo_asks_or_writes(
+    tmp_path: pathlib.Path,
+) -> None:
+    photo = tmp_path / "me.jpg"
+    photo.write_bytes(sample_image())
+    out = tmp_path / "out"
+    args = ["demo", "--live", "--yes", "--photo", str(photo), "--out", str(out)]
+    done = run(clean_env(), *args, "--timeout", "-1", "--api-key", "k")
+    assert done.returncode == 2
+    assert assert_one_error_line(done.stderr).startswith("error: --timeout must be")
+    assert not out.exists()
 
 
 def test_download_concurrency_is_checked_before_any_request(

@@ -45,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         # breaking the one-line error; DEEPMODE_LOG or --debug show them.
         log.addHandler(logging.NullHandler())
     try:
+        if "timeout" in options:  # the commands that make a client
+            _commands.check_client_options(options)
         options.run(options)
     except KeyboardInterrupt:
         if options.debug:

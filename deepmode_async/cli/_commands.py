@@ -15,6 +15,7 @@ from .._client import AsyncClient
 from .._downloads import DownloadProgress, check_destination
 from .._errors import DeepModeError, ValidationError
 from .._tasks import map_bounded
+from .._transport import Pacer
 from .._types import Accepted, Image, Model, ModelCreated, RemixResult
 from .._uploads import UploadProgress
 from ..batch import BatchResult, GenerateRequest
@@ -29,12 +30,20 @@ class BatchFailed(DeepModeError):
     """Some requests of a batch failed (each was reported on its own line)."""
 
 
+def check_client_options(options: argparse.Namespace) -> None:
+    """Refuse a bad `--timeout` or `--max-retries` before the command does anything."""
+    if options.timeout is not None:
+        check.seconds("--timeout", options.timeout)
+    if options.max_retries is not None and options.max_retries < 0:
+        raise ValidationError(f"--max-retries must be 0 or more, not {options.max_retries}")
+
+
 def client(options: argparse.Namespace, **where: str) -> AsyncClient:
-    """A client made from the common options; `where` (`api_key`, `base_url`) overrides
-    the ones given, as the demo does for its embedded mock."""
+    """A client made from the common options (see `check_client_options`); `where`
+    (`api_key`, `base_url`) overrides the ones given, as the demo does for its mock."""
     settings: dict[str, Any] = {"api_key": options.api_key, "base_url": options.base_url}
     if options.timeout is not None:
-        settings["timeout"] = check.seconds("--timeout", options.timeout)
+        settings["timeout"] = options.timeout
     if options.max_retries is not None:
         settings["max_retries"] = options.max_retries
     return AsyncClient(**(settings | where))
@@ -249,10 +258,18 @@ async def download_one(
 
 def download(options: argparse.Namespace) -> None:
     check.positive("--concurrency", options.concurrency)
+    for number, image_id in enumerate(options.image_ids, 1):  # all of them before any request
+        check.non_empty(f"IMAGE_ID #{number}", image_id)
 
     async def call(dm: AsyncClient) -> list[pathlib.Path]:
-        # Fresh URLs for all of them first, side by side: the names are chosen together.
-        images = await map_bounded(dm.images.retrieve, options.image_ids, options.concurrency)
+        # Fresh URLs for all of them first, side by side (paced together, as a batch is,
+        # should the API rate-limit them): the file names are chosen together.
+        pacer = Pacer(options.concurrency)
+
+        async def retrieve(image_id: str) -> Image:
+            return await dm.images._retrieve(image_id, timeout=None, pacer=pacer)
+
+        images = await map_bounded(retrieve, options.image_ids, options.concurrency)
         with progress_bar(options, "downloading", len(images)) as bar:
             return await dm.images.download(
                 images,

@@ -172,9 +172,15 @@ class Images(Resource):
 
     async def retrieve(self, image_id: str, *, timeout: Timeout | float | None = None) -> Image:
         """An image by id, with a freshly signed `image_url` (free)."""
+        return await self._retrieve(image_id, timeout=timeout)
+
+    async def _retrieve(
+        self, image_id: str, *, timeout: Timeout | float | None, pacer: Pacer | None = None
+    ) -> Image:
+        """`retrieve`, with `pacer` when it is one of many lookups at once."""
         segment = check.path_segment("image_id", image_id)
         return await self._call(
-            Image, "GET", f"/api/images/{segment}", idempotent=True, timeout=timeout
+            Image, "GET", f"/api/images/{segment}", idempotent=True, timeout=timeout, pacer=pacer
         )
 
     @overload
