@@ -380,7 +380,7 @@ class CallbackHub:
 
         app = web.Application()
         app.router.add_post("/{token}", deliver)
-        app.router.add_post("/{token}/", deliver)  # a proxy may add one, as for the ASGI app
+        app.router.add_post("/{token}/", deliver)  # one a proxy added (asgi_app takes any)
         return app
 
     def asgi_app(self) -> Callable[[Scope, Receive, Send], Awaitable[None]]:

@@ -26,7 +26,7 @@ FAST = 0.001  # backoff base for tests: retries without sleeping
 # No deadline: one example slowed by a loaded machine is not a failure.
 hypothesis.settings.register_profile("ci", derandomize=True, database=None, deadline=None)
 hypothesis.settings.register_profile("explore", deadline=None)
-hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or "ci")
 
 
 def make_client(mock: MockDeepMode, *, max_retries: int = 2, **options: Any) -> AsyncClient:

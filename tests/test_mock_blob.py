@@ -256,7 +256,7 @@ async def test_a_request_with_an_authorization_header_is_refused(
 async def test_async_remix_blob_is_not_found_until_ready(
     mock: MockDeepMode, http: aiohttp.ClientSession, plain: aiohttp.ClientSession
 ) -> None:
-    mock.set_latency("remix", 0.3)
+    mock.set_latency("remix", 1.5)  # far longer than an answer and a first fetch take
     form = aiohttp.FormData()
     form.add_field("model_id", mock.add_model().id)
     form.add_field("artwork_image", sample_image("jpeg"), filename="art.jpg")
@@ -266,7 +266,7 @@ async def test_async_remix_blob_is_not_found_until_ready(
     async with http.post("/api/remix/generate", data=form) as response:
         assert response.status == 200, await response.text()
         remix = await response.json()
-    assert time.monotonic() - started < 0.25  # async mode answers at once
+    assert time.monotonic() - started < 1  # async mode answers at once
     assert remix["status"] == "processing"
     assert "/remix-generation/" in remix["image_url"]
 
@@ -275,7 +275,7 @@ async def test_async_remix_blob_is_not_found_until_ready(
         assert time.monotonic() - started < 5, "the remix never became ready"
         await asyncio.sleep(0.02)
 
-    assert time.monotonic() - started >= 0.29
+    assert time.monotonic() - started >= 1.49
     assert result == (200, "image/jpeg", mock.image_bytes)
 
 

@@ -159,19 +159,25 @@ def test_ctrl_c_cancels_the_call_in_flight(dm: Client, mock: MockDeepMode) -> No
     main = threading.main_thread().ident
     assert main is not None
     sent = len(mock.requests)
+    calling = threading.Event()  # cleared if the call ends first: no stray SIGINT later
 
     def interrupt_once_the_call_is_held() -> None:
         deadline = time.monotonic() + 5
         while len(mock.requests) == sent and time.monotonic() < deadline:
             time.sleep(0.01)
-        signal.pthread_kill(main, signal.SIGINT)
+        if calling.is_set():
+            signal.pthread_kill(main, signal.SIGINT)
 
     interrupter = threading.Thread(target=interrupt_once_the_call_is_held)
+    calling.set()
     interrupter.start()
     started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        dm.account.balance()
-    interrupter.join()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            dm.account.balance()
+    finally:
+        calling.clear()
+        interrupter.join()
     assert time.monotonic() - started < 5
     deadline = time.monotonic() + 5
     while not mock.requests[-1].disconnected:  # the call was cancelled, its connection closed

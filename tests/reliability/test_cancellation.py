@@ -609,15 +609,20 @@ async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
 
 @pytest.mark.parametrize("how", ["move_on_after", "task.cancel"])
 async def test_a_cancel_during_a_retry_backoff_leaves_nothing(
-    how: How, mock: MockDeepMode, dm: AsyncClient, tmp_path: pathlib.Path
+    how: How,
+    mock: MockDeepMode,
+    dm: AsyncClient,
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     dm._transport.retry = attrs.evolve(dm._transport.retry, backoff_base=1000, backoff_cap=1000)
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)  # no lucky short jitter
     generation = await dm.images.generate(model_id=mock.add_model().id, prompt="p")
     await dm.images.download(generation, tmp_path / "warm")  # a connection to each host
     before = open_fds()
 
-    # A download that failed with a 500 waits (jittered, up to 1000 s) to try again. The
-    # cancel comes 0.5 s in: long after the 500, even on a loaded machine.
+    # A download that failed with a 500 waits 1000 s to try again. The cancel comes 0.5 s
+    # in: long after the 500, even on a loaded machine.
     mock.fail("download", 500)
     since = len(mock.requests)
     started = time.monotonic()
@@ -844,13 +849,13 @@ def test_blocking_timeouts_mid_download_and_mid_upload(tmp_path: pathlib.Path) -
         with Client(mock.api_key, base_url=mock.base_url, max_retries=0) as dm:
             generation = dm.images.generate(model_id=model.id, prompt="p", num_images=2)
 
-            # Both images stop half-way; the read timeout (0.2 s) ends the call.
+            # Both images stop half-way (for 5 s); the read timeout (1 s) ends the call.
             mock.stall("download", seconds=5, after_bytes=SYNC_SIZE // 2, times=2)
             started = time.monotonic()
             with pytest.raises(DownloadError) as caught:
-                dm.images.download(generation, dest, timeout=0.2)
+                dm.images.download(generation, dest, timeout=1.0)
             assert isinstance(caught.value.__cause__, APITimeoutError)
-            assert time.monotonic() - started < 2
+            assert time.monotonic() - started < 4
             assert leftovers(tmp_path) == []
             assert files(dest) == []
             wait_until(
