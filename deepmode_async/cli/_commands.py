@@ -94,18 +94,31 @@ def models_create(options: argparse.Namespace) -> None:
     async def create(dm: AsyncClient) -> ModelCreated | Model:
         if not options.wait:
             return await upload(options, dm, arguments, callback=options.callback)
-        async with local_hub(dm.base_url, options, ttl=wait_timeout) as hub:
-            pending = hub.expect("model")
-            created = await upload(options, dm, arguments, callback=pending.url)
-            if not options.json:
-                say(f"{created.message}; waiting for the training callback")
-            return await pending.wait()
+        note = (lambda message: None) if options.json else say
+        return await train_and_wait(options, dm, arguments, ttl=wait_timeout, note=note)
 
     result = run(options, create)
     if isinstance(result, Model):
         emit(options, result, model_line(result))
     else:
         emit(options, result, result.message)
+
+
+async def train_and_wait(
+    options: argparse.Namespace,
+    dm: AsyncClient,
+    arguments: dict[str, Any],
+    *,
+    ttl: float,
+    note: Callable[[str], None],
+) -> Model:
+    """`models.create` with its callback received by a hub on this machine: the trained
+    model (`models create --wait` and the demo)."""
+    async with local_hub(dm.base_url, options, ttl=ttl) as hub:
+        pending = hub.expect("model")
+        created = await upload(options, dm, arguments, callback=pending.url)
+        note(f"{created.message}; waiting for the training callback")
+        return await pending.wait()
 
 
 async def upload(

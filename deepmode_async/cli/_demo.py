@@ -23,8 +23,7 @@ from .._downloads import check_destination
 from .._errors import ValidationError
 from ..batch import GenerateRequest
 from . import _signals
-from ._commands import BatchFailed, client, generate_batch, upload
-from ._hub import local_hub
+from ._commands import BatchFailed, client, generate_batch, train_and_wait
 from ._terminal import dumps, say
 
 PROMPTS: Final = tuple(
@@ -87,18 +86,16 @@ async def _run(options: argparse.Namespace) -> Summary:
         _note(options, f"DeepMode API at {dm.base_url}" + ("" if options.live else " (the mock)"))
         before = (await dm.account.balance()).remaining_balance
 
-        async with local_hub(dm.base_url, options, ttl=3 * 3600.0) as hub:
-            pending = hub.expect("model")
-            _note(options, f"1. training a model from {len(photos)} photos")
-            arguments: dict[str, Any] = {
-                "images": photos,
-                "gender": options.gender,
-                "model_type": options.model_type,
-                "name": "deepmode demo",
-            }
-            created = await upload(options, dm, arguments, callback=pending.url)
-            _note(options, f"   {created.message}; waiting for the training callback")
-            model = await pending.wait()
+        _note(options, f"1. training a model from {len(photos)} photos")
+        arguments: dict[str, Any] = {
+            "images": photos,
+            "gender": options.gender,
+            "model_type": options.model_type,
+            "name": "deepmode demo",
+        }
+        model = await train_and_wait(
+            options, dm, arguments, ttl=3 * 3600.0, note=lambda line: _note(options, "   " + line)
+        )
         trained = time.perf_counter()
         _note(options, f"   model {model.id} trained in {trained - started:.2f}s")
 
