@@ -201,6 +201,19 @@ class NotARegularFile(Exception):
     """A pipe, a socket or a device: no size, maybe no end."""
 
 
+def why_unreadable(error: OSError | NotARegularFile) -> str:
+    """Why `open_regular_file` failed, in words that follow the path's name."""
+    if isinstance(error, IsADirectoryError):
+        return "is a directory, not a file"
+    if isinstance(error, NotARegularFile):
+        return "is not a regular file"
+    if isinstance(error, FileNotFoundError):
+        return "does not exist"
+    if isinstance(error, PermissionError):
+        return "cannot be read: no permission"
+    return f"cannot be read: {error.strerror or error}"
+
+
 def open_regular_file(path: pathlib.Path) -> IO[bytes]:
     """`path` opened for reading if it is a regular file (`IsADirectoryError` or
     `NotARegularFile` if not), checked on the open file itself, not on its name.
@@ -262,21 +275,25 @@ async def check_files(field: str, inputs: Sequence[ImageInput]) -> list[UploadFi
     return await anyio.to_thread.run_sync(inspect_all)
 
 
+def unpack(label: str, item: object) -> tuple[object, str | None, str | None]:
+    """An input's source, file name and content type: a `(filename, data[,
+    content_type])` tuple checked and opened up, anything else as it is."""
+    if not isinstance(item, tuple):
+        return item, None, None
+    if len(item) not in (2, 3) or not isinstance(item[0], str):
+        raise ValidationError(
+            f"{label}: a tuple must be (filename, bytes or file object[, content_type])"
+        )
+    filename, source = check.text(f"{label} filename", item[0]), item[1]
+    content_type = check.header_value(f"{label} content type", item[2]) if len(item) == 3 else None
+    if isinstance(source, str | os.PathLike):
+        raise ValidationError(f"{label}: give a path alone, not inside a tuple")
+    return source, filename, content_type
+
+
 def _inspect(label: str, field: str, item: ImageInput) -> UploadFile:
-    content_type: str | None = None
-    if isinstance(item, tuple):
-        if len(item) not in (2, 3) or not isinstance(item[0], str):
-            raise ValidationError(
-                f"{label}: a tuple must be (filename, bytes or file object[, content_type])"
-            )
-        filename, source = check.text(f"{label} filename", item[0]), item[1]
-        if len(item) == 3:
-            content_type = check.header_value(f"{label} content type", item[2])
-        if isinstance(source, str | os.PathLike):
-            raise ValidationError(f"{label}: give a path alone, not inside a tuple")
-        upload = _inspect_source(label, field, source, filename)
-    else:
-        upload = _inspect_source(label, field, item, None)
+    source, filename, content_type = unpack(label, item)
+    upload = _inspect_source(label, field, source, filename)
     return attrs.evolve(upload, content_type=content_type) if content_type else upload
 
 
@@ -301,16 +318,8 @@ def _inspect_path(label: str, path: pathlib.Path) -> tuple[bytes, int]:
         with open_regular_file(path) as file:
             head = file.read(SNIFF_BYTES)
             size = os.fstat(file.fileno()).st_size
-    except IsADirectoryError:
-        raise ValidationError(f"{label}: {str(path)!r} is a directory, not an image") from None
-    except NotARegularFile:
-        raise ValidationError(f"{label}: {str(path)!r} is not a regular file") from None
-    except FileNotFoundError:
-        raise ValidationError(f"{label}: no such file: {str(path)!r}") from None
-    except PermissionError:
-        raise ValidationError(f"{label}: no permission to read {str(path)!r}") from None
-    except OSError as exc:
-        raise ValidationError(f"{label}: cannot read {str(path)!r}: {exc.strerror}") from None
+    except (OSError, NotARegularFile) as exc:
+        raise ValidationError(f"{label}: {str(path)!r} {why_unreadable(exc)}") from None
     return head, size
 
 

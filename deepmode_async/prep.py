@@ -47,7 +47,14 @@ import attrs
 from . import _validate as check
 from ._errors import ValidationError
 from ._formats import ACCEPTED_FORMATS, SNIFF_BYTES, ImageFormat, sniff_image_format
-from ._uploads import ImageInput, NotARegularFile, _seekable, open_regular_file
+from ._uploads import (
+    ImageInput,
+    NotARegularFile,
+    _seekable,
+    open_regular_file,
+    unpack,
+    why_unreadable,
+)
 from ._validate import MAX_TRAINING_IMAGES
 
 try:
@@ -247,15 +254,7 @@ def _input(item: Any, label: str, stem: str) -> _Input:
     """Name an input the way uploads do: a path as given, a tuple's or a file object's
     file name, else `label`; its upload name is that name's stem, else `stem`. Types are
     checked here, nothing is read."""
-    filename: str | None = None
-    if isinstance(item, tuple):
-        if len(item) not in (2, 3) or not isinstance(item[0], str):
-            raise ValidationError(
-                f"{label}: a tuple must be (filename, bytes or file object[, content_type])"
-            )
-        filename, item = check.text(f"{label} filename", item[0]), item[1]
-        if isinstance(item, str | os.PathLike):
-            raise ValidationError(f"{label}: give a path alone, not inside a tuple")
+    item, filename, _ = unpack(label, item)  # the prepared photo has its own type
     if isinstance(item, str | os.PathLike):
         path = check.local_path(label, item)
         return _Input(str(path), path.stem or stem, path)
@@ -301,16 +300,8 @@ def _hash_path(source: str, path: pathlib.Path) -> tuple[bytes, str]:
             digest.update(head)
             while chunk := file.read(_HASH_CHUNK):
                 digest.update(chunk)
-    except IsADirectoryError:
-        raise PhotoError(source, "is a directory, not a photo") from None
-    except NotARegularFile:  # a pipe or a device: it might never end
-        raise PhotoError(source, "is not a regular file") from None
-    except FileNotFoundError:
-        raise PhotoError(source, "no such file") from None
-    except PermissionError:
-        raise PhotoError(source, "no permission to read it") from None
-    except OSError as exc:
-        raise PhotoError(source, f"cannot read it: {exc.strerror or exc}") from None
+    except (OSError, NotARegularFile) as exc:
+        raise PhotoError(source, why_unreadable(exc)) from None
     return head, digest.hexdigest()
 
 

@@ -765,7 +765,9 @@ def test_models_create_refusals_before_any_request(
         "not both": [photo, *url],
         "not 31": [photo] * 31,
         "PHOTO #2 ('notes.txt') is not an image": [photo, str(notes)],
-        "PHOTO: no such file": [str(tmp_path / "missing.jpg")],
+        f"PHOTO: {str(tmp_path / 'missing.jpg')!r} does not exist": [
+            str(tmp_path / "missing.jpg")
+        ],
         "--image-url #1 must be an absolute http or https URL": ["--image-url", "notaurl"],
         "--wait-timeout": [photo, "--wait", "--wait-timeout", "0"],
         "--public-url": [photo, "--wait", "--base-url", "https://api.example.invalid"],

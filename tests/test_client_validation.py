@@ -121,7 +121,7 @@ async def test_create_model_rejects(
 # Inputs on disk: (id, a path under the `files` fixture or a factory, what the error says)
 PATH_CASES = [
     ("text-renamed-jpg", "notes.jpg", "notes.jpg"),
-    ("missing", "missing.jpg", "no such file"),
+    ("missing", "missing.jpg", "does not exist"),
     ("directory", "folder.jpg", "is a directory"),
     ("gif", "anim.gif", "anim.gif"),
 ]

@@ -81,7 +81,7 @@ _OPTION_DESTS: Final = {"dest": "out", "public_base_url": "public_url"}
 def _as_option(message: str, parser: argparse.ArgumentParser) -> str:
     """An SDK `ValidationError` message, which starts with the parameter at fault, with
     that parameter named as the command's option: `image_urls[0] must be...` becomes
-    `--image-url #1 must be...`, `images: no such file...` becomes `PHOTO: ...`."""
+    `--image-url #1 must be...`, `images: '...' does not exist` becomes `PHOTO: ...`."""
     found = re.match(r"([a-z_]+)(?:\[(\d+)\])?", message)
     if found is None:
         return message

@@ -312,12 +312,12 @@ def special(kind: str, tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
 
 # (kind, the error's text after the argument's name; {path} is the path's repr)
 SPECIAL = [
-    ("directory", "{path} is a directory, not an image"),
+    ("directory", "{path} is a directory, not a file"),
     ("fifo", "{path} is not a regular file"),
     ("zero", "{path} is not a regular file"),
     ("null", "{path} is not a regular file"),
-    ("symlink-to-directory", "{path} is a directory, not an image"),
-    ("dangling-symlink", "no such file: {path}"),
+    ("symlink-to-directory", "{path} is a directory, not a file"),
+    ("dangling-symlink", "{path} does not exist"),
 ]
 
 
@@ -353,7 +353,7 @@ async def test_an_unreadable_photo_is_refused_before_any_request_unless_root(
         return
     with pytest.raises(ValidationError) as caught:
         await dm.models.create(images=[locked], gender="woman", model_type="amateur")
-    assert str(caught.value) == f"images: no permission to read {str(locked)!r}"
+    assert str(caught.value) == f"images: {str(locked)!r} cannot be read: no permission"
     assert mock.requests == []
 
 
