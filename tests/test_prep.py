@@ -506,6 +506,16 @@ def test_heic_is_read_through_pillow_heif_and_stripped() -> None:
     assert_no_metadata(out)
 
 
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_heic_is_not_turned_twice(orientation: int) -> None:
+    """In HEIC the picture's own transforms (irot, imir) say how it is shown, and the EXIF
+    orientation only repeats them (iPhones write both). pillow-heif applies the transforms
+    and resets the EXIF orientation, so a photo already upright must stay so."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    assert_upright_landscape(prepare_photo(heic(marked(), exif=exif)))
+
+
 async def test_heic_without_pillow_heif_says_what_to_install(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
