@@ -378,9 +378,14 @@ class CallbackHub:
             status, detail = self.receive(request.match_info["token"], body)
             return web.json_response({"detail": detail}, status=status)
 
+        async def refuse(request: web.Request) -> web.Response:
+            detail = {"detail": _POST_ONLY}
+            return web.json_response(detail, status=405, headers={"Allow": "POST"})
+
         app = web.Application()
-        app.router.add_post("/{token}", deliver)
-        app.router.add_post("/{token}/", deliver)  # one a proxy added (asgi_app takes any)
+        for path in ("/{token}", "/{token}/"):  # with a slash a proxy added (asgi_app: any)
+            app.router.add_post(path, deliver)
+            app.router.add_route("*", path, refuse)
         return app
 
     def asgi_app(self) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
@@ -408,7 +413,7 @@ class _AsgiHub:
         if scope["type"] != "http":
             return  # websockets: closing without accepting refuses them
         if scope["method"] != "POST":
-            await _respond(send, 405, "callbacks are delivered with POST", allow=True)
+            await _respond(send, 405, _POST_ONLY, allow=True)
             return
         # Mounted, the app sees its prefix in `root_path`, and in `path` too or not
         # depending on the framework and its version; behind a proxy the path may have
@@ -443,6 +448,9 @@ async def _read_at_most(chunks: Any, limit: int) -> bytes:
         if len(body) > limit:
             return bytes(body[: limit + 1])
     return bytes(body)
+
+
+_POST_ONLY: Final = "callbacks are delivered with POST"
 
 
 async def _respond(send: Send, status: int, detail: str, *, allow: bool = False) -> None:

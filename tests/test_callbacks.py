@@ -590,6 +590,19 @@ async def test_a_delivery_with_a_trailing_slash_is_received_by_either_adapter(
     assert (await pending.wait(timeout=2)).id == delivered["upscale"]["id"]
 
 
+async def test_a_method_other_than_post_is_405_in_json_from_either_adapter(
+    serve: StartHub, plain: aiohttp.ClientSession
+) -> None:
+    hub = await serve()
+    pending = hub.expect("upscale")
+    for method in ("GET", "PUT", "DELETE"):
+        async with plain.request(method, pending.url) as response:
+            assert response.status == 405
+            assert response.headers["Allow"] == "POST"
+            assert await response.json() == {"detail": "callbacks are delivered with POST"}
+    assert not pending.done
+
+
 async def test_unknown_token_is_404(serve: StartHub, plain: aiohttp.ClientSession) -> None:
     hub = await serve()
     pending = hub.expect("upscale")
