@@ -110,13 +110,21 @@ async def main() -> None:
     raw_median = statistics.median(times["raw"])
     for name in contenders:
         median = statistics.median(times[name])
-        results[name] = {"median_s": median, "mb_per_s": total_mb / median, **memory[name]}
+        results[name] = {
+            "median_s": median,
+            "runs_s": [round(seconds, 4) for seconds in times[name]],
+            "mb_per_s": total_mb / median,
+            **memory[name],
+        }
         print(
             f"| {name} | {median:.3f} | {total_mb / median:.0f} | {raw_median / median:.2f} x "
             f"| {memory[name]['tracemalloc_peak_mib']:.1f} MiB "
             f"| {memory[name]['rss_growth_mib']:.1f} MiB |"
         )
-    store("upload_memory", {"files": FILES, "file_mb": FILE_MB, "results": results})
+    store(
+        "upload_memory",
+        {"files": FILES, "file_mb": FILE_MB, "rounds": ROUNDS, "results": results},
+    )
 
 
 if __name__ == "__main__":

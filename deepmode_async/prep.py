@@ -254,7 +254,9 @@ def _input(item: Any, label: str, stem: str) -> _Input:
     """Name an input the way uploads do: a path as given, a tuple's or a file object's
     file name, else `label`; its upload name is that name's stem, else `stem`. Types are
     checked here, nothing is read."""
-    item, filename, _ = unpack(label, item)  # the prepared photo has its own type
+    # A content type is checked as uploads check it, then dropped: the prepared photo
+    # has its own.
+    item, filename, _ = unpack(label, item)
     if isinstance(item, str | os.PathLike):
         path = check.local_path(label, item)
         return _Input(str(path), path.stem or stem, path)

@@ -595,11 +595,14 @@ async def test_a_method_other_than_post_is_405_in_json_from_either_adapter(
 ) -> None:
     hub = await serve()
     pending = hub.expect("upscale")
-    for method in ("GET", "PUT", "DELETE"):
-        async with plain.request(method, pending.url) as response:
-            assert response.status == 405
-            assert response.headers["Allow"] == "POST"
-            assert await response.json() == {"detail": "callbacks are delivered with POST"}
+    for url in (pending.url, pending.url + "/"):
+        for method in ("GET", "PUT", "DELETE", "OPTIONS", "HEAD"):
+            async with plain.request(method, url) as response:
+                assert response.status == 405
+                assert response.headers["Allow"] == "POST"
+                if method != "HEAD":
+                    detail = {"detail": "callbacks are delivered with POST"}
+                    assert await response.json() == detail
     assert not pending.done
 
 

@@ -510,10 +510,14 @@ def test_heic_is_read_through_pillow_heif_and_stripped() -> None:
 def test_a_heic_is_not_turned_twice(orientation: int) -> None:
     """In HEIC the picture's own transforms (irot, imir) say how it is shown, and the EXIF
     orientation only repeats them (iPhones write both). pillow-heif applies the transforms
-    and resets the EXIF orientation, so a photo already upright must stay so."""
+    and resets the EXIF orientation; prep must not turn the photo again."""
     exif = Image.Exif()
     exif[ExifTags.Base.Orientation] = orientation
-    assert_upright_landscape(prepare_photo(heic(marked(), exif=exif)))
+    stored = marked().transpose(STORED_AS[orientation])
+    stored.info["exif"] = exif.tobytes()  # pillow-heif writes it as an irot box, and keeps it
+    data = heic(stored)
+    assert b"irot" in data
+    assert_upright_landscape(prepare_photo(data))
 
 
 async def test_heic_without_pillow_heif_says_what_to_install(
