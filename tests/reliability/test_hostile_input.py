@@ -1302,6 +1302,16 @@ async def _many(dm: AsyncClient, **kwargs: Any) -> list[BatchResult]:
     return [result async for result in dm.images.generate_many(**kwargs)]
 
 
+# `models.create`'s arguments besides the photos, for both ways of giving them.
+TRAINING_ARGUMENTS: Final[dict[str, st.SearchStrategy[Any]]] = {
+    "gender": maybe(st.sampled_from(["woman", "man", Gender.MAN]), ["Woman", "other"]),
+    "model_type": maybe(st.sampled_from(["amateur", ModelType.PROFESSIONAL]), ["pro"]),
+    "name": maybe(st.sampled_from([None, "My model", ""]), ["\ud800"]),
+    "callback": CALLBACKS,
+    "progress": PROGRESS,
+    "timeout": TIMEOUTS,
+}
+
 RESOURCE_METHODS: Final[dict[str, tuple[Method, dict[str, st.SearchStrategy[Any]]]]] = {
     "account.balance": (lambda dm, **kw: dm.account.balance(**kw), {"timeout": TIMEOUTS}),
     "models.create": (
@@ -1309,26 +1319,12 @@ RESOURCE_METHODS: Final[dict[str, tuple[Method, dict[str, st.SearchStrategy[Any]
         {
             "images": IMAGES,
             "image_urls": maybe(st.none(), [["https://example.com/a.jpg"]]),
-            "gender": maybe(st.sampled_from(["woman", "man", Gender.MAN]), ["Woman", "other"]),
-            "model_type": maybe(st.sampled_from(["amateur", ModelType.PROFESSIONAL]), ["pro"]),
-            "name": maybe(st.sampled_from([None, "My model", ""]), ["\ud800"]),
-            "callback": CALLBACKS,
-            "progress": PROGRESS,
-            "timeout": TIMEOUTS,
+            **TRAINING_ARGUMENTS,
         },
     ),
     "models.create(image_urls)": (
         lambda dm, **kw: dm.models.create(**kw),
-        {
-            "images": maybe(st.none(), [[JPEG]]),
-            "image_urls": IMAGE_URLS,
-            "gender": maybe(st.sampled_from(["woman", "man", Gender.MAN]), ["Woman", "other"]),
-            "model_type": maybe(st.sampled_from(["amateur", ModelType.PROFESSIONAL]), ["pro"]),
-            "name": maybe(st.sampled_from([None, "My model", ""]), ["\ud800"]),
-            "callback": CALLBACKS,
-            "progress": PROGRESS,
-            "timeout": TIMEOUTS,
-        },
+        {"images": maybe(st.none(), [[JPEG]]), "image_urls": IMAGE_URLS, **TRAINING_ARGUMENTS},
     ),
     "models.extend": (
         lambda dm, **kw: dm.models.extend(**kw),
