@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Final, NoReturn
 
 from .._errors import DeepModeError, ValidationError
+from .._mock_options import add_mock_options
 from .._types import Gender, ModelType, Ratio, RemixMode
 from . import _commands, _demo
 from ._hub import add_hub_options
@@ -254,16 +255,3 @@ def _add_model_options(parser: argparse.ArgumentParser, *, required: bool) -> No
         choices=[model_type.value for model_type in ModelType],
         default=defaults.get("model_type"),
     )
-
-
-def add_mock_options(parser: argparse.ArgumentParser) -> None:
-    """The mock's options, for `deepmode mock serve` and `python -m deepmode_async.testing`
-    (here, so that the CLI does not import the mock to build its parser)."""
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=0, help="API port (0: any free port)")
-    parser.add_argument("--blob-port", type=int, default=0, help="image host port")
-    parser.add_argument("--api-key", default="mock-key", help="the key the mock accepts")
-    parser.add_argument("--balance", type=int, default=10_000, help="starting credits")
-    parser.add_argument("--training-delay", type=float, default=0.0, help="seconds to train")
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds each call takes")
-    parser.add_argument("--image-size", type=int, default=None, help="bytes of each image")

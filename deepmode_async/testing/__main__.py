@@ -8,7 +8,7 @@ import contextlib
 import signal
 import sys
 
-from ..cli import add_mock_options
+from .._mock_options import add_mock_options
 from ._mock import MockDeepMode
 
 
