@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import secrets
-import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from .._formats import ACCEPTED_FORMATS
 from .._types import Gender, ModelType, Ratio, RemixMode
+from ._faults import Faults
 from ._http import (
+    Handler,
     Problem,
     drop_connection,
     field_error,
@@ -27,20 +27,16 @@ from ._records import (
     MODEL_LIFETIME,
     CallbackKind,
     Endpoint,
-    MockModel,
     RecordedRequest,
     UploadedFile,
     iso,
 )
-
-if TYPE_CHECKING:
-    from ._mock import MockDeepMode
+from ._state import MockState
+from ._work import Work
 
 MAX_TRAINING_IMAGES: Final = 30
 MAX_NUM_IMAGES: Final = 8
 RECORD: Final = web.RequestKey("record", RecordedRequest)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Fields:
@@ -144,6 +140,17 @@ def is_http_url(value: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
+def authenticate(request: web.Request, api_key: str) -> None:
+    """Answer 401 unless the request carries `Bearer <api_key>`."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Problem(401, "Not authenticated", headers={"WWW-Authenticate": "Bearer"})
+    # aiohttp decodes headers with surrogateescape: encode back the same way.
+    sent = token.encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(sent, api_key.encode()):
+        raise Problem(401, "Invalid API key", headers={"WWW-Authenticate": "Bearer"})
+
+
 def check_images(files: list[UploadedFile], field: str, *, low: int, high: int) -> None:
     """The count (422) and the content (400) of the uploaded images of one field."""
     if not files:
@@ -161,15 +168,33 @@ def check_images(files: list[UploadedFile], field: str, *, low: int, high: int) 
 
 
 class DeepModeApi:
-    """The API host: one aiohttp handler per endpoint, over the state held by the mock."""
+    """The API host: one aiohttp handler per endpoint, over the mock's state, faults and work.
 
-    def __init__(self, mock: MockDeepMode) -> None:
-        self.mock = mock
+    Its settings are read as each call comes (`max_json_size` when `app` is made).
+    """
+
+    def __init__(
+        self,
+        state: MockState,
+        faults: Faults,
+        work: Work,
+        *,
+        api_key: str,
+        fetch_image_urls: bool,
+        max_upload_size: int,
+        max_json_size: int,
+    ) -> None:
+        self.state = state
+        self.faults = faults
+        self.work = work
+        self.api_key = api_key
+        self.fetch_image_urls = fetch_image_urls
+        self.max_upload_size = max_upload_size
+        self.max_json_size = max_json_size
 
     def app(self) -> web.Application:
-        app = web.Application(
-            middlewares=[self.middleware], client_max_size=self.mock.max_json_size
-        )
+        """A new aiohttp application serving the eight endpoints."""
+        app = web.Application(middlewares=[self.middleware], client_max_size=self.max_json_size)
         routes = [
             ("POST", "/api/models", "create_model", self.create_model),
             ("POST", "/api/models/{model_id}/extend", "extend_model", self.extend_model),
@@ -187,17 +212,16 @@ class DeepModeApi:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Record, misbehave on demand, rate-limit, authenticate, then answer or explain."""
-        mock = self.mock
-        record = mock._record(request)
+        record = self.state.record(request)
         request[RECORD] = record
-        mock._enter()
+        self.state.enter()
         try:
             response = await self._answer(request, handler, record)
         except (asyncio.CancelledError, ConnectionError):  # the client hung up
             record.disconnected = True
             raise
         finally:
-            mock._leave()
+            self.state.leave()
         response.headers["x-request-id"] = record.request_id
         note_answer(record, request, response)
         return response
@@ -205,20 +229,19 @@ class DeepModeApi:
     async def _answer(
         self, request: web.Request, handler: Handler, record: RecordedRequest
     ) -> web.StreamResponse:
-        mock = self.mock
-        fault = mock._take_fault(record.endpoint)
+        fault = self.faults.take(record.endpoint)
         try:
             if record.endpoint is None:  # aiohttp raises its 404 or 405, answered below
                 return await handler(request)
             if (early := await misbehave_before(fault, request)) is not None:
                 return early
-            mock._check_rate_limit()
-            self._authenticate(request)
+            self.faults.check_rate_limit(self.state.in_flight)
+            authenticate(request, self.api_key)
             try:
                 response = await handler(request)
             except Problem:
                 if fault is not None and fault.after_processing:
-                    mock._requeue_fault(record.endpoint, fault)  # meant for a processed call
+                    self.faults.put_back(record.endpoint, fault)  # meant for a processed call
                 raise
             if fault is not None and fault.after_processing and fault.kind == "stall":
                 await asyncio.sleep(fault.seconds)
@@ -233,21 +256,12 @@ class DeepModeApi:
             headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}
             return web.json_response({"detail": exc.reason}, status=exc.status, headers=headers)
 
-    def _authenticate(self, request: web.Request) -> None:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise Problem(401, "Not authenticated", headers={"WWW-Authenticate": "Bearer"})
-        # aiohttp decodes headers with surrogateescape: encode back the same way.
-        sent = token.encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(sent, self.mock.api_key.encode()):
-            raise Problem(401, "Invalid API key", headers={"WWW-Authenticate": "Bearer"})
-
     # ----------------------------------------------------------------- endpoints
 
     async def create_model(self, request: web.Request) -> web.StreamResponse:
-        mock, record = self.mock, request[RECORD]
+        state, record = self.state, request[RECORD]
         if request.content_type == "multipart/form-data":
-            form = await read_form(request, record, frozenset({"images"}), mock.max_upload_size)
+            form = await read_form(request, record, frozenset({"images"}), self.max_upload_size)
             fields = Fields(form.fields)
             images = form.files.get("images", [])
             image_count = len(images)
@@ -261,24 +275,24 @@ class DeepModeApi:
         fields.check()
         if request.content_type == "multipart/form-data":
             check_images(images, "images", low=1, high=MAX_TRAINING_IMAGES)
-        elif mock.fetch_image_urls:
-            await mock._fetch_training_urls(fields.data["image_urls"])
-        mock._charge("create_model", record)
-        model = mock.add_model(name=name, gender=gender, model_type=model_type, active=False)
+        elif self.fetch_image_urls:
+            await self.work.fetch_training_urls(fields.data["image_urls"])
+        state.charge("create_model", record)
+        model = state.add_model(name=name, gender=gender, model_type=model_type, active=False)
         model.image_count = image_count
-        mock._spawn(mock._train(model, callback))
-        await mock._simulate_work("create_model")
+        self.work.train(model, callback)
+        await self.work.simulate("create_model")
         return web.json_response({"message": "Created model successfully"})
 
     async def extend_model(self, request: web.Request) -> web.StreamResponse:
-        model = self._model(request.match_info["model_id"], trained=False)
-        self.mock._charge("extend_model", request[RECORD])
+        model = self.state.find_model(request.match_info["model_id"], trained=False)
+        self.state.charge("extend_model", request[RECORD])
         model.expire_at += MODEL_LIFETIME
-        await self.mock._simulate_work("extend_model")
+        await self.work.simulate("extend_model")
         return web.json_response({"updated_expire_at": iso(model.expire_at)})
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        mock, record = self.mock, request[RECORD]
+        state, record = self.state, request[RECORD]
         fields = Fields(await read_json_object(request, record))
         model_id = fields.required("model_id", non_empty=True)
         prompt = fields.required("prompt", non_empty=True)
@@ -288,47 +302,47 @@ class DeepModeApi:
         ratio = fields.text("ratio", default=Ratio.PORTRAIT.value, choices=Ratio) or "portrait"
         callback = fields.text("callback", url=True)
         fields.check()
-        self._model(model_id)
-        mock._charge("generate", record)
+        self.state.find_model(model_id)
+        state.charge("generate", record)
 
         def make_images() -> dict[str, Any]:
             images = [
-                mock._add_image(model_id, prompt, negative_prompt, upscaled=upscale, ratio=ratio)
+                state.add_image(model_id, prompt, negative_prompt, upscaled=upscale, ratio=ratio)
                 for _ in range(num_images)
             ]
-            return {"images": [mock._image_json(image) for image in images]}
+            return {"images": [state.image_json(image) for image in images]}
 
         return await self._in_mode(
             "generate", "generation", callback, "Generating images...", make_images
         )
 
     async def retrieve_image(self, request: web.Request) -> web.StreamResponse:
-        image = self.mock._images.get(request.match_info["image_id"])
+        image = self.state.images.get(request.match_info["image_id"])
         if image is None:
             raise Problem(404, f"Image {request.match_info['image_id']!r} not found")
-        await self.mock._simulate_work("retrieve_image")
-        return web.json_response(self.mock._image_json(image))
+        await self.work.simulate("retrieve_image")
+        return web.json_response(self.state.image_json(image))
 
     async def upscale(self, request: web.Request) -> web.StreamResponse:
-        mock, record = self.mock, request[RECORD]
+        state, record = self.state, request[RECORD]
         fields = Fields(await read_json_object(request, record))
         image_id = fields.required("image_id", non_empty=True)
         callback = fields.text("callback", url=True)
         fields.check()
-        source = mock._images.get(image_id)
+        source = state.images.get(image_id)
         if source is None:
             raise Problem(404, f"Image {image_id!r} not found")
-        mock._charge("upscale", record)
+        state.charge("upscale", record)
 
         def make_image() -> dict[str, Any]:
-            image = mock._add_image(
+            image = state.add_image(
                 source.model_id,
                 source.prompt,
                 source.negative_prompt,
                 upscaled=True,
                 ratio=source.ratio,
             )
-            return mock._image_json(image)
+            return state.image_json(image)
 
         return await self._in_mode(
             "upscale", "upscale", callback, "Upscaling images...", make_image
@@ -344,14 +358,13 @@ class DeepModeApi:
     ) -> web.StreamResponse:
         """Sync mode answers with the result when the work is done; callback mode answers
         `{"message": accepted}` at once and POSTs the same result to `callback` later."""
-        mock = self.mock
         if callback is not None:
-            mock._spawn(mock._work_then_deliver(endpoint, kind, callback, make_result))
+            self.work.deliver_later(endpoint, kind, callback, make_result)
             return web.json_response({"message": accepted})
         # The result exists before the simulated work: a client that gives up meanwhile
         # leaves what a slow real server would, a charge and its result.
         result = make_result()
-        await mock._simulate_work(endpoint)
+        await self.work.simulate(endpoint)
         return web.json_response(result)
 
     async def remix(self, request: web.Request) -> web.StreamResponse:
@@ -364,10 +377,10 @@ class DeepModeApi:
     async def _remix(
         self, request: web.Request, endpoint: Endpoint, image_fields: tuple[str, ...]
     ) -> web.StreamResponse:
-        mock, record = self.mock, request[RECORD]
+        state, record = self.state, request[RECORD]
         if request.content_type != "multipart/form-data":
             raise Problem(415, "Content-Type must be multipart/form-data")
-        form = await read_form(request, record, frozenset(image_fields), mock.max_upload_size)
+        form = await read_form(request, record, frozenset(image_fields), self.max_upload_size)
         fields = Fields(form.fields)
         model_id = fields.required("model_id", non_empty=True) if endpoint == "remix" else None
         fields.text("prompt", default="")
@@ -382,36 +395,14 @@ class DeepModeApi:
         for name in image_fields:
             check_images(form.files[name], name, low=1, high=1)
         if model_id is not None:
-            self._model(model_id)
-        mock._charge(endpoint, record)
+            self.state.find_model(model_id)
+        state.charge(endpoint, record)
         # Ready when the work is done; sync mode waits for it, async answers at once.
-        remix = mock._add_remix(endpoint, model_id, ready_in=mock.latency.get(endpoint, 0.0))
+        remix = state.add_remix(endpoint, model_id, ready_in=self.work.latency.get(endpoint, 0.0))
         if mode == RemixMode.SYNC:
-            await mock._simulate_work(endpoint)
-        return web.json_response(mock._remix_json(remix))
+            await self.work.simulate(endpoint)
+        return web.json_response(state.remix_json(remix))
 
     async def balance(self, request: web.Request) -> web.StreamResponse:
-        await self.mock._simulate_work("balance")
-        return web.json_response({"remaining_balance": self.mock.balance})
-
-    # ----------------------------------------------------------------- helpers
-
-    def _model(self, model_id: str, *, trained: bool = True) -> MockModel:
-        """The model, or the answer the API gives for an unknown, untrained or expired one."""
-        model = self.mock._models.get(model_id)
-        if model is None:
-            raise Problem(404, f"Model {model_id!r} not found")
-        if trained and not model.active:
-            raise Problem(409, f"Model {model_id!r} is still training")
-        if trained and model.expire_at <= self.mock.now():
-            raise Problem(403, f"Model {model_id!r} expired at {iso(model.expire_at)}; extend it")
-        return model
-
-
-def new_id(length: int) -> str:
-    """A random lowercase hex id of `length` characters, like the API's."""
-    return secrets.token_hex((length + 1) // 2)[:length]
-
-
-def new_file_name() -> str:
-    return f"{uuid.uuid4()}.jpeg"
+        await self.work.simulate("balance")
+        return web.json_response({"remaining_balance": self.state.balance})

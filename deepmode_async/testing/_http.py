@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, Literal
 
 import aiohttp
@@ -18,6 +18,8 @@ from ._records import RecordedRequest, UploadedFile
 CHUNK: Final = 256 * 1024
 MAX_TEXT_FIELD: Final = 64 * 1024
 MAX_PARTS: Final = 100
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Problem(Exception):

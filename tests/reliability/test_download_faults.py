@@ -304,7 +304,8 @@ async def test_refusals_of_the_image_host_fail_alone_among_concurrent_downloads(
             template,
             id="missing",
             file_name="missing.jpeg",
-            image_url=mock._signed_url("/deepmode-user-image/missing.jpeg"),  # signed, no blob
+            # signed, no blob
+            image_url=mock._state.signed_url("/deepmode-user-image/missing.jpeg"),
         )
         unknown = attrs.evolve(
             template,
