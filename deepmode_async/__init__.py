@@ -39,8 +39,10 @@ from ._errors import (
     UnprocessableEntityError,
     ValidationError,
 )
+from ._requests import GenerateRequest
+from ._retry import RetryPolicy
 from ._sync import Client
-from ._transport import Timeout
+from ._timeout import Timeout
 from ._types import (
     Accepted,
     Balance,
@@ -57,7 +59,7 @@ from ._types import (
 )
 from ._uploads import UploadProgress
 from ._version import __version__
-from .batch import BatchProgress, BatchResult, GenerateRequest
+from .batch import BatchProgress, BatchResult
 
 __all__ = [
     "APIConnectionError",
@@ -97,6 +99,7 @@ __all__ = [
     "RemixResult",
     "RequestInfo",
     "ResponseValidationError",
+    "RetryPolicy",
     "Timeout",
     "UnprocessableEntityError",
     "UploadProgress",

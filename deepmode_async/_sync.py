@@ -31,7 +31,8 @@ import attrs
 
 from ._client import AsyncClient
 from ._errors import DeepModeError, ValidationError
-from ._transport import Timeout
+from ._retry import RetryPolicy
+from ._timeout import Timeout
 from .resources._blocking import BlockingAccount, BlockingImages, BlockingModels
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ class Client:
         *,
         base_url: str | None = None,
         timeout: Timeout | float | None = None,
-        max_retries: int = 2,
+        max_retries: int | RetryPolicy = 2,
         max_connections: int = 100,
         session: aiohttp.ClientSession | None = None,
         default_headers: Mapping[str, str] | None = None,
@@ -110,6 +111,11 @@ class Client:
     def max_retries(self) -> int:
         """How often a failed call may be retried (within the at-most-once rules)."""
         return self._async.max_retries
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """When and how often a failed call is tried again (`max_retries=` made whole)."""
+        return self._async.retry_policy
 
     @property
     def closed(self) -> bool:
@@ -326,7 +332,7 @@ class _Started:
         outcome: Future[_Started] = Future()
 
         def start() -> None:
-            # Imported here: only a `Client`'s first call needs it (B5, import time).
+            # Imported here: only a `Client`'s first call needs it (benchmarks/import_time.py).
             import anyio.from_thread
 
             try:

@@ -236,6 +236,19 @@ def open_regular_file(path: pathlib.Path) -> IO[bytes]:
         raise
 
 
+class _Form(aiohttp.MultipartWriter):
+    """A multipart body that keeps why it stopped (`failure`, as `Request` describes)."""
+
+    failure: DeepModeError | None = None
+
+    async def write(self, writer: AbstractStreamWriter, close_boundary: bool = True) -> None:
+        try:
+            await super().write(writer, close_boundary)
+        except DeepModeError as exc:
+            self.failure = exc
+            raise
+
+
 def multipart(
     fields: Sequence[tuple[str, str]],
     files: Sequence[UploadFile],
@@ -247,7 +260,7 @@ def multipart(
 
     def build() -> aiohttp.MultipartWriter:
         counter = None if progress is None else _SentCounter(total, progress)
-        writer = aiohttp.MultipartWriter("form-data")
+        writer = _Form("form-data")
         for name, value in fields:
             part = writer.append(value, {"Content-Type": "text/plain; charset=utf-8"})
             part.set_content_disposition("form-data", name=name)

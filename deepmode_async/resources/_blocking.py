@@ -13,7 +13,8 @@ from .._downloads import (
     Downloadable,
     ProgressCallback,
 )
-from .._transport import Timeout
+from .._requests import GenerateRequest
+from .._timeout import Timeout
 from .._types import (
     Accepted,
     Balance,
@@ -29,7 +30,7 @@ from .._types import (
     RemixResult,
 )
 from .._uploads import ImageInput, UploadProgressCallback
-from ..batch import BatchProgressCallback, BatchResult, GenerateRequest
+from ..batch import BatchProgressCallback, BatchResult
 from ..callbacks import CallbackHub
 
 
