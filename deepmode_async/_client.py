@@ -137,6 +137,12 @@ class AsyncClient:
         await self.aclose()
 
 
+def forget_session(client: AsyncClient) -> aiohttp.ClientSession | None:
+    """Let go of `client`'s session without closing it (in a forked child, whose loop
+    is not the session's); the caller keeps it referenced."""
+    return client._transport.forget_session()
+
+
 def _api_key(key: object) -> str:
     if key is None or key == "":
         raise DeepModeError(

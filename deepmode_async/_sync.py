@@ -29,7 +29,7 @@ import aiohttp
 import anyio
 import attrs
 
-from ._client import AsyncClient
+from ._client import AsyncClient, forget_session
 from ._errors import DeepModeError, ValidationError
 from ._retry import RetryPolicy
 from ._timeout import Timeout
@@ -312,7 +312,7 @@ class _LoopThread:
             # Kept, never collected: finalizing anyio's portal context would join a thread
             # that does not exist here, and hang.
             _orphaned_after_fork.append(self._started)
-            _orphaned_after_fork.append(self._client._transport.forget_session())
+            _orphaned_after_fork.append(forget_session(self._client))
             self._started = None
 
 

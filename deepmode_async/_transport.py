@@ -99,6 +99,14 @@ def json_body(payload: Mapping[str, Any]) -> Callable[[], bytes]:
     return lambda: data
 
 
+@functools.cache
+def _user_agent() -> str:
+    return (
+        f"deepmode-async/{__version__} aiohttp/{aiohttp.__version__} "
+        f"python/{platform.python_version()}"
+    )
+
+
 class Transport:
     """Sends requests on one aiohttp session, created lazily inside the running loop."""
 
@@ -121,10 +129,7 @@ class Transport:
         self._owns_session = session is None
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        user_agent = (
-            f"deepmode-async/{__version__} aiohttp/{aiohttp.__version__} "
-            f"python/{platform.python_version()}"
-        )
+        user_agent = _user_agent()
         # Default headers go to the API only, like the key: they may carry secrets too.
         self._api_headers: Final = {
             "User-Agent": user_agent,
@@ -309,14 +314,12 @@ class Transport:
     ) -> T:
         started = time.perf_counter()
         status: int | str = "no answer"
-        failure: DeepModeError
-        cause: BaseException | None
-        body = request.body() if request.body is not None else None
+        payload = request.body() if request.body is not None else None
         try:
             async with session.request(
                 request.method,
                 request.url,
-                data=body,
+                data=payload,
                 headers=request.headers,
                 timeout=timeout,
                 # Redirects are not followed: headers other than the key (default_headers)
@@ -334,45 +337,13 @@ class Transport:
                     body = self._redacted(body)
                     raise status_error(request.info, status, body, response.headers)
                 return await consume(response)
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            status = "timeout"
-            failure = APITimeoutError(
-                f"{request.info} timed out: {_timeout_cause(exc)}", request=request.info
-            )
-            cause = _without_frames(exc)
-        except CutShort as exc:
-            status = "cut short"
-            failure = APIConnectionError(
-                f"{request.info} failed: the answer was cut off before its end ({exc})",
-                request=request.info,
-            )
-            cause = _without_frames(exc)
-        except aiohttp.ClientError as exc:
-            status = type(exc).__name__
-            own: DeepModeError | None = getattr(body, "failure", None)
-            if own is not None:  # why our own body stopped, which aiohttp wraps
-                failure, cause = own, own.__cause__  # without the wrapper
-            else:
-                failure = APIConnectionError(
-                    f"{request.info} failed: {_describe_client_error(exc)}", request=request.info
-                )
-                # aiohttp's response errors carry the request's headers in their repr.
-                response_error = isinstance(exc, aiohttp.ClientResponseError)
-                cause = None if response_error else _without_frames(exc)
         except DeepModeError:
             raise
-        except RuntimeError as exc:
-            if not self._closed:
+        except Exception as exc:
+            mapped = _failure(exc, request, payload, closed=self._closed)
+            if mapped is None:
                 raise
-            # aiohttp's "Connection closed." when the session closed under a read
-            status = type(exc).__name__
-            failure, cause = DeepModeError("This client was closed during the call"), None
-        except ValueError as exc:  # e.g. a host name the resolver cannot encode
-            status = type(exc).__name__
-            failure = APIConnectionError(
-                f"{request.info} failed: {type(exc).__name__}: {exc}", request=request.info
-            )
-            cause = _without_frames(exc)
+            status, failure, cause = mapped
         finally:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
@@ -385,6 +356,39 @@ class Transport:
         # Raised out here, not in the handlers, so that no `__context__` keeps aiohttp's
         # exception: the request's headers, and with them the key, would come along.
         raise failure from cause
+
+
+def _failure(
+    exc: Exception, request: Request, payload: object, *, closed: bool
+) -> tuple[str, DeepModeError, BaseException | None] | None:
+    """What a failed attempt raises instead of `exc` (status for the log line, error,
+    cause), or None when `exc` is not an attempt's failure and goes up as it is."""
+    info = request.info
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        failure = APITimeoutError(f"{info} timed out: {_timeout_cause(exc)}", request=info)
+        return "timeout", failure, _without_frames(exc)
+    if isinstance(exc, CutShort):
+        message = f"{info} failed: the answer was cut off before its end ({exc})"
+        return "cut short", APIConnectionError(message, request=info), _without_frames(exc)
+    status = type(exc).__name__
+    if isinstance(exc, aiohttp.ClientError):
+        own: DeepModeError | None = getattr(payload, "failure", None)
+        if own is not None:  # why our own body stopped, which aiohttp wraps
+            return status, own, own.__cause__  # without the wrapper
+        message = f"{info} failed: {_describe_client_error(exc)}"
+        # aiohttp's response errors carry the request's headers in their repr.
+        response_error = isinstance(exc, aiohttp.ClientResponseError)
+        cause = None if response_error else _without_frames(exc)
+        return status, APIConnectionError(message, request=info), cause
+    if isinstance(exc, RuntimeError):
+        if not closed:
+            return None
+        # aiohttp's "Connection closed." when the session closed under a read
+        return status, DeepModeError("This client was closed during the call"), None
+    if isinstance(exc, ValueError):  # e.g. a host name the resolver cannot encode
+        message = f"{info} failed: {type(exc).__name__}: {exc}"
+        return status, APIConnectionError(message, request=info), _without_frames(exc)
+    return None
 
 
 def _without_frames(error: BaseException) -> BaseException:

@@ -345,7 +345,7 @@ def _inspect_file_object(label: str, field: str, file: Any, filename: str | None
     try:
         if getattr(file, "closed", False):
             raise ValidationError(f"{label}: the file object is closed")
-        if not _seekable(file):  # a pipe or a socket: it can be read once only, so keep it
+        if not seekable(file):  # a pipe or a socket: it can be read once only, so keep it
             data = file.read()
             if not isinstance(data, bytes):
                 raise ValidationError(
@@ -367,7 +367,7 @@ def _inspect_file_object(label: str, field: str, file: Any, filename: str | None
     return attrs.evolve(_described(label, field, head, size, file, filename), start=start)
 
 
-def _seekable(file: Any) -> bool:
+def seekable(file: Any) -> bool:
     try:
         return bool(file.seekable())
     except (AttributeError, OSError, ValueError):

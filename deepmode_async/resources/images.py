@@ -1,4 +1,4 @@
-"""`dm.images`: generate, retrieve, upscale, remix and download images."""
+"""`dm.images`: generate, retrieve, upscale and download images (remix: `_remix`)."""
 
 from __future__ import annotations
 
@@ -21,15 +21,14 @@ from .._errors import ValidationError
 from .._requests import GenerateRequest, generate_body
 from .._timeout import Timeout
 from .._transport import Transport, json_body
-from .._types import Accepted, Generation, Image, Ratio, RemixMode, RemixResult
-from .._uploads import ImageInput, check_files, multipart
+from .._types import Accepted, Generation, Image, Ratio
 from ..batch import BatchProgressCallback, BatchResult, run_batch
 from ..callbacks import CallbackHub
-from ._base import Resource
 from ._callbacks import submit_and_wait
+from ._remix import Remixing
 
 
-class Images(Resource):
+class Images(Remixing):
     """Images from a trained model, and what can be done with them."""
 
     def __init__(self, transport: Transport) -> None:
@@ -232,80 +231,6 @@ class Images(Resource):
         body["callback"] = check.http_url("callback", callback)
         return await self._call(
             Accepted, "POST", "/api/images/upscale", body=json_body(body), timeout=timeout
-        )
-
-    async def remix(
-        self,
-        *,
-        model_id: str,
-        artwork_image: ImageInput,
-        mask_image: ImageInput,
-        prompt: str = "",
-        negative_prompt: str = "",
-        mode: RemixMode | str = RemixMode.SYNC,
-        timeout: Timeout | float | None = None,
-    ) -> RemixResult:
-        """Paint a trained model's subject into `artwork_image` where `mask_image` is white
-        (1 credit). In `async` mode the answer comes at once and `image_url` serves the
-        image when it is ready."""
-        fields = [("model_id", check.non_empty("model_id", model_id))]
-        return await self._remix(
-            "/api/remix/generate",
-            fields,
-            {"artwork_image": artwork_image, "mask_image": mask_image},
-            prompt,
-            negative_prompt,
-            mode,
-            timeout,
-        )
-
-    async def face_id_remix(
-        self,
-        *,
-        identity_image: ImageInput,
-        artwork_image: ImageInput,
-        mask_image: ImageInput,
-        prompt: str = "",
-        negative_prompt: str = "",
-        mode: RemixMode | str = RemixMode.SYNC,
-        timeout: Timeout | float | None = None,
-    ) -> RemixResult:
-        """Put the face of `identity_image` into `artwork_image` where `mask_image` is
-        white, without a trained model (1 credit)."""
-        images = {
-            "identity_image": identity_image,
-            "artwork_image": artwork_image,
-            "mask_image": mask_image,
-        }
-        return await self._remix(
-            "/api/face-id-remix", [], images, prompt, negative_prompt, mode, timeout
-        )
-
-    async def _remix(
-        self,
-        path: str,
-        fields: list[tuple[str, str]],
-        images: dict[str, ImageInput],
-        prompt: str,
-        negative_prompt: str,
-        mode: RemixMode | str,
-        timeout: Timeout | float | None,
-    ) -> RemixResult:
-        fields += [
-            ("prompt", check.text("prompt", prompt)),
-            ("negative_prompt", check.text("negative_prompt", negative_prompt)),
-            ("mode", check.choice("mode", mode, RemixMode)),
-        ]
-        files = [
-            upload for name, image in images.items() for upload in await check_files(name, [image])
-        ]
-        return await self._call(
-            RemixResult,
-            "POST",
-            path,
-            body=multipart(fields, files),
-            content_type=None,
-            timeout=timeout,
         )
 
     async def download(
