@@ -10,6 +10,18 @@ async with AsyncClient() as dm:  # the key comes from $DEEPMODE_API_KEY
 
 `Client` is the same API, blocking, for scripts, notebooks and threads.
 `deepmode_async.testing.MockDeepMode` is a faithful mock of the whole API for tests.
+
+Layers, lowest first. A module imports from its own layer and those below, never from
+one above, and no import comes back round (tests/test_layering.py checks it):
+
+1. vocabulary: _version, _formats, _errors, _validate, _types, _convert, _encoding
+2. values and state between calls: _tasks, _timeout, _requests, stores
+3. one request: _retry, _pacing, _transport, _uploads, _downloads
+4. built on requests, not on a client: batch, callbacks, prep
+5. the endpoints: resources
+6. the clients and this public face: _client, _sync, __init__
+7. the mock server: testing
+8. the command line: cli, __main__
 """
 
 from __future__ import annotations
@@ -39,8 +51,10 @@ from ._errors import (
     UnprocessableEntityError,
     ValidationError,
 )
+from ._requests import GenerateRequest
+from ._retry import RetryPolicy
 from ._sync import Client
-from ._transport import Timeout
+from ._timeout import Timeout
 from ._types import (
     Accepted,
     Balance,
@@ -57,7 +71,7 @@ from ._types import (
 )
 from ._uploads import UploadProgress
 from ._version import __version__
-from .batch import BatchProgress, BatchResult, GenerateRequest
+from .batch import BatchProgress, BatchResult
 
 __all__ = [
     "APIConnectionError",
@@ -97,6 +111,7 @@ __all__ = [
     "RemixResult",
     "RequestInfo",
     "ResponseValidationError",
+    "RetryPolicy",
     "Timeout",
     "UnprocessableEntityError",
     "UploadProgress",

@@ -15,7 +15,9 @@ from yarl import URL
 
 from . import _validate as check
 from ._errors import DeepModeError, ValidationError
-from ._transport import RetryPolicy, Timeout, Transport, coerce_timeout, log
+from ._retry import RetryPolicy
+from ._timeout import Timeout, coerce_timeout
+from ._transport import Transport, log
 from .resources import Account, Images, Models
 
 DEFAULT_BASE_URL: Final = "https://api.deepmode.ai"
@@ -39,7 +41,8 @@ class AsyncClient:
     `api_key` defaults to `$DEEPMODE_API_KEY`, `base_url` to `$DEEPMODE_BASE_URL`, then
     the public API. `timeout` is a `Timeout` or a number (the read timeout) and applies to
     each attempt; every method takes `timeout=` for itself. `max_retries` bounds the
-    retries of one call (0: none), `max_connections` the connections open at once.
+    retries of one call (0: none), or is a whole `RetryPolicy` (its backoff and caps
+    too); `max_connections` bounds the connections open at once.
     A `session` you pass is used as is and not closed by the client; otherwise one is
     created on first use, in the running event loop, and closed by `aclose()`.
     `default_headers` are sent with every API request (never to the image host).
@@ -51,7 +54,7 @@ class AsyncClient:
         *,
         base_url: str | None = None,
         timeout: Timeout | float | None = None,
-        max_retries: int = 2,
+        max_retries: int | RetryPolicy = 2,
         max_connections: int = 100,
         session: aiohttp.ClientSession | None = None,
         default_headers: Mapping[str, str] | None = None,
@@ -61,10 +64,7 @@ class AsyncClient:
         if base_url is None:
             base_url = os.environ.get("DEEPMODE_BASE_URL") or DEFAULT_BASE_URL
         url = _base_url(base_url)
-        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
-            raise ValidationError(
-                f"max_retries must be an int >= 0, not {check.shown(max_retries)}"
-            )
+        retry = max_retries if isinstance(max_retries, RetryPolicy) else RetryPolicy(max_retries)
         if (
             not isinstance(max_connections, int)
             or isinstance(max_connections, bool)
@@ -79,7 +79,7 @@ class AsyncClient:
             api_key=key,
             base_url=url,
             timeout=coerce_timeout(timeout, Timeout()),
-            retry=RetryPolicy(max_retries=max_retries),
+            retry=retry,
             max_connections=max_connections,
             session=session,
             default_headers=_headers(default_headers),
@@ -102,6 +102,11 @@ class AsyncClient:
     def max_retries(self) -> int:
         """How often a failed call may be retried (within the at-most-once rules)."""
         return self._transport.retry.max_retries
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """When and how often a failed call is tried again (`max_retries=` made whole)."""
+        return self._transport.retry
 
     @property
     def closed(self) -> bool:
@@ -130,6 +135,12 @@ class AsyncClient:
         traceback: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def forget_session(client: AsyncClient) -> aiohttp.ClientSession | None:
+    """Let go of `client`'s session without closing it (in a forked child, whose loop
+    is not the session's); the caller keeps it referenced."""
+    return client._transport.forget_session()
 
 
 def _api_key(key: object) -> str:

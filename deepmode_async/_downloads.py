@@ -38,7 +38,8 @@ from ._errors import (
     report_progress,
 )
 from ._tasks import map_bounded
-from ._transport import Timeout, Transport
+from ._timeout import Timeout
+from ._transport import CutShort, Transport
 from ._types import Generation, Image, RemixResult
 
 #: What `images.download` accepts: one of these or an iterable of them.
@@ -48,7 +49,8 @@ Downloadable: TypeAlias = Image | RemixResult | Generation
 _CHUNK_SIZE: Final = 256 * 1024
 #: A write slower than this means a slow disk (NFS, USB): the rest of that file is
 #: written from worker threads, so the event loop is not held up. Page-cache writes
-#: of a chunk take about 0.1 ms, and a thread hop for each costs more than that (B3).
+#: of a chunk take about 0.1 ms, and a thread hop for each costs more than that
+#: (benchmarks/download.py).
 _SLOW_WRITE: Final = 0.002
 #: Bytes of UTF-8 a file name may take: well under the 255 of common file systems, to
 #: leave room for the `-2` of a duplicate and for the temporary file's affixes.
@@ -174,7 +176,7 @@ class Downloader:
         concurrency: int,
         overwrite: bool,
         progress: ProgressCallback | None,
-        timeout: Timeout | None,
+        timeout: Timeout,
     ) -> list[pathlib.Path]:
         """Download `images` into `dest`; the paths follow their order.
 
@@ -202,7 +204,7 @@ class Downloader:
         target: pathlib.Path,
         overwrite: bool,
         tracker: _Tracker,
-        timeout: Timeout | None,
+        timeout: Timeout,
     ) -> pathlib.Path:
         url = image.image_url
         refreshed = False
@@ -323,10 +325,10 @@ class _FileWriter:
                         written += len(data)
                         self.tracker.add_bytes(len(data))
             if not decoder.complete:  # retried, as any answer cut short
-                raise aiohttp.ClientPayloadError(f"its {decoder.encoding} stream ended early")
+                raise CutShort(f"its {decoder.encoding} stream ended early")
             expected = response.content_length
             if expected is not None and received != expected:
-                raise aiohttp.ClientPayloadError(f"received {received} of {expected} bytes")
+                raise CutShort(f"received {received} of {expected} bytes")
             if on_loop:
                 return self._move_into_place(pathlib.Path(temp_name))
             return await anyio.to_thread.run_sync(self._move_into_place, pathlib.Path(temp_name))

@@ -29,9 +29,10 @@ import aiohttp
 import anyio
 import attrs
 
-from ._client import AsyncClient
+from ._client import AsyncClient, forget_session
 from ._errors import DeepModeError, ValidationError
-from ._transport import Timeout
+from ._retry import RetryPolicy
+from ._timeout import Timeout
 from .resources._blocking import BlockingAccount, BlockingImages, BlockingModels
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ class Client:
         *,
         base_url: str | None = None,
         timeout: Timeout | float | None = None,
-        max_retries: int = 2,
+        max_retries: int | RetryPolicy = 2,
         max_connections: int = 100,
         session: aiohttp.ClientSession | None = None,
         default_headers: Mapping[str, str] | None = None,
@@ -110,6 +111,11 @@ class Client:
     def max_retries(self) -> int:
         """How often a failed call may be retried (within the at-most-once rules)."""
         return self._async.max_retries
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """When and how often a failed call is tried again (`max_retries=` made whole)."""
+        return self._async.retry_policy
 
     @property
     def closed(self) -> bool:
@@ -306,7 +312,7 @@ class _LoopThread:
             # Kept, never collected: finalizing anyio's portal context would join a thread
             # that does not exist here, and hang.
             _orphaned_after_fork.append(self._started)
-            _orphaned_after_fork.append(self._client._transport.forget_session())
+            _orphaned_after_fork.append(forget_session(self._client))
             self._started = None
 
 
@@ -326,7 +332,7 @@ class _Started:
         outcome: Future[_Started] = Future()
 
         def start() -> None:
-            # Imported here: only a `Client`'s first call needs it (B5, import time).
+            # Imported here: only a `Client`'s first call needs it (benchmarks/import_time.py).
             import anyio.from_thread
 
             try:

@@ -1,8 +1,9 @@
-"""One request, done right: auth scoping, timeouts, retries, error mapping and logging.
+"""One request, done right: auth scoping, one attempt at a time, error mapping and logs.
 
-Every byte the SDK sends goes through `Transport.send`. It decides whether a failed
-attempt may be repeated (`RetryPolicy`), turns every failure into the error tree of
-`_errors`, and logs one line per attempt with secrets and signed query strings left out.
+Every byte the SDK sends goes through `Transport.send`. It tries the request as often
+as its `RetryPolicy` allows (paced with the rest of a batch when it is part of one:
+`_pacing`), turns every failure into the error tree of `_errors`, and logs one line
+per attempt with secrets and signed query strings left out.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import functools
 import json
 import logging
 import platform
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar
@@ -21,7 +21,6 @@ import aiohttp
 import attrs
 from yarl import URL
 
-from . import _validate as check
 from ._convert import parse_json
 from ._encoding import ACCEPTED, decoded_prefix
 from ._errors import (
@@ -32,10 +31,11 @@ from ._errors import (
     DeepModeError,
     RequestInfo,
     ResponseValidationError,
-    ValidationError,
-    parse_retry_after,
     status_error,
 )
+from ._pacing import paced_call
+from ._retry import RetryPolicy
+from ._timeout import Timeout
 from ._version import __version__
 
 T = TypeVar("T")
@@ -48,39 +48,6 @@ _ERROR_BODY_LIMIT: Final = 64 * 1024
 _JSON_BODY_LIMIT: Final = 32 * 1024 * 1024
 
 
-@attrs.frozen
-class Timeout:
-    """How long a request may take, in seconds (`None`: no limit), for each attempt.
-
-    `connect` bounds establishing a connection, `read` the wait for each piece of the
-    answer (sync-mode generation can take minutes, hence 600 s), `total` one whole
-    attempt. Waiting between retries never counts. Change one with `attrs.evolve`.
-    """
-
-    connect: float | None = 10.0
-    read: float | None = 600.0
-    total: float | None = None
-
-    def __attrs_post_init__(self) -> None:
-        for name in ("connect", "read", "total"):
-            value = getattr(self, name)
-            if value is not None:
-                check.seconds(f"Timeout.{name}", value)
-
-
-def coerce_timeout(value: Timeout | float | None, default: Timeout) -> Timeout:
-    """A `Timeout` from what a user may pass: a `Timeout`, a number (the read timeout) or None."""
-    if value is None:
-        return default
-    if isinstance(value, Timeout):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return attrs.evolve(default, read=value)
-    raise ValidationError(
-        f"timeout must be a Timeout, a number of seconds or None, not {check.shown(value)}"
-    )
-
-
 @functools.lru_cache(maxsize=64)
 def _client_timeout(timeout: Timeout) -> aiohttp.ClientTimeout:
     # `sock_connect`, not `connect`: waiting for a free pooled connection is not a failure.
@@ -89,200 +56,10 @@ def _client_timeout(timeout: Timeout) -> aiohttp.ClientTimeout:
     )
 
 
-# Statuses after which the server certainly did not act, and a request may be repeated
-# whatever it costs: 429, and 503 when it says when to come back.
-_RETRY_ANY: Final = frozenset({429})
-# Statuses that are worth another try for calls that are safe to repeat.
-_RETRY_SAFE: Final = frozenset({408, 429, 500, 502, 503, 504})
-
-
-@attrs.frozen
-class RetryPolicy:
-    """When to try a failed attempt again, and after how long.
-
-    Calls that spend credits (`idempotent=False`) are repeated only when the server
-    certainly did not act on them: the connection failed before the request was sent,
-    429, or 503 with `Retry-After`. Reads and downloads are repeated after any transient
-    failure. Delays grow exponentially with full jitter up to `backoff_cap`; a server's
-    `Retry-After` is honoured up to `retry_after_cap` (a longer one is raised instead).
-    """
-
-    max_retries: int = 2
-    backoff_base: float = 0.5
-    backoff_cap: float = 8.0
-    retry_after_cap: float = 60.0
-
-    def delay(self, error: APIError, attempt: int, *, idempotent: bool) -> float | None:
-        """Seconds to wait before attempt `attempt + 1`, or None to give up with `error`."""
-        if attempt > self.max_retries or not self._may_retry(error, idempotent=idempotent):
-            return None
-        retry_after = _retry_after(error)
-        if retry_after is not None:
-            return retry_after if retry_after <= self.retry_after_cap else None
-        return self._backoff(attempt)
-
-    def pause(self, error: APIError, attempt: int) -> float:
-        """How long a batch holds back after `error` asked it to wait, whether or not the
-        call is tried again: the server's `Retry-After` up to the cap, else the backoff."""
-        retry_after = _retry_after(error)
-        if retry_after is not None:
-            return min(retry_after, self.retry_after_cap)
-        return self._backoff(attempt)
-
-    def _backoff(self, attempt: int) -> float:
-        growth = 2.0 ** min(attempt - 1, 64)  # bounded: the cap is reached long before
-        return random.uniform(0, min(self.backoff_cap, self.backoff_base * growth))
-
-    @staticmethod
-    def _may_retry(error: APIError, *, idempotent: bool) -> bool:
-        if isinstance(error, APIStatusError):
-            status = error.status_code
-            if status in _RETRY_ANY or (status == 503 and "Retry-After" in error.headers):
-                return True
-            return idempotent and status in _RETRY_SAFE
-        if isinstance(error, APIConnectionError):
-            return idempotent or not request_was_sent(error)
-        return False
-
-
-def _retry_after(error: APIError) -> float | None:
-    if isinstance(error, APIStatusError):
-        return parse_retry_after(error.headers.get("Retry-After"))
-    return None
-
-
-def request_was_sent(error: APIConnectionError) -> bool:
-    """False only when the connection failed before any byte of the request left."""
-    return not isinstance(
-        error.__cause__, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError
-    )
-
-
-def _asks_to_wait(error: APIError) -> bool:
-    """Whether the server is pacing the client (429, 503) rather than failing one call."""
-    return isinstance(error, APIStatusError) and error.status_code in (429, 503)
-
-
-#: Rate-limited tries of one call forgiven (not counted as retries) at most: a server
-#: that refuses one call for good while letting others through must not stall a batch.
-_MAX_FORGIVEN: Final = 8
-
-
-class Pacer:
-    """Paces the calls of one batch together, so a rate-limited server sees the batch
-    slow down instead of every call retrying on its own.
-
-    When a call is told to wait (429, or 503), every call of the batch waits with it
-    until the delay has passed, and the number of calls allowed in flight halves (once
-    per wave of answers); each run of successes as long as that number raises it by one
-    again, up to `ceiling`. This happens whether or not the refused call is tried again.
-    A rate-limited try does not count against a call's retries when other calls got
-    through since its previous try (up to `_MAX_FORGIVEN` times): a server that lets
-    some calls through is pacing the batch, not refusing it. When none do, retries run
-    out as usual.
-    """
-
-    def __init__(self, ceiling: int) -> None:
-        self.ceiling = ceiling
-        self.limit = ceiling
-        self.in_flight = 0
-        self.successes = 0
-        self._resume_at = 0.0
-        self._streak = 0  # successes since the limit last changed
-        self._wave = 0  # bumped when the limit halves: one halving per wave of 429s
-        self._changed = asyncio.Event()
-
-    def call(self) -> _PacedCall:
-        """The pacing of one call, for all of its attempts."""
-        return _PacedCall(self)
-
-    async def _enter(self) -> int:
-        while True:
-            pause = self._resume_at - time.monotonic()
-            if pause > 0:
-                await asyncio.sleep(pause)
-            elif self.in_flight < self.limit:
-                break
-            else:
-                await self._changed.wait()
-        self.in_flight += 1
-        return self._wave
-
-    def _leave(self, wave: int, error: APIError | None, pause: float, *, done: bool) -> None:
-        self.in_flight -= 1
-        if done:
-            self.successes += 1
-            self._streak += 1
-            if self._streak >= self.limit and self.limit < self.ceiling:
-                self.limit += 1
-                self._streak = 0
-        elif error is not None and _asks_to_wait(error):
-            if wave == self._wave:
-                self.limit = max(1, self.limit // 2)
-                self._wave += 1
-                self._streak = 0
-            self._resume_at = max(self._resume_at, time.monotonic() + pause)
-        self._changed.set()  # wake every waiter to look again; few enough to be cheap
-        self._changed = asyncio.Event()
-
-
-class _PacedCall:
-    """One call's attempts under a `Pacer`."""
-
-    def __init__(self, pacer: Pacer) -> None:
-        self._pacer = pacer
-        self._wave = 0
-        self._successes = pacer.successes  # the batch's, at this call's previous try
-        self._forgiven = 0
-
-    async def enter(self) -> None:
-        """Wait for a slot (and for any pause the batch is in)."""
-        self._wave = await self._pacer._enter()
-
-    def succeeded(self) -> None:
-        """Give the slot back after a success."""
-        self._pacer._leave(self._wave, None, 0.0, done=True)
-
-    def failed(self, error: APIError | None = None, pause: float = 0.0) -> None:
-        """Give the slot back after a failure; an `error` asking to wait (429, 503)
-        holds the whole batch back for `pause` seconds."""
-        self._pacer._leave(self._wave, error, pause, done=False)
-
-    async def back_off(self, error: APIError, delay: float) -> bool:
-        """Wait `delay` before the next try; True if the failed try counts as a retry."""
-        if not _asks_to_wait(error):
-            await asyncio.sleep(delay)
-            return True
-        # `failed` set the batch's pause: the next `enter` waits with everyone else.
-        progressed = self._pacer.successes != self._successes
-        self._successes = self._pacer.successes
-        if progressed and self._forgiven < _MAX_FORGIVEN:
-            self._forgiven += 1
-            return False
-        return True
-
-
-class _Unpaced(_PacedCall):
-    """A call on its own: no slots to share, and it waits out its own delays."""
-
-    def __init__(self) -> None:
-        pass
-
-    async def enter(self) -> None:
-        pass
-
-    def succeeded(self) -> None:
-        pass
-
-    def failed(self, error: APIError | None = None, pause: float = 0.0) -> None:
-        pass
-
-    async def back_off(self, error: APIError, delay: float) -> bool:
-        await asyncio.sleep(delay)
-        return True
-
-
-_UNPACED: Final = _Unpaced()
+class CutShort(Exception):
+    """Raised by a `consume` function when the answer ended before its end (fewer bytes
+    than announced, a compressed stream unfinished): the attempt fails as a connection
+    lost mid-answer does, and is tried again as one."""
 
 
 @attrs.frozen
@@ -290,7 +67,10 @@ class Request:
     """One logical request, possibly sent several times.
 
     `body` makes the body for one attempt: a multipart payload streams files from disk
-    and can be written once only, so each retry asks for a new one.
+    and can be written once only, so each retry asks for a new one. A body that stops
+    for a reason of the SDK's own (a progress callback raised, a file changed) keeps
+    that `DeepModeError` in its `failure` attribute, which the attempt raises: aiohttp
+    reports only its own wrapper of it.
     """
 
     method: str
@@ -319,6 +99,14 @@ def json_body(payload: Mapping[str, Any]) -> Callable[[], bytes]:
     return lambda: data
 
 
+@functools.cache
+def _user_agent() -> str:
+    return (
+        f"deepmode-async/{__version__} aiohttp/{aiohttp.__version__} "
+        f"python/{platform.python_version()}"
+    )
+
+
 class Transport:
     """Sends requests on one aiohttp session, created lazily inside the running loop."""
 
@@ -341,10 +129,7 @@ class Transport:
         self._owns_session = session is None
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        user_agent = (
-            f"deepmode-async/{__version__} aiohttp/{aiohttp.__version__} "
-            f"python/{platform.python_version()}"
-        )
+        user_agent = _user_agent()
         # Default headers go to the API only, like the key: they may carry secrets too.
         self._api_headers: Final = {
             "User-Agent": user_agent,
@@ -429,8 +214,7 @@ class Transport:
         idempotent: bool,
         body: Callable[[], Any] | None = None,
         content_type: str | None = "application/json",
-        timeout: Timeout | None = None,
-        pacer: Pacer | None = None,
+        timeout: Timeout,
     ) -> Any:
         """Call an API path and return its JSON answer (raising for anything else)."""
         # No local holds the headers: error reporters that capture frame locals (Sentry
@@ -442,7 +226,7 @@ class Transport:
             self._api_headers_for(content_type if body is not None else None),
             body,
         )
-        return await self.send(request, _read_json, timeout=timeout, pacer=pacer)
+        return await self.send(request, _read_json, timeout=timeout)
 
     def plain_request(self, url: URL) -> Request:
         """A GET to another host (the image host): no key, no default headers."""
@@ -453,20 +237,19 @@ class Transport:
         request: Request,
         consume: Callable[[aiohttp.ClientResponse], Awaitable[T]],
         *,
-        timeout: Timeout | None = None,
-        pacer: Pacer | None = None,
+        timeout: Timeout,
     ) -> T:
         """Send `request` (again, as the retry policy allows) and `consume` a 2xx answer.
 
         `consume` runs within the attempt, so a connection lost while it reads the body
-        is a failed attempt like any other. A `pacer` shares slots and back-offs with
-        the other calls of a batch.
+        (or its `CutShort`) is a failed attempt like any other. Inside a `pacing` scope
+        the call shares slots and back-offs with the other calls of its batch.
         """
         task = asyncio.current_task()
         assert task is not None
         self._calls.add(task)
         try:
-            return await self._send(request, consume, timeout, pacer)
+            return await self._send(request, consume, timeout)
         except asyncio.CancelledError:
             # Swallowed only when `aclose` alone cancelled the task, as asyncio.timeout
             # does (an anyio cancel scope per call measured 15-20 us of CPU more).
@@ -481,36 +264,39 @@ class Transport:
         self,
         request: Request,
         consume: Callable[[aiohttp.ClientResponse], Awaitable[T]],
-        timeout: Timeout | None,
-        pacer: Pacer | None,
+        timeout: Timeout,
     ) -> T:
         session = self._get_session()
-        client_timeout = _client_timeout(timeout or self.timeout)
-        pace = pacer.call() if pacer is not None else _UNPACED
-        attempt = 0
+        client_timeout = _client_timeout(timeout)
+        pace = paced_call()
+        state = self.retry.start(idempotent=request.idempotent)
         while True:
-            attempt += 1
             await pace.enter()
             if self._closed or session.closed:  # closed meanwhile, e.g. during a backoff
                 pace.failed()
                 raise DeepModeError("This client (or its aiohttp session) is closed")
             try:
-                result = await self._attempt(session, request, consume, client_timeout, attempt)
+                result = await self._attempt(
+                    session, request, consume, client_timeout, state.retries + 1
+                )
             except APIError as error:
-                delay = self.retry.delay(error, attempt, idempotent=request.idempotent)
-                pace.failed(error, delay if delay is not None else self.retry.pause(error, attempt))
+                delay = state.delay(error)
+                pace.failed(
+                    error, delay if delay is not None else self.retry.pause(error, state.retries)
+                )
                 if delay is None:
                     raise
                 log.warning(
                     "%s failed (%s); retry %d of %d in %.2f s",
                     request.info,
                     _short(error),
-                    attempt,
+                    state.retries + 1,
                     self.retry.max_retries,
                     delay,
                 )
-                if not await pace.back_off(error, delay):
-                    attempt -= 1
+                if not pace.forgives(error):
+                    state = state.increment()
+                await pace.wait_to_retry(error, delay)
                 continue
             except BaseException:
                 pace.failed()
@@ -528,13 +314,12 @@ class Transport:
     ) -> T:
         started = time.perf_counter()
         status: int | str = "no answer"
-        failure: DeepModeError
-        cause: BaseException | None
+        payload = request.body() if request.body is not None else None
         try:
             async with session.request(
                 request.method,
                 request.url,
-                data=request.body() if request.body is not None else None,
+                data=payload,
                 headers=request.headers,
                 timeout=timeout,
                 # Redirects are not followed: headers other than the key (default_headers)
@@ -552,37 +337,13 @@ class Transport:
                     body = self._redacted(body)
                     raise status_error(request.info, status, body, response.headers)
                 return await consume(response)
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            status = "timeout"
-            failure = APITimeoutError(
-                f"{request.info} timed out: {_timeout_cause(exc)}", request=request.info
-            )
-            cause = _without_frames(exc)
-        except aiohttp.ClientError as exc:
-            status = type(exc).__name__
-            if isinstance(exc.__cause__, DeepModeError):  # raised by our own upload payload
-                failure, cause = exc.__cause__, exc.__cause__.__cause__  # without the wrapper
-            else:
-                failure = APIConnectionError(
-                    f"{request.info} failed: {_describe_client_error(exc)}", request=request.info
-                )
-                # aiohttp's response errors carry the request's headers in their repr.
-                response_error = isinstance(exc, aiohttp.ClientResponseError)
-                cause = None if response_error else _without_frames(exc)
         except DeepModeError:
             raise
-        except RuntimeError as exc:
-            if not self._closed:
+        except Exception as exc:
+            mapped = _failure(exc, request, payload, closed=self._closed)
+            if mapped is None:
                 raise
-            # aiohttp's "Connection closed." when the session closed under a read
-            status = type(exc).__name__
-            failure, cause = DeepModeError("This client was closed during the call"), None
-        except ValueError as exc:  # e.g. a host name the resolver cannot encode
-            status = type(exc).__name__
-            failure = APIConnectionError(
-                f"{request.info} failed: {type(exc).__name__}: {exc}", request=request.info
-            )
-            cause = _without_frames(exc)
+            status, failure, cause = mapped
         finally:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
@@ -595,6 +356,39 @@ class Transport:
         # Raised out here, not in the handlers, so that no `__context__` keeps aiohttp's
         # exception: the request's headers, and with them the key, would come along.
         raise failure from cause
+
+
+def _failure(
+    exc: Exception, request: Request, payload: object, *, closed: bool
+) -> tuple[str, DeepModeError, BaseException | None] | None:
+    """What a failed attempt raises instead of `exc` (status for the log line, error,
+    cause), or None when `exc` is not an attempt's failure and goes up as it is."""
+    info = request.info
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        failure = APITimeoutError(f"{info} timed out: {_timeout_cause(exc)}", request=info)
+        return "timeout", failure, _without_frames(exc)
+    if isinstance(exc, CutShort):
+        message = f"{info} failed: the answer was cut off before its end ({exc})"
+        return "cut short", APIConnectionError(message, request=info), _without_frames(exc)
+    status = type(exc).__name__
+    if isinstance(exc, aiohttp.ClientError):
+        own: DeepModeError | None = getattr(payload, "failure", None)
+        if own is not None:  # why our own body stopped, which aiohttp wraps
+            return status, own, own.__cause__  # without the wrapper
+        message = f"{info} failed: {_describe_client_error(exc)}"
+        # aiohttp's response errors carry the request's headers in their repr.
+        response_error = isinstance(exc, aiohttp.ClientResponseError)
+        cause = None if response_error else _without_frames(exc)
+        return status, APIConnectionError(message, request=info), cause
+    if isinstance(exc, RuntimeError):
+        if not closed:
+            return None
+        # aiohttp's "Connection closed." when the session closed under a read
+        return status, DeepModeError("This client was closed during the call"), None
+    if isinstance(exc, ValueError):  # e.g. a host name the resolver cannot encode
+        message = f"{info} failed: {type(exc).__name__}: {exc}"
+        return status, APIConnectionError(message, request=info), _without_frames(exc)
+    return None
 
 
 def _without_frames(error: BaseException) -> BaseException:

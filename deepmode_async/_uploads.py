@@ -236,6 +236,19 @@ def open_regular_file(path: pathlib.Path) -> IO[bytes]:
         raise
 
 
+class _Form(aiohttp.MultipartWriter):
+    """A multipart body that keeps why it stopped (`failure`, as `Request` describes)."""
+
+    failure: DeepModeError | None = None
+
+    async def write(self, writer: AbstractStreamWriter, close_boundary: bool = True) -> None:
+        try:
+            await super().write(writer, close_boundary)
+        except DeepModeError as exc:
+            self.failure = exc
+            raise
+
+
 def multipart(
     fields: Sequence[tuple[str, str]],
     files: Sequence[UploadFile],
@@ -247,7 +260,7 @@ def multipart(
 
     def build() -> aiohttp.MultipartWriter:
         counter = None if progress is None else _SentCounter(total, progress)
-        writer = aiohttp.MultipartWriter("form-data")
+        writer = _Form("form-data")
         for name, value in fields:
             part = writer.append(value, {"Content-Type": "text/plain; charset=utf-8"})
             part.set_content_disposition("form-data", name=name)
@@ -332,7 +345,7 @@ def _inspect_file_object(label: str, field: str, file: Any, filename: str | None
     try:
         if getattr(file, "closed", False):
             raise ValidationError(f"{label}: the file object is closed")
-        if not _seekable(file):  # a pipe or a socket: it can be read once only, so keep it
+        if not seekable(file):  # a pipe or a socket: it can be read once only, so keep it
             data = file.read()
             if not isinstance(data, bytes):
                 raise ValidationError(
@@ -354,7 +367,7 @@ def _inspect_file_object(label: str, field: str, file: Any, filename: str | None
     return attrs.evolve(_described(label, field, head, size, file, filename), start=start)
 
 
-def _seekable(file: Any) -> bool:
+def seekable(file: Any) -> bool:
     try:
         return bool(file.seekable())
     except (AttributeError, OSError, ValueError):

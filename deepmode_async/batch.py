@@ -1,10 +1,10 @@
 """Batch generation: many `generate` calls, bounded, paced together, one result each.
 
-`dm.images.generate_many` is the public door; this module holds its request and result
-types and the loop that runs them. The loop pulls requests from the input only as slots
-free up (an endless generator is fine), runs each in its own task, and yields results
-in the order they complete. Tasks report completion through one queue, so each result
-costs the same however many are in flight.
+`dm.images.generate_many` is the public door; this module holds its result types and
+the loop that runs them, given the calls to make as plain functions. The loop pulls
+requests from the input only as slots free up (an endless generator is fine), runs
+each in its own task, and yields results in the order they complete. Tasks report
+completion through one queue, so each result costs the same however many are in flight.
 """
 
 from __future__ import annotations
@@ -15,68 +15,39 @@ from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
+    Awaitable,
     Callable,
     Iterable,
     Iterator,
+    Sequence,
 )
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import anyio
 import attrs
 
-from . import _validate as check
-from ._downloads import DOWNLOAD_CONCURRENCY
 from ._errors import (
     DeepModeError,
     ProgressCallbackError,
     ValidationError,
     report_progress,
 )
-from ._transport import Pacer, Timeout
-from ._types import Generation, Ratio
-from ._validate import MAX_NUM_IMAGES
+from ._pacing import Pacer, pacing
+from ._requests import GenerateRequest
+from ._types import Generation, Image
 
-if TYPE_CHECKING:
-    from .resources.images import Images
+__all__ = [
+    "BatchProgress",
+    "BatchProgressCallback",
+    "BatchResult",
+    "GenerateRequest",  # its home is `_requests`; importable from here as before
+    "run_batch",
+]
 
-
-@attrs.frozen
-class GenerateRequest:
-    """The arguments of one `images.generate` call, checked when it is made.
-
-    Invalid arguments raise `ValidationError` here, before anything is sent; `ratio` is
-    kept as a `Ratio`.
-    """
-
-    model_id: str
-    prompt: str
-    negative_prompt: str | None = None
-    num_images: int = 1
-    upscale: bool = False
-    ratio: Ratio | str = Ratio.PORTRAIT
-
-    def __attrs_post_init__(self) -> None:
-        check.non_empty("model_id", self.model_id)
-        check.non_empty("prompt", self.prompt)
-        if self.negative_prompt is not None:
-            check.text("negative_prompt", self.negative_prompt)
-        check.integer("num_images", self.num_images, 1, MAX_NUM_IMAGES)
-        check.boolean("upscale", self.upscale)
-        # The one field that changes: a plain string becomes its enum member.
-        object.__setattr__(self, "ratio", Ratio(check.choice("ratio", self.ratio, Ratio)))
-
-    def _json(self) -> dict[str, Any]:
-        """The request's JSON body, as the API takes it."""
-        body: dict[str, Any] = {
-            "model_id": self.model_id,
-            "prompt": self.prompt,
-            "num_images": self.num_images,
-            "upscale": self.upscale,
-            "ratio": str(self.ratio),
-        }
-        if self.negative_prompt is not None:
-            body["negative_prompt"] = self.negative_prompt
-        return body
+#: Makes one request's call (sync mode): the generation, or a `DeepModeError`.
+Generate: TypeAlias = Callable[[GenerateRequest], Awaitable[Generation]]
+#: Downloads a generation's images: their paths in the same order.
+Download: TypeAlias = Callable[[Sequence[Image]], Awaitable[list[pathlib.Path]]]
 
 
 @attrs.frozen
@@ -181,15 +152,17 @@ class _Input:
 
 
 async def run_batch(
-    images: Images,
     requests: Iterable[GenerateRequest] | AsyncIterable[GenerateRequest],
     *,
+    generate: Generate,
+    download: Download | None,
     concurrency: int,
-    download_to: pathlib.Path | None,
     progress: BatchProgressCallback | None,
-    timeout: Timeout,
 ) -> AsyncGenerator[BatchResult, None]:
     """Yield one `BatchResult` per request as each completes (see `generate_many`).
+
+    `generate` makes each request's call, paced with the others (see `_pacing`);
+    `download`, when given, downloads each generation's images once it is complete.
 
     When the input fails (or holds something other than a `GenerateRequest`), or the
     progress callback raises, no more requests are started; those in flight still
@@ -221,7 +194,7 @@ async def run_batch(
 
     def submit(request: GenerateRequest) -> None:
         nonlocal submitted
-        running.add(start(_run_one(images, submitted, request, pacer, download_to, timeout)))
+        running.add(start(_run_one(submitted, request, pacer, generate, download)))
         submitted += 1
         report()
 
@@ -265,30 +238,21 @@ async def run_batch(
 
 
 async def _run_one(
-    images: Images,
     index: int,
     request: GenerateRequest,
     pacer: Pacer,
-    download_to: pathlib.Path | None,
-    timeout: Timeout,
+    generate: Generate,
+    download: Download | None,
 ) -> BatchResult:
     try:
-        generation = await images._generate(request, timeout=timeout, pacer=pacer)
+        with pacing(pacer):  # this task's own context: only this call is paced by it
+            generation = await generate(request)
     except DeepModeError as error:
         return BatchResult(index, request, error=error)
-    if download_to is None:
+    if download is None:
         return BatchResult(index, request, generation)
     try:
-        # `download_to` was checked once for the batch; should it go away later, writing
-        # into it fails as a `DownloadError` ("cannot write"), with the generation kept.
-        paths = await images._downloader.download(
-            generation.images,
-            download_to,
-            concurrency=DOWNLOAD_CONCURRENCY,
-            overwrite=False,
-            progress=None,
-            timeout=timeout,
-        )
+        paths = await download(generation.images)
     except DeepModeError as error:
         return BatchResult(index, request, generation, error=error)
     return BatchResult(index, request, generation, tuple(paths))

@@ -388,7 +388,7 @@ def test_tokens_are_unique_and_long() -> None:
     assert len(tokens) == 1000
     assert all(TOKEN.fullmatch(token) for token in tokens)
     assert all(len(token) == 43 for token in tokens)  # token_urlsafe(32): 256 bits
-    assert len(hub._pending) == 1000
+    assert len(hub._state.pending) == 1000
 
 
 def test_reprs_leave_the_token_out() -> None:
@@ -433,7 +433,7 @@ def test_bad_expect_arguments() -> None:
     for ttl in (0, -1, math.nan):
         with pytest.raises(ValidationError, match="ttl"):
             hub.expect("model", ttl=ttl)
-    assert len(hub._pending) == 0
+    assert len(hub._state.pending) == 0
 
 
 # --------------------------------------------------------------------------- servers
@@ -628,7 +628,7 @@ async def test_a_discarded_callback_is_404_and_its_waiters_fail(
     assert await post(plain, pending.url, DOC_IMAGE) == (404, "unknown or expired callback URL")
     with pytest.raises(DeepModeError, match="discarded"):
         await pending.wait(timeout=1)
-    assert len(hub._pending) == 0
+    assert len(hub._state.pending) == 0
     pending.discard()  # twice is harmless
 
 
@@ -846,8 +846,8 @@ async def test_max_pending_bounds_the_hub() -> None:
         hub.expect("model")
     await asyncio.sleep(0.1)
     fresh = [hub.expect("model") for _ in range(5)]  # the expired ones were purged
-    assert len(hub._pending) == 5
-    assert all(hub._pending[token_of(p)] is p for p in fresh)
+    assert len(hub._state.pending) == 5
+    assert all(hub._state.pending[token_of(p)] is p for p in fresh)
     assert repr(hub).endswith("pending=5)")
 
 
@@ -901,7 +901,7 @@ async def test_many_expects_and_receives_from_threads() -> None:
     with ThreadPoolExecutor(8) as pool:
         outcomes = await asyncio.to_thread(lambda: list(pool.map(one, range(50))))
     assert [status for _, status in outcomes] == [(200, "received")] * 50
-    assert len(hub._pending) == 50
+    assert len(hub._state.pending) == 50
     assert len({token_of(pending) for pending, _ in outcomes}) == 50
     assert all(pending.done for pending, _ in outcomes)
     for index, (pending, _) in enumerate(outcomes):
@@ -1025,16 +1025,16 @@ async def test_failed_calls_leave_no_pending_entry(
     mock.fail("generate", 402)
     with pytest.raises(InsufficientCreditsError):
         await dm.images.generate(model_id=model.id, prompt="p", callback=hub)
-    assert len(hub._pending) == 0
+    assert len(hub._state.pending) == 0
     with pytest.raises(NotFoundError):
         await dm.images.generate(model_id="no-such-model", prompt="p", callback=hub)
-    assert len(hub._pending) == 0
+    assert len(hub._state.pending) == 0
     with pytest.raises(NotFoundError):
         await dm.images.upscale("no-such-image", callback=hub)
-    assert len(hub._pending) == 0
+    assert len(hub._state.pending) == 0
     with pytest.raises(ValidationError):
         await dm.images.upscale("", callback=hub)
-    assert len(hub._pending) == 0
+    assert len(hub._state.pending) == 0
     with pytest.raises(ValidationError):
         await dm.models.create(gender="woman", model_type="amateur", callback=hub)
     assert repr(hub).endswith("pending=0)")
@@ -1050,11 +1050,11 @@ async def test_a_cancelled_call_leaves_no_pending_entry(
     model = mock.add_model()
     mock.stall("generate", seconds=5)
     task = asyncio.create_task(dm.images.generate(model_id=model.id, prompt="p", callback=hub))
-    await eventually(lambda: len(hub._pending) == 1)
+    await eventually(lambda: len(hub._state.pending) == 1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert len(hub._pending) == 0
+    assert len(hub._state.pending) == 0
 
 
 async def test_an_unreachable_hub_times_out(
@@ -1087,8 +1087,8 @@ def test_the_expiry_heap_follows_what_is_pending_not_what_has_been() -> None:
     for _ in range(2000):
         pending = hub.expect("upscale")
         pending.discard()
-    assert len(hub._pending) == 0
-    assert len(hub._expiry) <= 2 * len(hub._pending) + 65
+    assert len(hub._state.pending) == 0
+    assert len(hub._state.expiry) <= 2 * len(hub._state.pending) + 65
 
 
 def test_unhashable_arguments_are_refused_with_a_validation_error() -> None:
@@ -1110,4 +1110,4 @@ async def test_an_ambiguous_failure_with_a_hub_says_the_result_may_still_come(
             await dm.images.generate(model_id=model_id, prompt="x", callback=hub)
     assert any("may have acted" in note for note in caught.value.__notes__)
     assert len(mock.ledger) == 1
-    assert len(hub._pending) == 0
+    assert len(hub._state.pending) == 0

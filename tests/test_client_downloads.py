@@ -655,8 +655,8 @@ async def test_a_download_error_keeps_the_error_that_caused_it(
 async def test_large_images_arrive_whole_from_the_loop_or_from_threads(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, slow_write: float, threaded: bool
 ) -> None:
-    # Writes happen on the loop while they are fast (B3); one slower than _SLOW_WRITE
-    # (every write, at 0.0) sends the rest of that file to worker threads.
+    # Writes happen on the loop while they are fast (benchmarks/download.py); one slower
+    # than _SLOW_WRITE (every write, at 0.0) sends the rest of that file to worker threads.
     monkeypatch.setattr(_downloads, "_SLOW_WRITE", slow_write)
     hops: list[str] = []
     run_sync = anyio.to_thread.run_sync

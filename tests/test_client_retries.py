@@ -26,7 +26,7 @@ from deepmode_async import (
     RateLimitError,
 )
 from deepmode_async._errors import APIError, RequestInfo, status_error
-from deepmode_async._transport import RetryPolicy
+from deepmode_async._retry import RetryPolicy
 from deepmode_async.testing import Endpoint, MockDeepMode, sample_image
 
 pytestmark = pytest.mark.anyio
@@ -373,7 +373,7 @@ async def test_no_warning_without_a_retry(
     assert len([r for r in caplog.records if r.levelno == logging.DEBUG]) == 1
 
 
-# ------------------------------------------------------------------ RetryPolicy.delay
+# ------------------------------------------------------------------ RetryState.delay
 
 REQUEST = RequestInfo("POST", "http://127.0.0.1:1/api/images/generate")
 
@@ -388,6 +388,16 @@ def answer(status: int, headers: dict[str, str] | None = None) -> APIError:
     return status_error(REQUEST, status, b"", headers or {})
 
 
+def delay_of(
+    policy: RetryPolicy, error: APIError, attempt: int, *, idempotent: bool
+) -> float | None:
+    """The wait `policy` gives after try number `attempt` failed with `error`."""
+    state = policy.start(idempotent=idempotent)
+    for _ in range(attempt - 1):
+        state = state.increment()
+    return state.delay(error)
+
+
 @given(
     attempt=st.integers(min_value=1, max_value=64),
     base=st.floats(min_value=0.001, max_value=10),
@@ -399,14 +409,14 @@ def test_full_jitter_stays_within_its_bound(
 ) -> None:
     policy = RetryPolicy(max_retries=64, backoff_base=base, backoff_cap=cap)
     error = connection_error() if idempotent else answer(429)
-    delay = policy.delay(error, attempt, idempotent=idempotent)
+    delay = delay_of(policy, error, attempt, idempotent=idempotent)
     assert delay is not None
     assert 0 <= delay <= min(cap, base * 2 ** (attempt - 1))
 
 
 def test_full_jitter_spreads_over_the_whole_range() -> None:
     policy = RetryPolicy(max_retries=5, backoff_base=1.0, backoff_cap=100.0)
-    delays = [policy.delay(connection_error(), 3, idempotent=True) for _ in range(200)]
+    delays = [delay_of(policy, connection_error(), 3, idempotent=True) for _ in range(200)]
     values = [d for d in delays if d is not None]
     assert len(values) == 200
     assert all(0 <= d <= 4.0 for d in values)
@@ -416,13 +426,13 @@ def test_full_jitter_spreads_over_the_whole_range() -> None:
 
 def test_the_backoff_is_capped() -> None:
     policy = RetryPolicy(max_retries=50, backoff_base=0.5, backoff_cap=8.0)
-    delays = [policy.delay(connection_error(), 40, idempotent=True) for _ in range(50)]
+    delays = [delay_of(policy, connection_error(), 40, idempotent=True) for _ in range(50)]
     assert all(d is not None and 0 <= d <= 8.0 for d in delays)
 
 
 def test_a_huge_attempt_number_does_not_overflow() -> None:
     policy = RetryPolicy(max_retries=5000, backoff_base=0.5, backoff_cap=8.0)
-    delay = policy.delay(connection_error(), 1100, idempotent=True)
+    delay = delay_of(policy, connection_error(), 1100, idempotent=True)
     assert delay is not None
     assert 0 <= delay <= 8.0
 
@@ -430,49 +440,49 @@ def test_a_huge_attempt_number_does_not_overflow() -> None:
 @pytest.mark.parametrize("idempotent", [True, False])
 def test_retry_after_is_honoured(idempotent: bool) -> None:
     policy = RetryPolicy(max_retries=3)
-    assert policy.delay(answer(429, {"Retry-After": "3"}), 1, idempotent=idempotent) == 3.0
-    assert policy.delay(answer(503, {"Retry-After": "2.5"}), 2, idempotent=idempotent) == 2.5
+    assert delay_of(policy, answer(429, {"Retry-After": "3"}), 1, idempotent=idempotent) == 3.0
+    assert delay_of(policy, answer(503, {"Retry-After": "2.5"}), 2, idempotent=idempotent) == 2.5
     when = email.utils.formatdate(time.time() + 10, usegmt=True)
-    delay = policy.delay(answer(429, {"Retry-After": when}), 1, idempotent=idempotent)
+    delay = delay_of(policy, answer(429, {"Retry-After": when}), 1, idempotent=idempotent)
     assert delay is not None
     assert 8 <= delay <= 10
     # Above the cap: not waited, raised.
-    assert policy.delay(answer(429, {"Retry-After": "3600"}), 1, idempotent=idempotent) is None
+    assert delay_of(policy, answer(429, {"Retry-After": "3600"}), 1, idempotent=idempotent) is None
 
 
 def test_delay_is_none_beyond_max_retries() -> None:
     policy = RetryPolicy(max_retries=2, backoff_base=FAST)
-    assert policy.delay(connection_error(), 1, idempotent=True) is not None
-    assert policy.delay(connection_error(), 2, idempotent=True) is not None
-    assert policy.delay(connection_error(), 3, idempotent=True) is None
-    assert policy.delay(answer(429, {"Retry-After": "1"}), 3, idempotent=True) is None
-    assert RetryPolicy(max_retries=0).delay(answer(429), 1, idempotent=True) is None
+    assert delay_of(policy, connection_error(), 1, idempotent=True) is not None
+    assert delay_of(policy, connection_error(), 2, idempotent=True) is not None
+    assert delay_of(policy, connection_error(), 3, idempotent=True) is None
+    assert delay_of(policy, answer(429, {"Retry-After": "1"}), 3, idempotent=True) is None
+    assert delay_of(RetryPolicy(max_retries=0), answer(429), 1, idempotent=True) is None
 
 
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
 def test_reads_retry_every_transient_status(status: int) -> None:
-    assert RetryPolicy().delay(answer(status), 1, idempotent=True) is not None
+    assert delay_of(RetryPolicy(), answer(status), 1, idempotent=True) is not None
 
 
 @pytest.mark.parametrize("status", [400, 401, 402, 403, 404, 409, 413, 418, 422, 501])
 def test_nobody_retries_a_final_answer(status: int) -> None:
     for idempotent in (True, False):
-        assert RetryPolicy().delay(answer(status), 1, idempotent=idempotent) is None
+        assert delay_of(RetryPolicy(), answer(status), 1, idempotent=idempotent) is None
 
 
 @pytest.mark.parametrize("status", [408, 500, 502, 503, 504])
 def test_spending_calls_do_not_retry_an_ambiguous_status(status: int) -> None:
-    assert RetryPolicy().delay(answer(status), 1, idempotent=False) is None
+    assert delay_of(RetryPolicy(), answer(status), 1, idempotent=False) is None
 
 
 def test_spending_calls_retry_only_connections_that_never_sent_the_request() -> None:
     policy = RetryPolicy()
     not_sent = connection_error(aiohttp.ConnectionTimeoutError())
-    assert policy.delay(not_sent, 1, idempotent=False) is not None
+    assert delay_of(policy, not_sent, 1, idempotent=False) is not None
     for cause in (aiohttp.ServerDisconnectedError(), aiohttp.SocketTimeoutError(), None):
         error = connection_error(cause)
-        assert policy.delay(error, 1, idempotent=False) is None
-        assert policy.delay(error, 1, idempotent=True) is not None
+        assert delay_of(policy, error, 1, idempotent=False) is None
+        assert delay_of(policy, error, 1, idempotent=True) is not None
 
 
 async def test_the_wait_for_a_retry_is_not_counted_by_the_timeout(

@@ -37,7 +37,9 @@ async def send(dm: AsyncClient, photo: pathlib.Path, change: str) -> DeepModeErr
         photo.unlink()
     body = multipart(FIELDS, files)  # ...sent after the file changed
     with pytest.raises(DeepModeError) as caught:
-        await dm._transport.call("POST", "/api/models", idempotent=False, body=body)
+        await dm._transport.call(
+            "POST", "/api/models", idempotent=False, body=body, timeout=dm.timeout
+        )
     return caught.value
 
 

@@ -753,7 +753,7 @@ async def test_the_loop_keeps_ticking_while_thirty_large_photos_are_prepared(
     lock = threading.Lock()
     running, peak = 0, 0
     threads: set[int] = set()  # where the photos were prepared
-    real_prepare = prep_module._prepare_one
+    real_prepare = prep_module._photo.prepare_one
 
     def counted(*args: Any) -> Any:
         nonlocal running, peak
@@ -775,7 +775,7 @@ async def test_the_loop_keeps_ticking_while_thirty_large_photos_are_prepared(
             resized.append(self.size)
         return real_resize(self, *args, **kwargs)
 
-    monkeypatch.setattr(prep_module, "_prepare_one", counted)
+    monkeypatch.setattr(prep_module._photo, "prepare_one", counted)
     monkeypatch.setattr(Image.Image, "resize", recording_resize)
 
     gaps: list[float] = []

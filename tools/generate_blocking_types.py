@@ -41,31 +41,48 @@ def render() -> str:
     imports: list[str] = []
     classes: list[str] = []
     for file_name, class_name in SOURCES:
-        module = ast.parse((RESOURCES / file_name).read_text())
-        for node in module.body:
-            if isinstance(node, ast.Import | ast.ImportFrom) and not _is_future(node):
-                line = ast.unparse(node)
-                if line not in imports:
-                    imports.append(line)
-            if isinstance(node, ast.ClassDef) and node.name == class_name:
-                classes.append(_blocking_class(node))
+        methods = _methods(file_name, class_name, imports)
+        classes.append(_blocking_class(class_name, methods))
     source = "\n".join([HEADER, *imports, "", *classes])
     return _ruff(["check", "--fix", "--select", "F401,I", "--quiet", "--exit-zero"], source)
+
+
+def _methods(
+    file_name: str, class_name: str, imports: list[str]
+) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
+    """The public methods of a resource class, those of its bases within `resources/`
+    first (`Images` gets `remix` from `_remix.Remixing`); adds the imports they need."""
+    module = ast.parse((RESOURCES / file_name).read_text())
+    local_bases: dict[str, str] = {}  # class name -> its file, for `from ._x import Name`
+    methods: list[ast.FunctionDef | ast.AsyncFunctionDef] = []
+    for node in module.body:
+        if isinstance(node, ast.Import | ast.ImportFrom) and not _is_future(node):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                local_bases.update({alias.name: f"{node.module}.py" for alias in node.names})
+            line = ast.unparse(node)
+            if line not in imports:
+                imports.append(line)
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            for base in node.bases:
+                if isinstance(base, ast.Name) and base.id in local_bases:
+                    methods += _methods(local_bases[base.id], base.id, imports)
+            methods += [
+                inner
+                for inner in node.body
+                if isinstance(inner, ast.FunctionDef | ast.AsyncFunctionDef) and _public(inner)
+            ]
+    return methods
 
 
 def _is_future(node: ast.Import | ast.ImportFrom) -> bool:
     return isinstance(node, ast.ImportFrom) and node.module == "__future__"
 
 
-def _blocking_class(cls: ast.ClassDef) -> str:
-    methods = []
-    for node in cls.body:
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and _public(node):
-            methods.append(_blocking_method(node))
-    doc = f"The blocking `{cls.name}` of `Client`: each method waits for its result."
-    body = "\n".join(ast.unparse(method) for method in methods)
+def _blocking_class(name: str, methods: list[ast.FunctionDef | ast.AsyncFunctionDef]) -> str:
+    doc = f"The blocking `{name}` of `Client`: each method waits for its result."
+    body = "\n".join(ast.unparse(_blocking_method(method)) for method in methods)
     indented = "\n".join(f"    {line}" if line else line for line in body.splitlines())
-    return f'class Blocking{cls.name}(Protocol):\n    """{doc}"""\n\n{indented}\n'
+    return f'class Blocking{name}(Protocol):\n    """{doc}"""\n\n{indented}\n'
 
 
 def _public(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:

@@ -14,11 +14,12 @@ from .. import _validate as check
 from .._client import AsyncClient
 from .._downloads import DownloadProgress, check_destination
 from .._errors import DeepModeError, ValidationError
+from .._pacing import Pacer, pacing
+from .._requests import GenerateRequest
 from .._tasks import map_bounded
-from .._transport import Pacer
 from .._types import Accepted, Image, Model, ModelCreated, RemixResult
 from .._uploads import UploadProgress
-from ..batch import BatchResult, GenerateRequest
+from ..batch import BatchResult
 from . import _signals
 from ._hub import local_hub
 from ._terminal import Bar, describe, dumps, emit, image_line, jsonable, progress_bar, say
@@ -280,7 +281,8 @@ def download(options: argparse.Namespace) -> None:
         pacer = Pacer(options.concurrency)
 
         async def retrieve(image_id: str) -> Image:
-            return await dm.images._retrieve(image_id, timeout=None, pacer=pacer)
+            with pacing(pacer):
+                return await dm.images.retrieve(image_id)
 
         images = await map_bounded(retrieve, options.image_ids, options.concurrency)
         with progress_bar(options, "downloading", len(images)) as bar:

@@ -21,7 +21,7 @@ import attrs
 from .._client import AsyncClient
 from .._downloads import check_destination
 from .._errors import ValidationError
-from ..batch import GenerateRequest
+from .._requests import GenerateRequest
 from . import _signals
 from ._commands import BatchFailed, client, generate_batch, train_and_wait
 from ._terminal import dumps, say

@@ -6,7 +6,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .._convert import structure
-from .._transport import Pacer, Timeout, Transport, coerce_timeout
+from .._timeout import Timeout, coerce_timeout
+from .._transport import Transport
 
 T = TypeVar("T")
 
@@ -27,7 +28,6 @@ class Resource:
         body: Callable[[], Any] | None = None,
         content_type: str | None = "application/json",
         timeout: Timeout | float | None = None,
-        pacer: Pacer | None = None,
     ) -> T:
         """Send one API call and convert its answer to `result`."""
         data = await self._transport.call(
@@ -36,7 +36,10 @@ class Resource:
             idempotent=idempotent,
             body=body,
             content_type=content_type,
-            timeout=coerce_timeout(timeout, self._transport.timeout),
-            pacer=pacer,
+            timeout=self._timeout(timeout),
         )
         return structure(data, result, f"{method} {path}")
+
+    def _timeout(self, timeout: Timeout | float | None) -> Timeout:
+        """A call's `timeout=` as a `Timeout`, the client's when None."""
+        return coerce_timeout(timeout, self._transport.timeout)

@@ -13,7 +13,8 @@ from .._downloads import (
     Downloadable,
     ProgressCallback,
 )
-from .._transport import Timeout
+from .._requests import GenerateRequest
+from .._timeout import Timeout
 from .._types import (
     Accepted,
     Balance,
@@ -29,7 +30,7 @@ from .._types import (
     RemixResult,
 )
 from .._uploads import ImageInput, UploadProgressCallback
-from ..batch import BatchProgressCallback, BatchResult, GenerateRequest
+from ..batch import BatchProgressCallback, BatchResult
 from ..callbacks import CallbackHub
 
 
@@ -105,6 +106,37 @@ class BlockingModels(Protocol):
 
 class BlockingImages(Protocol):
     """The blocking `Images` of `Client`: each method waits for its result."""
+
+    def remix(
+        self,
+        *,
+        model_id: str,
+        artwork_image: ImageInput,
+        mask_image: ImageInput,
+        prompt: str = "",
+        negative_prompt: str = "",
+        mode: RemixMode | str = RemixMode.SYNC,
+        timeout: Timeout | float | None = None,
+    ) -> RemixResult:
+        """Paint a trained model's subject into `artwork_image` where `mask_image` is white
+        (1 credit). In `async` mode the answer comes at once and `image_url` serves the
+        image when it is ready."""
+        ...
+
+    def face_id_remix(
+        self,
+        *,
+        identity_image: ImageInput,
+        artwork_image: ImageInput,
+        mask_image: ImageInput,
+        prompt: str = "",
+        negative_prompt: str = "",
+        mode: RemixMode | str = RemixMode.SYNC,
+        timeout: Timeout | float | None = None,
+    ) -> RemixResult:
+        """Put the face of `identity_image` into `artwork_image` where `mask_image` is
+        white, without a trained model (1 credit)."""
+        ...
 
     @overload
     def generate(
@@ -217,37 +249,6 @@ class BlockingImages(Protocol):
         """Upscale an image x4 (3 credits): the new `Image`, or `Accepted` with a
         `callback` URL. With a `CallbackHub` as `callback`, waits for the hub to receive
         the upscaled `Image`."""
-        ...
-
-    def remix(
-        self,
-        *,
-        model_id: str,
-        artwork_image: ImageInput,
-        mask_image: ImageInput,
-        prompt: str = "",
-        negative_prompt: str = "",
-        mode: RemixMode | str = RemixMode.SYNC,
-        timeout: Timeout | float | None = None,
-    ) -> RemixResult:
-        """Paint a trained model's subject into `artwork_image` where `mask_image` is white
-        (1 credit). In `async` mode the answer comes at once and `image_url` serves the
-        image when it is ready."""
-        ...
-
-    def face_id_remix(
-        self,
-        *,
-        identity_image: ImageInput,
-        artwork_image: ImageInput,
-        mask_image: ImageInput,
-        prompt: str = "",
-        negative_prompt: str = "",
-        mode: RemixMode | str = RemixMode.SYNC,
-        timeout: Timeout | float | None = None,
-    ) -> RemixResult:
-        """Put the face of `identity_image` into `artwork_image` where `mask_image` is
-        white, without a trained model (1 credit)."""
         ...
 
     def download(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._transport import Timeout
+from .._timeout import Timeout
 from .._types import Balance
 from ._base import Resource
 

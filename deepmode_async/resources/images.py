@@ -1,11 +1,11 @@
-"""`dm.images`: generate, retrieve, upscale, remix and download images."""
+"""`dm.images`: generate, retrieve, upscale and download images (remix: `_remix`)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import pathlib
-from collections.abc import AsyncGenerator, AsyncIterable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Sequence
 from typing import overload
 
 from .. import _validate as check
@@ -18,15 +18,17 @@ from .._downloads import (
     flatten,
 )
 from .._errors import ValidationError
-from .._transport import Pacer, Timeout, Transport, coerce_timeout, json_body
-from .._types import Accepted, Generation, Image, Ratio, RemixMode, RemixResult
-from .._uploads import ImageInput, check_files, multipart
-from ..batch import BatchProgressCallback, BatchResult, GenerateRequest, run_batch
+from .._requests import GenerateRequest, generate_body
+from .._timeout import Timeout
+from .._transport import Transport, json_body
+from .._types import Accepted, Generation, Image, Ratio
+from ..batch import BatchProgressCallback, BatchResult, run_batch
 from ..callbacks import CallbackHub
-from ._base import Resource
+from ._callbacks import submit_and_wait
+from ._remix import Remixing
 
 
-class Images(Resource):
+class Images(Remixing):
     """Images from a trained model, and what can be done with them."""
 
     def __init__(self, transport: Transport) -> None:
@@ -93,31 +95,28 @@ class Images(Resource):
             ratio=ratio,
         )
         if isinstance(callback, CallbackHub):
-            return await callback._submit_and_wait(  # type: ignore[no-any-return]
-                "generation", lambda url: self._generate_later(request, url, timeout)
+            return await submit_and_wait(
+                callback.expect("generation"),
+                lambda url: self._generate_later(request, url, timeout),
             )
         if callback is not None:
             return await self._generate_later(request, callback, timeout)
-        return await self._generate(request, timeout=timeout)
+        return await self._generate(request, timeout)
 
     async def _generate(
-        self,
-        request: GenerateRequest,
-        *,
-        timeout: Timeout | float | None,
-        pacer: Pacer | None = None,
+        self, request: GenerateRequest, timeout: Timeout | float | None
     ) -> Generation:
-        """Sync mode: the images in the answer (`pacer` when part of a batch)."""
-        body = json_body(request._json())
+        """Sync mode: the images in the answer."""
+        body = json_body(generate_body(request))
         return await self._call(
-            Generation, "POST", "/api/images/generate", body=body, timeout=timeout, pacer=pacer
+            Generation, "POST", "/api/images/generate", body=body, timeout=timeout
         )
 
     async def _generate_later(
         self, request: GenerateRequest, callback: str, timeout: Timeout | float | None
     ) -> Accepted:
         """Callback mode: the images go to `callback` later."""
-        body = {**request._json(), "callback": check.http_url("callback", callback)}
+        body = {**generate_body(request), "callback": check.http_url("callback", callback)}
         return await self._call(
             Accepted, "POST", "/api/images/generate", body=json_body(body), timeout=timeout
         )
@@ -158,13 +157,31 @@ class Images(Resource):
         if progress is not None and not callable(progress):
             raise ValidationError("progress must be a callable or None")
         directory = check_destination(download_to) if download_to is not None else None
+        call_timeout = self._timeout(timeout)
+
+        async def generate(request: GenerateRequest) -> Generation:
+            return await self._generate(request, call_timeout)
+
+        async def download(images: Sequence[Image]) -> list[pathlib.Path]:
+            assert directory is not None
+            # `directory` was checked once for the batch; should it go away later,
+            # writing into it fails as a `DownloadError` ("cannot write"), the
+            # generation kept.
+            return await self._downloader.download(
+                images,
+                directory,
+                concurrency=DOWNLOAD_CONCURRENCY,
+                overwrite=False,
+                progress=None,
+                timeout=call_timeout,
+            )
+
         results = run_batch(
-            self,
             requests,
+            generate=generate,
+            download=download if directory is not None else None,
             concurrency=concurrency,
-            download_to=directory,
             progress=progress,
-            timeout=coerce_timeout(timeout, self._transport.timeout),
         )
         async with contextlib.aclosing(results):
             async for result in results:
@@ -172,15 +189,9 @@ class Images(Resource):
 
     async def retrieve(self, image_id: str, *, timeout: Timeout | float | None = None) -> Image:
         """An image by id, with a freshly signed `image_url` (free)."""
-        return await self._retrieve(image_id, timeout=timeout)
-
-    async def _retrieve(
-        self, image_id: str, *, timeout: Timeout | float | None, pacer: Pacer | None = None
-    ) -> Image:
-        """`retrieve`, with `pacer` when it is one of many lookups at once."""
         segment = check.path_segment("image_id", image_id)
         return await self._call(
-            Image, "GET", f"/api/images/{segment}", idempotent=True, timeout=timeout, pacer=pacer
+            Image, "GET", f"/api/images/{segment}", idempotent=True, timeout=timeout
         )
 
     @overload
@@ -209,8 +220,9 @@ class Images(Resource):
         the upscaled `Image`."""
         body = {"image_id": check.non_empty("image_id", image_id)}
         if isinstance(callback, CallbackHub):
-            return await callback._submit_and_wait(  # type: ignore[no-any-return]
-                "upscale", lambda url: self.upscale(image_id, callback=url, timeout=timeout)
+            return await submit_and_wait(
+                callback.expect("upscale"),
+                lambda url: self.upscale(image_id, callback=url, timeout=timeout),
             )
         if callback is None:
             return await self._call(
@@ -219,80 +231,6 @@ class Images(Resource):
         body["callback"] = check.http_url("callback", callback)
         return await self._call(
             Accepted, "POST", "/api/images/upscale", body=json_body(body), timeout=timeout
-        )
-
-    async def remix(
-        self,
-        *,
-        model_id: str,
-        artwork_image: ImageInput,
-        mask_image: ImageInput,
-        prompt: str = "",
-        negative_prompt: str = "",
-        mode: RemixMode | str = RemixMode.SYNC,
-        timeout: Timeout | float | None = None,
-    ) -> RemixResult:
-        """Paint a trained model's subject into `artwork_image` where `mask_image` is white
-        (1 credit). In `async` mode the answer comes at once and `image_url` serves the
-        image when it is ready."""
-        fields = [("model_id", check.non_empty("model_id", model_id))]
-        return await self._remix(
-            "/api/remix/generate",
-            fields,
-            {"artwork_image": artwork_image, "mask_image": mask_image},
-            prompt,
-            negative_prompt,
-            mode,
-            timeout,
-        )
-
-    async def face_id_remix(
-        self,
-        *,
-        identity_image: ImageInput,
-        artwork_image: ImageInput,
-        mask_image: ImageInput,
-        prompt: str = "",
-        negative_prompt: str = "",
-        mode: RemixMode | str = RemixMode.SYNC,
-        timeout: Timeout | float | None = None,
-    ) -> RemixResult:
-        """Put the face of `identity_image` into `artwork_image` where `mask_image` is
-        white, without a trained model (1 credit)."""
-        images = {
-            "identity_image": identity_image,
-            "artwork_image": artwork_image,
-            "mask_image": mask_image,
-        }
-        return await self._remix(
-            "/api/face-id-remix", [], images, prompt, negative_prompt, mode, timeout
-        )
-
-    async def _remix(
-        self,
-        path: str,
-        fields: list[tuple[str, str]],
-        images: dict[str, ImageInput],
-        prompt: str,
-        negative_prompt: str,
-        mode: RemixMode | str,
-        timeout: Timeout | float | None,
-    ) -> RemixResult:
-        fields += [
-            ("prompt", check.text("prompt", prompt)),
-            ("negative_prompt", check.text("negative_prompt", negative_prompt)),
-            ("mode", check.choice("mode", mode, RemixMode)),
-        ]
-        files = [
-            upload for name, image in images.items() for upload in await check_files(name, [image])
-        ]
-        return await self._call(
-            RemixResult,
-            "POST",
-            path,
-            body=multipart(fields, files),
-            content_type=None,
-            timeout=timeout,
         )
 
     async def download(
@@ -327,5 +265,5 @@ class Images(Resource):
             concurrency=concurrency,
             overwrite=overwrite,
             progress=progress,
-            timeout=coerce_timeout(timeout, self._transport.timeout),
+            timeout=self._timeout(timeout),
         )

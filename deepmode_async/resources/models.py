@@ -10,12 +10,14 @@ import anyio.to_thread
 
 from .. import _validate as check
 from .._errors import ValidationError
-from .._transport import Timeout, json_body
+from .._timeout import Timeout
+from .._transport import json_body
 from .._types import Gender, Model, ModelCreated, ModelExtension, ModelType
 from .._uploads import ImageInput, UploadProgressCallback, check_files, multipart
 from .._validate import MAX_TRAINING_IMAGES
 from ..callbacks import CallbackHub
 from ._base import Resource
+from ._callbacks import submit_and_wait
 
 
 class Models(Resource):
@@ -84,8 +86,8 @@ class Models(Resource):
         `prepare_training_set` yourself to train on the usable ones only.
         """
         if isinstance(callback, CallbackHub):
-            return await callback._submit_and_wait(  # type: ignore[no-any-return]
-                "model",
+            return await submit_and_wait(
+                callback.expect("model"),
                 lambda url: self.create(
                     images=images,
                     image_urls=image_urls,

@@ -1,0 +1,164 @@
+"""Pacing: the calls of a batch slow down together when the server asks them to.
+
+A `Pacer` is shared by the calls of one batch; a call finds it by context, not by an
+argument: the batch runs each call inside `with pacing(pacer):`, and the transport
+asks `paced_call()` at the start of each call. A call outside any such scope is on its
+own: it waits out its own delays and shares no slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import time
+from collections.abc import Iterator
+from typing import Final
+
+from ._errors import APIError
+from ._retry import asks_to_wait
+
+#: Rate-limited tries of one call forgiven (not counted as retries) at most: a server
+#: that refuses one call for good while letting others through must not stall a batch.
+_MAX_FORGIVEN: Final = 8
+
+_CURRENT: Final[contextvars.ContextVar[Pacer | None]] = contextvars.ContextVar(
+    "deepmode_async_pacer", default=None
+)
+
+
+@contextlib.contextmanager
+def pacing(pacer: Pacer) -> Iterator[Pacer]:
+    """Pace every call made inside this scope (in this task, and in the tasks it starts
+    meanwhile) with `pacer`'s other calls: open it in each task of a batch."""
+    token = _CURRENT.set(pacer)
+    try:
+        yield pacer
+    finally:
+        _CURRENT.reset(token)
+
+
+class Pacer:
+    """Paces the calls of one batch together, so a rate-limited server sees the batch
+    slow down instead of every call retrying on its own.
+
+    When a call is told to wait (429, or 503), every call of the batch waits with it
+    until the delay has passed, and the number of calls allowed in flight halves (once
+    per wave of answers); each run of successes as long as that number raises it by one
+    again, up to `ceiling`. This happens whether or not the refused call is tried again.
+    A rate-limited try does not count against a call's retries when other calls got
+    through since its previous try (up to `_MAX_FORGIVEN` times): a server that lets
+    some calls through is pacing the batch, not refusing it. When none do, retries run
+    out as usual.
+    """
+
+    def __init__(self, ceiling: int) -> None:
+        self.ceiling = ceiling
+        self.limit = ceiling
+        self.in_flight = 0
+        self.successes = 0
+        self._resume_at = 0.0
+        self._streak = 0  # successes since the limit last changed
+        self._wave = 0  # bumped when the limit halves: one halving per wave of 429s
+        self._changed = asyncio.Event()
+
+    def call(self) -> PacedCall:
+        """The pacing of one call, for all of its attempts."""
+        return _SharedCall(self)
+
+    async def _enter(self) -> int:
+        while True:
+            pause = self._resume_at - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            elif self.in_flight < self.limit:
+                break
+            else:
+                await self._changed.wait()
+        self.in_flight += 1
+        return self._wave
+
+    def _leave(self, wave: int, error: APIError | None, pause: float, *, succeeded: bool) -> None:
+        self.in_flight -= 1
+        if succeeded:
+            self.successes += 1
+            self._streak += 1
+            if self._streak >= self.limit and self.limit < self.ceiling:
+                self.limit += 1
+                self._streak = 0
+        elif error is not None and asks_to_wait(error):
+            if wave == self._wave:
+                self.limit = max(1, self.limit // 2)
+                self._wave += 1
+                self._streak = 0
+            self._resume_at = max(self._resume_at, time.monotonic() + pause)
+        self._changed.set()  # wake every waiter to look again; few enough to be cheap
+        self._changed = asyncio.Event()
+
+
+class PacedCall:
+    """One call's tries, on its own: no slots to share, and it waits out its own delays.
+
+    `Pacer.call` gives the shared kind; the transport drives either the same way.
+    """
+
+    async def enter(self) -> None:
+        """Wait for a slot (and for any pause the batch is in)."""
+
+    def succeeded(self) -> None:
+        """Give the slot back after a success."""
+
+    def failed(self, error: APIError | None = None, pause: float = 0.0) -> None:
+        """Give the slot back after a failure; an `error` asking to wait (429, 503)
+        holds the whole batch back for `pause` seconds."""
+
+    def forgives(self, error: APIError) -> bool:
+        """Whether the try that failed with `error` is not counted as a retry."""
+        return False
+
+    async def wait_to_retry(self, error: APIError, delay: float) -> None:
+        """Wait `delay` seconds before the next try after `error`."""
+        await asyncio.sleep(delay)
+
+
+class _SharedCall(PacedCall):
+    """One call's tries under a `Pacer`."""
+
+    def __init__(self, pacer: Pacer) -> None:
+        self._pacer = pacer
+        self._wave = 0
+        self._successes = pacer.successes  # the batch's, at this call's previous try
+        self._forgiven = 0
+
+    async def enter(self) -> None:
+        self._wave = await self._pacer._enter()
+
+    def succeeded(self) -> None:
+        self._pacer._leave(self._wave, None, 0.0, succeeded=True)
+
+    def failed(self, error: APIError | None = None, pause: float = 0.0) -> None:
+        self._pacer._leave(self._wave, error, pause, succeeded=False)
+
+    def forgives(self, error: APIError) -> bool:
+        if not asks_to_wait(error):
+            return False
+        progressed = self._pacer.successes != self._successes
+        self._successes = self._pacer.successes
+        if progressed and self._forgiven < _MAX_FORGIVEN:
+            self._forgiven += 1
+            return True
+        return False
+
+    async def wait_to_retry(self, error: APIError, delay: float) -> None:
+        if not asks_to_wait(error):
+            await asyncio.sleep(delay)
+        # Else `failed` set the batch's pause: the next `enter` waits with everyone else.
+
+
+_ALONE: Final = PacedCall()
+
+
+def paced_call() -> PacedCall:
+    """The pacing of a call starting now: its batch's, or none when it is on its own."""
+    pacer = _CURRENT.get()
+    return _ALONE if pacer is None else pacer.call()

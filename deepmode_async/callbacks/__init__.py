@@ -1,0 +1,49 @@
+"""Callback mode, made awaitable: parse what the API POSTs, and wait for it to arrive.
+
+In callback mode the API answers at once and later POSTs the result (a trained `Model`,
+a `Generation`, an upscaled `Image`) to a URL of yours. The parsers turn such a body
+into the SDK's data classes. `CallbackHub` hands out unguessable URLs under your app's
+public address, receives the POSTs through an aiohttp or ASGI adapter you mount in your
+app, and lets code `await` what arrives:
+
+```python
+hub = CallbackHub("https://myapp.example.com/deepmode-callbacks")
+app.mount("/deepmode-callbacks", hub.asgi_app())        # FastAPI / Starlette
+model = await dm.models.create(images=photos, gender="woman",
+                               model_type="amateur", callback=hub)  # waits for training
+```
+
+The callback URL is the only secret of a delivery (the API signs nothing), so it holds
+256 random bits and is never shown in a repr or a log line.
+
+Inside: `_parsers` (the bodies), `_hub` (the hub and its expectations), `_adapters`
+(serving it from aiohttp or ASGI). The resources hold the glue that submits a call in
+callback mode and waits for it; the hub knows nothing of them.
+"""
+
+from __future__ import annotations
+
+from ._adapters import AsgiReceive as Receive
+from ._adapters import AsgiSend as Send
+from ._adapters import Scope
+from ._hub import CallbackHub, PendingCallback
+from ._parsers import (
+    CallbackBody,
+    CallbackKind,
+    parse_generation_callback,
+    parse_model_callback,
+    parse_upscale_callback,
+)
+
+__all__ = [
+    "CallbackBody",
+    "CallbackHub",
+    "CallbackKind",
+    "PendingCallback",
+    "Receive",
+    "Scope",
+    "Send",
+    "parse_generation_callback",
+    "parse_model_callback",
+    "parse_upscale_callback",
+]
