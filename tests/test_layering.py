@@ -34,7 +34,7 @@ LAYERS: list[set[str]] = [
     {"batch", "callbacks", "prep"},
     {"resources"},
     {"_client", "_sync", "__init__"},
-    {"testing"},
+    {"testing", "_mock_options"},
     {"cli", "__main__"},
 ]
 
