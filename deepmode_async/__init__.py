@@ -36,6 +36,7 @@ from ._errors import (
     RateLimitError,
     RequestInfo,
     ResponseValidationError,
+    StoreError,
     UnprocessableEntityError,
     ValidationError,
 )
@@ -97,6 +98,7 @@ __all__ = [
     "RemixResult",
     "RequestInfo",
     "ResponseValidationError",
+    "StoreError",
     "Timeout",
     "UnprocessableEntityError",
     "UploadProgress",
