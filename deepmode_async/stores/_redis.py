@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import re
 import secrets
+import socket
 import threading
 import weakref
 from collections.abc import AsyncIterator, Sequence
@@ -182,6 +183,10 @@ class RedisStore(Store):
         elif isinstance(exc, redis.TimeoutError | TimeoutError):
             text = f"{where} did not answer in time ({reason}); is it overloaded or unreachable?"
         elif isinstance(exc, redis.ConnectionError | OSError):
+            if _caused_by(exc, ConnectionRefusedError):
+                reason = "connection refused"
+            elif _caused_by(exc, socket.gaierror):
+                reason = f"no such host ({reason})"
             text = f"cannot reach {where}: {reason}; is redis-server running?"
         else:
             text = f"{where} failed: {type(exc).__name__}: {reason}"
@@ -330,6 +335,17 @@ class RedisStore(Store):
                 with contextlib.suppress(Exception):
                     future = asyncio.run_coroutine_threadsafe(state.aclose(), loop)
                     await asyncio.wait_for(asyncio.wrap_future(future), 5.0)
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(10):  # a chain, not a loop
+        if seen is None:
+            return False
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _ms(ttl: float | None) -> int | None:

@@ -63,6 +63,7 @@ class LoopPubSub:
         """Add `sub` to `channel`; returns once Redis delivers the channel's messages."""
         joined = channel in self._subs
         self._subs.setdefault(channel, set()).add(sub)
+        unsent: list[_Expected] = []
         try:
             if joined:
                 pending = self._expected.get(channel)
@@ -70,15 +71,23 @@ class LoopPubSub:
                     await asyncio.wait_for(asyncio.shield(pending[-1].future), _CONFIRM_TIMEOUT)
                 return
             expected = self._expect(channel, gap=False)
+            unsent.append(expected)
             async with self._lock:
                 if self._pubsub is None:
                     self._pubsub = await self._open([channel])
                 else:
                     await self._pubsub.subscribe(channel)
+                unsent.clear()  # sent: its confirmation will come (or the connection dies)
                 if self._reader is None or self._reader.done():
                     self._reader = asyncio.get_running_loop().create_task(self._read())
             await asyncio.wait_for(asyncio.shield(expected.future), _CONFIRM_TIMEOUT)
         except BaseException as exc:
+            pending = self._expected.get(channel)
+            for item in unsent:  # no confirmation will come for it
+                if pending is not None and item in pending:
+                    pending.remove(item)
+                    if not pending:
+                        del self._expected[channel]
             self.unsubscribe(channel, sub)
             if isinstance(exc, self._failures):
                 raise self._describe(exc) from None
