@@ -172,25 +172,7 @@ class RedisStore(Store):
         return state
 
     def _describe(self, exc: BaseException) -> StoreError:
-        """A `StoreError` for a redis/socket failure: what happened and what to check."""
-        redis = _redis()
-        reason = _scrub(str(exc), self._password) or type(exc).__name__
-        where = f"Redis at {self._name}"
-        if isinstance(exc, redis.AuthenticationError | redis.exceptions.AuthorizationError):
-            text = f"{where} refused the credentials: {reason}; check the URL's user and password"
-        elif isinstance(exc, redis.exceptions.ResponseError) and "NOAUTH" in str(exc):
-            text = f"{where} requires a password: put it in the URL (redis://:PASSWORD@host)"
-        elif isinstance(exc, redis.TimeoutError | TimeoutError):
-            text = f"{where} did not answer in time ({reason}); is it overloaded or unreachable?"
-        elif isinstance(exc, redis.ConnectionError | OSError):
-            if _caused_by(exc, ConnectionRefusedError):
-                reason = "connection refused"
-            elif _caused_by(exc, socket.gaierror):
-                reason = f"no such host ({reason})"
-            text = f"cannot reach {where}: {reason}; is redis-server running?"
-        else:
-            text = f"{where} failed: {type(exc).__name__}: {reason}"
-        return StoreError(text)
+        return describe_failure(exc, self._name, self._password)
 
     @contextlib.contextmanager
     def _translated(self) -> Any:
@@ -335,6 +317,28 @@ class RedisStore(Store):
                 with contextlib.suppress(Exception):
                     future = asyncio.run_coroutine_threadsafe(state.aclose(), loop)
                     await asyncio.wait_for(asyncio.wrap_future(future), 5.0)
+
+
+def describe_failure(exc: BaseException, name: str, password: object) -> StoreError:
+    """A `StoreError` for a redis/socket failure: what happened and what to check."""
+    redis = _redis()
+    reason = _scrub(str(exc), password) or type(exc).__name__
+    where = f"Redis at {name}"
+    if isinstance(exc, redis.AuthenticationError | redis.exceptions.AuthorizationError):
+        text = f"{where} refused the credentials: {reason}; check the URL's user and password"
+    elif isinstance(exc, redis.exceptions.ResponseError) and "NOAUTH" in str(exc):
+        text = f"{where} requires a password: put it in the URL (redis://:PASSWORD@host)"
+    elif isinstance(exc, redis.TimeoutError | TimeoutError):
+        text = f"{where} did not answer in time ({reason}); is it overloaded or unreachable?"
+    elif isinstance(exc, redis.ConnectionError | OSError):
+        if _caused_by(exc, ConnectionRefusedError):
+            reason = "connection refused"
+        elif _caused_by(exc, socket.gaierror):
+            reason = f"no such host ({reason})"
+        text = f"cannot reach {where}: {reason}; is redis-server running?"
+    else:
+        text = f"{where} failed: {type(exc).__name__}: {reason}"
+    return StoreError(text)
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import os
 import secrets
 import sqlite3
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Final, TypeVar
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Final
 
-from .._errors import StoreError, ValidationError
+from .._errors import ValidationError
 from ._base import (
     QueueSubscription,
     Store,
@@ -27,28 +25,13 @@ from ._base import (
     chunks,
 )
 from ._sqlite_events import EVENT_RETENTION, EventListener
+from ._sqlite_file import SQLiteFile
 
-T = TypeVar("T")
-
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS records (
-    ns TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, expires REAL,
-    PRIMARY KEY (ns, key)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS records_expiry ON records (expires) WHERE expires IS NOT NULL;
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, message BLOB NOT NULL,
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
-"""
 _LIVE: Final = "(expires IS NULL OR expires > ?)"
 #: Keys per statement (SQLite allows at least 999 parameters) and records per page.
 _PAGE: Final = 500
 #: Every this many writes, expired records and old events are removed (a few at a time).
 _CLEAN_EVERY: Final = 256
-#: Worker threads (each with its own connection): SQLite writes one at a time anyway.
-_WORKERS: Final = 4
 
 
 class SQLiteStore(Store):
@@ -72,83 +55,13 @@ class SQLiteStore(Store):
                 "records in memory)"
             )
         self.path = os.path.abspath(raw)
-        self._timeout = timeout
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
-        self._schema_ready = False
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            _WORKERS, thread_name_prefix="deepmode-sqlite"
-        )
-        self._events = EventListener(self._connect, self.path)
+        self._file = SQLiteFile(self.path, timeout)
+        self._events = EventListener(self._file.connect, self.path)
         self._secrets: dict[str, bytes] = {}
         self._writes = 0
-        self._closed = False
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
-
-    # ------------------------------------------------------------------ connections
-
-    def _connect(self) -> sqlite3.Connection:
-        try:
-            conn = sqlite3.connect(
-                self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as exc:
-            raise self._error(exc) from None
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            if not self._schema_ready:
-                if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
-                    raise StoreError(f"SQLite store {self.path}: the file cannot use WAL mode")
-                conn.executescript(_SCHEMA)
-                self._schema_ready = True
-        except BaseException:
-            conn.close()
-            raise
-        with self._lock:
-            self._connections.append(conn)
-        return conn
-
-    def _in_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        try:
-            conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-            if conn is None:
-                conn = self._local.conn = self._connect()
-            return work(conn)
-        except sqlite3.Error as exc:
-            raise self._error(exc) from None
-
-    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        if self._closed:
-            raise StoreError(f"this SQLiteStore ({self.path}) was closed")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._in_thread, work)
-
-    def _error(self, exc: sqlite3.Error) -> StoreError:
-        """What went wrong, and what to do about it, without the sqlite3 exception."""
-        text = str(exc)
-        lowered = text.lower()
-        where = f"the SQLite store {self.path}"
-        if "locked" in lowered or "busy" in lowered:
-            hint = (
-                f"{where} stayed locked for more than {self._timeout:g} s: another process "
-                "holds a long write transaction"
-            )
-        elif "unable to open" in lowered or "readonly" in lowered or "read-only" in lowered:
-            hint = (
-                f"cannot write {where} ({text}): its directory must exist and be writable, "
-                "and the path must be a file"
-            )
-        elif "full" in lowered:
-            hint = f"{where} cannot grow: the disk is full ({text})"
-        elif "not a database" in lowered or "malformed" in lowered:
-            hint = f"{where} is not a usable SQLite database ({text}): move it away"
-        else:
-            hint = f"{where} failed: {type(exc).__name__}: {text}"
-        return StoreError(hint)
 
     # ------------------------------------------------------------------ records
 
@@ -170,7 +83,7 @@ class SQLiteStore(Store):
             row = conn.execute(sql, (ns, key, time.time())).fetchone()
             return None if row is None else bytes(row[0])
 
-        return await self._run(work)
+        return await self._file.run(work)
 
     async def get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
         check_ns(ns)
@@ -187,7 +100,7 @@ class SQLiteStore(Store):
                 found.update(conn.execute(sql, (ns, now, *part)).fetchall())
             return [None if key not in found else bytes(found[key]) for key in keys]
 
-        return await self._run(work) if keys else []
+        return await self._file.run(work) if keys else []
 
     async def put(self, ns: str, key: str, value: bytes, *, ttl: float | None = None) -> None:
         await self._write(ns, key, value, ttl, "")
@@ -216,7 +129,7 @@ class SQLiteStore(Store):
             self._wrote(conn, now)
             return changed
 
-        return await self._run(work)
+        return await self._file.run(work)
 
     async def replace(
         self, ns: str, key: str, expected: bytes, value: bytes, *, ttl: float | None = None
@@ -235,7 +148,7 @@ class SQLiteStore(Store):
             self._wrote(conn, now)
             return changed
 
-        return await self._run(work)
+        return await self._file.run(work)
 
     async def delete(self, ns: str, key: str) -> bool:
         check_address(ns, key)
@@ -248,7 +161,7 @@ class SQLiteStore(Store):
                 conn.execute("DELETE FROM records WHERE ns = ? AND key = ?", (ns, key))
             return live == 1
 
-        return await self._run(work)
+        return await self._file.run(work)
 
     async def items(self, ns: str) -> AsyncIterator[tuple[str, bytes]]:
         check_ns(ns)
@@ -267,7 +180,7 @@ class SQLiteStore(Store):
                     f"{select} AND key > ? ORDER BY key LIMIT ?", (ns, time.time(), last, _PAGE)
                 ).fetchall()
 
-            page = await self._run(work)
+            page = await self._file.run(work)
             for key, value in page:
                 yield key, bytes(value)
             if len(page) < _PAGE:
@@ -288,7 +201,7 @@ class SQLiteStore(Store):
             )
             self._wrote(conn, now)
 
-        await self._run(work)
+        await self._file.run(work)
         self._events.wake()
 
     @contextlib.asynccontextmanager
@@ -299,7 +212,7 @@ class SQLiteStore(Store):
         def newest(conn: sqlite3.Connection) -> int:
             return int(conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
 
-        self._events.register(channel, sub, await self._run(newest))
+        self._events.register(channel, sub, await self._file.run(newest))
         try:
             yield sub
         finally:
@@ -312,8 +225,6 @@ class SQLiteStore(Store):
         cached = self._secrets.get(name)
         if cached is not None:
             return cached
-        if self._closed:
-            raise StoreError(f"this SQLiteStore ({self.path}) was closed")
 
         def work(conn: sqlite3.Connection) -> bytes:
             conn.execute(
@@ -323,28 +234,7 @@ class SQLiteStore(Store):
             row = conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
             return bytes(row[0])
 
-        # On the calling thread (it is synchronous), in a connection of its own.
-        conn = self._connect()
-        try:
-            value = work(conn)
-        except sqlite3.Error as exc:
-            raise self._error(exc) from None
-        finally:
-            with self._lock:
-                self._connections.remove(conn)
-            conn.close()
-        return self._secrets.setdefault(name, value)
+        return self._secrets.setdefault(name, self._file.run_here(work))
 
     async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
-
-    def _shutdown(self) -> None:
-        self._events.stop()
-        self._executor.shutdown(wait=True)
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
+        await self._file.aclose(before=self._events.stop)
