@@ -444,3 +444,20 @@ def test_any_key_and_value_round_trip(
             run()
         finally:
             runner.run(store.aclose())
+
+
+async def test_many_loops_and_threads_at_once(store: Store) -> None:
+    """Four threads, each with a loop of its own, racing `add` on the same keys."""
+
+    async def race(worker: int) -> list[str]:
+        order = [str(key) for key in range(150)]
+        order = order[worker * 37 :] + order[: worker * 37]
+        return [key for key in order if await store.add("loops", key, b"%d" % worker)]
+
+    won = await asyncio.gather(
+        *(asyncio.to_thread(asyncio.run, race(worker)) for worker in range(4))
+    )
+    assert sorted(key for keys in won for key in keys) == sorted(map(str, range(150)))
+    values = await store.get_many("loops", [str(key) for key in range(150)])
+    for worker, keys in enumerate(won):
+        assert all(values[int(key)] == b"%d" % worker for key in keys)

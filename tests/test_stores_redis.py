@@ -187,3 +187,12 @@ def test_without_the_redis_package(monkeypatch: pytest.MonkeyPatch) -> None:
         RedisStore("redis://localhost:6379/0")
     with pytest.raises(StoreError, match="needs the redis package"):
         open_store("redis://localhost:6379/0")
+
+
+def test_ended_loops_leave_nothing_behind(redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    for i in range(5):
+        asyncio.run(store.put("ns", str(i), b"v"))
+    assert asyncio.run(store.get_many("ns", [str(i) for i in range(5)])) == [b"v"] * 5
+    assert len(store._loops) == 1  # the clients of the loops that ended were closed, dropped
+    asyncio.run(store.aclose())

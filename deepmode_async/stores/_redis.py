@@ -168,6 +168,9 @@ class RedisStore(Store):
         if state is None or state.keeper.done():
             state = _OnLoop(self)
             with self._lock:
+                # The keeper task refers to its loop, so ended loops are dropped here.
+                for ended in [other for other in self._loops if other.is_closed()]:
+                    del self._loops[ended]
                 self._loops[loop] = state
         return state
 
