@@ -48,6 +48,7 @@ from ._errors import (
     RateLimitError,
     RequestInfo,
     ResponseValidationError,
+    StoreError,
     UnprocessableEntityError,
     ValidationError,
 )
@@ -112,6 +113,7 @@ __all__ = [
     "RequestInfo",
     "ResponseValidationError",
     "RetryPolicy",
+    "StoreError",
     "Timeout",
     "UnprocessableEntityError",
     "UploadProgress",

@@ -133,6 +133,15 @@ class CallbackTimeoutError(DeepModeError, TimeoutError):
         self.pending = pending
 
 
+class StoreError(DeepModeError):
+    """A store (`deepmode_async.stores`) could not be reached or failed.
+
+    The message says which store (its URL or path, never a password) and what to check;
+    the sqlite3 or redis exception behind it is not chained, as its text may hold one.
+    The store works again once the cause is gone: no need to make a new one.
+    """
+
+
 class APIError(DeepModeError):
     """A request was made and did not succeed. `.request` says which one."""
 

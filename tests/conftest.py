@@ -14,6 +14,8 @@ import aiohttp
 import attrs
 import hypothesis
 import pytest
+import redis
+from _redis import RedisServer
 from aiohttp import web
 
 from deepmode_async import AsyncClient
@@ -131,3 +133,27 @@ async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, for this test module.
+
+    A test that stops it (for an outage) must start it again; `redis_url` flushes it
+    before each test.
+    """
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The URL of the module's redis-server, emptied (and started) for this test."""
+    if not redis_server.answers():
+        redis_server.stop()
+        redis_server.start()
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushall()
+    return redis_server.url

@@ -1,0 +1,134 @@
+"""The SQLite file behind `SQLiteStore`: its connections, worker threads and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Final, TypeVar
+
+from .._errors import StoreError
+
+T = TypeVar("T")
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS records (
+    ns TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, expires REAL,
+    PRIMARY KEY (ns, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS records_expiry ON records (expires) WHERE expires IS NOT NULL;
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, message BLOB NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+"""
+#: Worker threads (each with its own connection): SQLite writes one at a time anyway.
+_WORKERS: Final = 4
+
+
+class SQLiteFile:
+    """Runs work on a connection of its own thread, off the loop; sqlite3 errors explained."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self._timeout = timeout
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._schema_ready = False
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            _WORKERS, thread_name_prefix="deepmode-sqlite"
+        )
+        self._closed = False
+
+    def connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise self.error(exc) from None
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            if not self._schema_ready:
+                if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+                    raise StoreError(f"SQLite store {self.path}: the file cannot use WAL mode")
+                conn.executescript(_SCHEMA)
+                self._schema_ready = True
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            self._connections.append(conn)
+        return conn
+
+    def _in_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = self._local.conn = self.connect()
+            return work(conn)
+        except sqlite3.Error as exc:
+            raise self.error(exc) from None
+
+    async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise StoreError(f"this SQLiteStore ({self.path}) was closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._in_thread, work)
+
+    def error(self, exc: sqlite3.Error) -> StoreError:
+        """What went wrong, and what to do about it, without the sqlite3 exception."""
+        text = str(exc)
+        lowered = text.lower()
+        where = f"the SQLite store {self.path}"
+        if "locked" in lowered or "busy" in lowered:
+            hint = (
+                f"{where} stayed locked for more than {self._timeout:g} s: another process "
+                "holds a long write transaction"
+            )
+        elif "unable to open" in lowered or "readonly" in lowered or "read-only" in lowered:
+            hint = (
+                f"cannot write {where} ({text}): its directory must exist and be writable, "
+                "and the path must be a file"
+            )
+        elif "full" in lowered:
+            hint = f"{where} cannot grow: the disk is full ({text})"
+        elif "not a database" in lowered or "malformed" in lowered:
+            hint = f"{where} is not a usable SQLite database ({text}): move it away"
+        else:
+            hint = f"{where} failed: {type(exc).__name__}: {text}"
+        return StoreError(hint)
+
+    def run_here(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work` on the calling thread (for synchronous callers), on a connection of its own."""
+        if self._closed:
+            raise StoreError(f"this SQLiteStore ({self.path}) was closed")
+        conn = self.connect()
+        try:
+            return work(conn)
+        except sqlite3.Error as exc:
+            raise self.error(exc) from None
+        finally:
+            with self._lock:
+                self._connections.remove(conn)
+            conn.close()
+
+    async def aclose(self, *, before: Callable[[], None]) -> None:
+        """Close every connection, once the threads (and `before`, run first) are done."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(None, self._shutdown, before)
+
+    def _shutdown(self, before: Callable[[], None]) -> None:
+        before()
+        self._executor.shutdown(wait=True)
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
