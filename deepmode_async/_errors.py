@@ -133,6 +133,11 @@ class CallbackTimeoutError(DeepModeError, TimeoutError):
         self.pending = pending
 
 
+class CallbackNotFoundError(DeepModeError):
+    """`CallbackHub.resume(token)` of a token no hub sharing the store issued, or one
+    past its expiry."""
+
+
 class StoreError(DeepModeError):
     """A store (`deepmode_async.stores`) could not be reached or failed.
 

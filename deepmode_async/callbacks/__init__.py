@@ -26,7 +26,8 @@ from __future__ import annotations
 from ._adapters import AsgiReceive as Receive
 from ._adapters import AsgiSend as Send
 from ._adapters import Scope
-from ._hub import CallbackHub, PendingCallback
+from ._hub import CallbackHub
+from ._keeper import PendingCallback
 from ._parsers import (
     CallbackBody,
     CallbackKind,
@@ -34,6 +35,7 @@ from ._parsers import (
     parse_model_callback,
     parse_upscale_callback,
 )
+from ._serve import ServedHub, is_loopback
 
 __all__ = [
     "CallbackBody",
@@ -43,6 +45,8 @@ __all__ = [
     "Receive",
     "Scope",
     "Send",
+    "ServedHub",
+    "is_loopback",
     "parse_generation_callback",
     "parse_model_callback",
     "parse_upscale_callback",

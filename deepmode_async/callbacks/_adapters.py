@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
 #: Takes one delivery (token, body) and answers (status, detail).
-Receive: TypeAlias = Callable[[str, bytes], tuple[int, str]]
+Receive: TypeAlias = Callable[[str, bytes], Awaitable[tuple[int, str]]]
 
 Scope: TypeAlias = MutableMapping[str, Any]
 AsgiReceive: TypeAlias = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -33,7 +33,7 @@ def aiohttp_app(receive: Receive, max_body_size: int) -> web.Application:
             body = await _read_at_most(request.content.iter_chunked(64 * 1024), max_body_size)
         except web.RequestPayloadError as exc:  # e.g. a Content-Encoding it does not have
             return web.json_response({"detail": f"Malformed body: {exc}"}, status=400)
-        status, detail = receive(request.match_info["token"], body)
+        status, detail = await receive(request.match_info["token"], body)
         return web.json_response({"detail": detail}, status=status)
 
     async def refuse(request: web.Request) -> web.Response:
@@ -83,7 +83,7 @@ class AsgiHub:
 
         body = await _read_at_most(chunks(), self._max_body_size)
         if not disconnected:
-            status, detail = self._receive(token, body)
+            status, detail = await self._receive(token, body)
             await _respond(send, status, detail)
 
 

@@ -1,216 +1,42 @@
-"""`CallbackHub`: unguessable callback URLs, and the results that arrive on them.
+"""`CallbackHub`: unguessable callback URLs, and the results that arrive on them, for one
+process or for every process sharing a store.
 
-What the hub knows of its expectations (pending, delivered, expired) lives in one
-`_Expectations` object, the one place to change to keep them elsewhere.
+Three layers, each knowing only those below:
+- tokens (`_tokens`): a URL's last segment says its kind and expiry and proves that a
+  process sharing the store issued it, so every process judges a delivery alone;
+- the store (`_shared`): deliveries, discards and hand-outs, written with `add` so the
+  first delivery wins in every process;
+- this process (`_registry`, `_keeper`): its expectations, bounded by `max_pending`, and
+  the waits on them, woken by a delivery received here or announced by the store.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import contextlib
-import heapq
 import logging
-import secrets
-import threading
 import time
-from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Final, Literal, overload
 from urllib.parse import urlsplit
 
 from .. import _validate as check
-from .._errors import CallbackTimeoutError, DeepModeError, ResponseValidationError, ValidationError
+from .._errors import CallbackNotFoundError, ResponseValidationError, StoreError, ValidationError
 from .._types import Generation, Image, Model
+from ..stores import MemoryStore, Store, as_store
 from ._adapters import AsgiApp, AsgiHub, aiohttp_app
+from ._keeper import UNKNOWN, Keeper, PendingCallback
 from ._parsers import PARSERS, CallbackKind
+from ._registry import Registry
+from ._shared import NAMESPACE, Outcome, encode_registration, registration_key
+from ._tokens import KINDS, Signer, TokenInfo
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-T = TypeVar("T")
+    from ._serve import ServedHub
 
 log: Final = logging.getLogger("deepmode_async")
 
-#: A delivery whose result was awaited is still acknowledged this long (the API may
-#: repeat it), then forgotten.
-_REMEMBER_DELIVERED: Final = 300.0
-_NOTHING: Final = object()
-_UNKNOWN: Final = (404, "unknown or expired callback URL")
-
-
-class PendingCallback(Generic[T]):
-    """A callback the hub expects: pass `url` as `callback=`, then `await wait()`.
-
-    Made by `CallbackHub.expect`. Its URL is a secret (anyone who has it can deliver a
-    result), so the repr leaves it out.
-    """
-
-    def __init__(
-        self, state: _Expectations, base_url: str, kind: CallbackKind, token: str, deadline: float
-    ) -> None:
-        self._state = state
-        self.kind: Final = kind
-        self._token = token
-        self.url: Final = f"{base_url}/{token}"
-        self._deadline = deadline
-        self._result: Any = _NOTHING
-        self._failure: DeepModeError | None = None
-        self._rejection: str | None = None  # why the last delivery was refused
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = []
-
-    def __repr__(self) -> str:
-        return f"<PendingCallback kind={self.kind!r} done={self.done}>"
-
-    @property
-    def done(self) -> bool:
-        """True once a valid delivery has arrived."""
-        return self._result is not _NOTHING
-
-    async def wait(self, timeout: float | None = None) -> T:
-        """The parsed result, once it arrives (at once if it already has).
-
-        Waits at most `timeout` seconds, and never past the hub's `ttl` for this
-        callback; then raises `CallbackTimeoutError` (whose `.pending` is this object,
-        to wait again). Thread-safe: the delivery may arrive on another thread or loop.
-        """
-        if timeout is not None:
-            check.seconds("timeout", timeout)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        lock = self._state.lock
-        with lock:
-            if self._failure is not None:
-                raise self._failure
-            if self._result is not _NOTHING:
-                self._state.retire(self._token)
-                return cast(T, self._result)
-            self._waiters.append((loop, future))
-        limit = self._deadline - time.monotonic()
-        if timeout is not None:
-            limit = min(limit, timeout)
-        try:
-            async with asyncio.timeout(max(limit, 0.0)):
-                result = await future
-        except TimeoutError:
-            raise CallbackTimeoutError(self._timeout_message(limit), pending=self) from None
-        finally:
-            with lock, contextlib.suppress(ValueError):
-                self._waiters.remove((loop, future))
-        with lock:
-            self._state.retire(self._token)
-        return result
-
-    def discard(self) -> None:
-        """Stop expecting this callback: a later delivery gets 404, waiters an error."""
-        failure = DeepModeError(f"the {self.kind} callback was discarded")
-        with self._state.lock:
-            self._state.remove(self)
-            if self._failure is None and not self.done:
-                self._settle(_NOTHING, failure)
-
-    def _timeout_message(self, waited: float) -> str:
-        message = f"no {self.kind} callback arrived within {max(waited, 0.0):.3g} s"
-        if self._rejection is not None:
-            message += f"; the last delivery was refused: {self._rejection}"
-        return message
-
-    def _settle(self, result: Any, failure: DeepModeError | None) -> None:
-        """Called with the lock held: record the outcome and wake every waiter."""
-        self._result, self._failure = result, failure
-        for loop, future in self._waiters:
-            with contextlib.suppress(RuntimeError):  # that loop has closed meanwhile
-                loop.call_soon_threadsafe(_set_outcome, future, result, failure)
-        self._waiters.clear()
-
-    def _take(self, body: bytes, max_body_size: int) -> tuple[int, str]:
-        """One delivery for this expectation, outside the lock: (status, detail)."""
-        if len(body) > max_body_size:
-            self._rejection = f"callback bodies are limited to {max_body_size} bytes"
-            return 413, self._rejection
-        if self.done:
-            return 200, "already received"
-        try:
-            result = PARSERS[self.kind](body)
-        except ResponseValidationError as error:
-            self._rejection = str(error)
-            return 400, self._rejection
-        with self._state.lock:
-            if self._state.delivered_already(self._token) or self.done:  # a repeat, meanwhile
-                return 200, "already received"
-            if not self._state.holds(self):  # discarded meanwhile
-                return _UNKNOWN
-            self._settle(result, None)
-            return 200, "received"
-
-
-def _set_outcome(future: asyncio.Future[Any], result: Any, failure: BaseException | None) -> None:
-    if future.done():
-        return
-    if failure is not None:
-        future.set_exception(failure)
-    else:
-        future.set_result(result)
-
-
-class _Expectations:
-    """The hub's state: what is pending (with its expiry) and what was handed out.
-
-    Every method but `lock`'s users is called with `lock` held.
-    """
-
-    def __init__(self, max_pending: int) -> None:
-        self.lock: Final = threading.Lock()
-        self.max_pending = max_pending
-        self.pending: dict[str, PendingCallback[Any]] = {}
-        self.expiry: list[tuple[float, str]] = []  # a heap; stale entries are skipped
-        # Tokens whose result was handed out, oldest first, with when to forget them.
-        self.delivered: collections.OrderedDict[str, float] = collections.OrderedDict()
-
-    def add(self, pending: PendingCallback[Any], token: str, deadline: float) -> None:
-        self.purge(time.monotonic())
-        if len(self.pending) >= self.max_pending:
-            raise DeepModeError(
-                f"{len(self.pending)} callbacks are pending, the hub's max_pending; "
-                "wait for some, discard them, or make a hub with a higher limit"
-            )
-        self.pending[token] = pending
-        heapq.heappush(self.expiry, (deadline, token))
-        if len(self.expiry) > 2 * len(self.pending) + 64:
-            # Handed-out and discarded tokens leave stale entries: rebuild the heap now
-            # and then, so its size follows what is pending, not what has been.
-            self.expiry = [(entry._deadline, key) for key, entry in self.pending.items()]
-            heapq.heapify(self.expiry)
-
-    def lookup(self, token: str) -> tuple[PendingCallback[Any] | None, bool]:
-        """The expectation of `token` if pending, and whether it was delivered already."""
-        self.purge(time.monotonic())
-        return self.pending.get(token), token in self.delivered
-
-    def holds(self, pending: PendingCallback[Any]) -> bool:
-        return self.pending.get(pending._token) is pending
-
-    def delivered_already(self, token: str) -> bool:
-        return token in self.delivered
-
-    def remove(self, pending: PendingCallback[Any]) -> None:
-        if self.holds(pending):
-            del self.pending[pending._token]
-
-    def retire(self, token: str) -> None:
-        """A handed-out token: no longer pending, but a repeat is acknowledged a while."""
-        if self.pending.pop(token, None) is not None:
-            self.delivered[token] = time.monotonic() + _REMEMBER_DELIVERED
-            if len(self.delivered) > self.max_pending:
-                self.delivered.popitem(last=False)
-
-    def purge(self, now: float) -> None:
-        """Drop what is past its deadline."""
-        while self.expiry and self.expiry[0][0] <= now:
-            _, token = heapq.heappop(self.expiry)
-            pending = self.pending.get(token)
-            if pending is not None and pending._deadline <= now:
-                del self.pending[token]
-        while self.delivered and next(iter(self.delivered.values())) <= now:
-            self.delivered.popitem(last=False)
+_UNAVAILABLE: Final = (503, "the callback store is unavailable; deliver again later")
 
 
 class CallbackHub:
@@ -218,20 +44,26 @@ class CallbackHub:
 
     `public_base_url` is where the API can reach the adapter mounted in your app
     (`aiohttp_app()` or `asgi_app()`); each expected callback gets its own URL below it.
-    An expectation is kept for `ttl` seconds (model training can take a while), then
-    forgotten; at most `max_pending` are kept at once, so memory stays bounded. Bodies
-    over `max_body_size` bytes are refused with 413.
+    `store` (a store of `deepmode_async.stores`, or its URL) keeps the deliveries: the
+    default `MemoryStore` is this process; an `SQLiteStore` file or a `RedisStore` is
+    shared, so a delivery to any worker process (or machine) wakes the waiter in any
+    other, and results outlive a restart (`resume`, `outstanding`).
 
-    Answers to deliveries: 200 for a valid body (and for a repeat of one already
-    received, which is ignored), 400 for a body that does not parse (the API may try
-    again), 404 for an unknown, expired or discarded URL, 413 for a body too large.
-    The hub is thread-safe: a blocking `Client` may wait while a server thread delivers.
+    An expectation is kept for `ttl` seconds (model training can take a while), and a
+    result until then; at most `max_pending` expectations are held in this process at
+    once, so memory stays bounded. Bodies over `max_body_size` bytes are refused with 413.
+
+    Answers to deliveries: 200 for a valid body once it is in the store (and for a
+    repeat, in any process, which is ignored), 400 for a body that does not parse (the
+    API may try again), 404 for an unknown, expired or discarded URL, 413 for a body too
+    large, 503 when the store cannot be reached (the API tries again). Thread-safe.
     """
 
     def __init__(
         self,
         public_base_url: str,
         *,
+        store: Store | str | None = None,
         ttl: float = 3 * 3600.0,
         max_pending: int = 10_000,
         max_body_size: int = 1024 * 1024,
@@ -244,10 +76,15 @@ class CallbackHub:
         self.ttl: Final = check.seconds("ttl", ttl)
         self.max_pending: Final = check.positive("max_pending", max_pending)
         self.max_body_size: Final = check.positive("max_body_size", max_body_size)
-        self._state = _Expectations(self.max_pending)
+        self._owns_store = isinstance(store, str)
+        self.store: Final[Store] = MemoryStore() if store is None else as_store(store)
+        self._state = Registry(self.max_pending)
+        self._keeper = Keeper(self.public_base_url, self.store, self._state)
+        self._signer: Signer | None = None
 
     def __repr__(self) -> str:
-        return f"CallbackHub({self.public_base_url!r}, pending={len(self._state.pending)})"
+        shared = "" if isinstance(self.store, MemoryStore) else f", store={self.store!r}"
+        return f"CallbackHub({self.public_base_url!r}, pending={len(self._state.pending)}{shared})"
 
     @overload
     def expect(
@@ -265,45 +102,150 @@ class CallbackHub:
         """Expect one callback of `kind` ("model", "generation" or "upscale").
 
         Returns a `PendingCallback` with a fresh URL; kept for `ttl` seconds (default:
-        the hub's).
+        the hub's). Its record goes to the store in the background (`saved()`).
         """
-        if not isinstance(kind, str) or kind not in PARSERS:
+        if not isinstance(kind, str) or kind not in KINDS:
             raise ValidationError(
                 f"kind must be 'model', 'generation' or 'upscale', not {check.shown(kind)}"
             )
         lifetime = self.ttl if ttl is None else check.seconds("ttl", ttl)
-        deadline = time.monotonic() + lifetime
-        token = secrets.token_urlsafe(32)  # 256 bits
-        pending: PendingCallback[Any] = PendingCallback(
-            self._state, self.public_base_url, kind, token, deadline
-        )
-        with self._state.lock:
-            self._state.add(pending, token, deadline)
+        info = TokenInfo(kind, time.time() + lifetime)
+        token = self._signing().issue(info.kind, info.expires_at)
+        pending = self._adopt(token, info)
+        record = encode_registration(kind, info.expires_at)
+        write = self.store.put(NAMESPACE, registration_key(token), record, ttl=lifetime)
+        pending._saved = self._keeper.runner.spawn(write)
         return pending
+
+    def resume(self, token: str) -> PendingCallback[Any]:
+        """The expectation of `token` (a `PendingCallback.token`), in another process or
+        after a restart; its `wait()` returns at once when the result has arrived.
+        Raises `CallbackNotFoundError` for a token that no hub sharing this store issued,
+        or one past its expiry."""
+        if not isinstance(token, str):
+            raise ValidationError(f"token must be a str, not {check.shown(token)}")
+        info = self._signing().read(token)
+        if info is None or info.expires_at <= time.time():
+            raise CallbackNotFoundError(
+                "no callback with this token: unknown to this hub's store, or expired"
+            )
+        return self._adopt(token, info)
+
+    async def outstanding(self, kind: CallbackKind | None = None) -> list[PendingCallback[Any]]:
+        """Every expectation (of `kind`, if given) in the store whose result no `wait()`
+        has handed out, delivered (`.done`) or not, soonest to expire first: after a
+        restart, the results whose waiter died (for training, the model ids, which the
+        API cannot list). Raises `StoreError` when the store cannot be reached."""
+        if kind is not None and kind not in KINDS:
+            raise ValidationError(
+                f"kind must be 'model', 'generation', 'upscale' or None, not {check.shown(kind)}"
+            )
+        registered, outcomes = await self._keeper.runner.run(self._read_all())
+        signer, now = self._signing(), time.time()
+        found: list[PendingCallback[Any]] = []
+        for token in registered | outcomes.keys():
+            info, outcome = signer.read(token), outcomes.get(token)
+            if info is None or (kind is not None and info.kind != kind):
+                continue
+            if outcome is None if info.expires_at <= now else False:
+                continue
+            if outcome is not None and outcome.state != "delivered":
+                continue
+            found.append(self._adopt(token, info))
+            if outcome is not None:
+                self._keeper.settle_from(outcome)
+        found.sort(key=lambda pending: pending.expires_at)
+        return found
+
+    async def _read_all(self) -> tuple[set[str], dict[str, Outcome]]:
+        registered: set[str] = set()
+        outcomes: dict[str, Outcome] = {}
+        async for key, value in self.store.items(NAMESPACE):
+            what, _, token = key.partition(":")
+            if what == "p":
+                registered.add(token)
+            elif what == "d" and (outcome := Outcome.decode(value)) is not None:
+                outcomes[token] = outcome
+        return registered, outcomes
+
+    def _adopt(self, token: str, info: TokenInfo) -> PendingCallback[Any]:
+        deadline = time.monotonic() + (info.expires_at - time.time())
+        return self._state.adopt(
+            token, deadline, lambda: PendingCallback(self._keeper, info, token)
+        )
+
+    def _signing(self) -> Signer:
+        if self._signer is None:  # a race makes the same Signer twice: harmless
+            self._signer = Signer(self.store.secret("callback-hub"))
+        return self._signer
 
     def receive(self, token: str, body: bytes) -> tuple[int, str]:
         """Take one delivery for the URL ending in `token`: (HTTP status, detail).
 
+        The blocking form of `areceive`, for a server thread that is not async.
+        """
+        return self._keeper.runner.blocking(self.areceive(token, body))
+
+    async def areceive(self, token: str, body: bytes) -> tuple[int, str]:
+        """Take one delivery for the URL ending in `token`: (HTTP status, detail).
+
         The adapters call this; it is public for serving the hub from another framework.
+        A 200 means the result is in the store.
         """
         if not isinstance(token, str) or not isinstance(body, bytes | bytearray):
             raise ValidationError("receive() takes the token as str and the body as bytes")
-        with self._state.lock:
-            pending, delivered = self._state.lookup(token)
-        if pending is None:
-            status, detail = (200, "already received") if delivered else _UNKNOWN
-        else:
-            status, detail = pending._take(bytes(body), self.max_body_size)
+        try:
+            status, detail = await self._receive(token, bytes(body))
+        except StoreError as error:
+            log.warning("callback delivery refused with 503: %s", error)
+            status, detail = _UNAVAILABLE
         log.debug("callback delivery -> %d", status)
         return status, detail
+
+    async def _receive(self, token: str, body: bytes) -> tuple[int, str]:
+        self._state.tidy()
+        info = self._signing().read(token)
+        if info is None or info.expires_at <= time.time():
+            return UNKNOWN
+        if self._keeper.known_done(token):
+            return 200, "already received"  # and already in the store
+        if len(body) > self.max_body_size:
+            detail = f"callback bodies are limited to {self.max_body_size} bytes"
+            return await self._keeper.refuse(token, 413, detail)
+        try:
+            PARSERS[info.kind](body)
+        except ResponseValidationError as error:
+            return await self._keeper.refuse(token, 400, str(error))
+        keep = max(self.ttl, info.expires_at - time.time())
+        return await self._keeper.deliver(info, token, body, keep)
 
     def aiohttp_app(self) -> web.Application:
         """An aiohttp application serving the hub: mount it with `app.add_subapp(prefix,
         hub.aiohttp_app())` where `public_base_url` ends in `prefix`."""
-        return aiohttp_app(self.receive, self.max_body_size)
+        return aiohttp_app(self.areceive, self.max_body_size)
 
     def asgi_app(self) -> AsgiApp:
         """A plain ASGI application serving the hub (no framework needed): mount it in
         FastAPI or Starlette with `app.mount(prefix, hub.asgi_app())` where
         `public_base_url` ends in `prefix`."""
-        return AsgiHub(self.receive, self.max_body_size)
+        return AsgiHub(self.areceive, self.max_body_size)
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0) -> ServedHub:
+        """Serve the hub alone on a thread of its own at `host`:`port` (0: the port of
+        `public_base_url` when that is on this machine, else any free one).
+
+        For scripts and notebooks, where no app serves the hub and a blocking call must
+        not starve it: `with hub.serve() as served:` (or `async with`); `served.url` is
+        the local address to forward a public URL to.
+        """
+        from ._serve import ServedHub
+
+        return ServedHub(self, host, port)
+
+    def close(self) -> None:
+        """Stop the hub's store thread, and close the store if the hub opened it from a
+        URL. Call it from outside a wait on this hub, when the hub is done with."""
+        if self._owns_store and not self._keeper.runner.inline:
+            with contextlib.suppress(StoreError):
+                self._keeper.runner.blocking(self.store.aclose())
+        self._keeper.runner.stop()

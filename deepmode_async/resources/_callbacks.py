@@ -21,6 +21,7 @@ async def submit_and_wait(
     delivery gets 404), and a submission the server may have acted on says so.
     """
     try:
+        await pending.saved()  # so that a restart finds it: before any credit is spent
         await submit(pending.url)
     except BaseException as error:
         pending.discard()

@@ -1,0 +1,339 @@
+"""`PendingCallback`, and the `Keeper` that settles it from deliveries and the store.
+
+A delivery received in this process settles its expectation here directly; one received
+by another process sharing the store reaches this process through the store's channel
+(a listener runs while someone here waits), or through a look in the store when a wait
+begins and every few seconds (what a lost message or an outage hid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import time
+from typing import Any, Final, Generic, TypeVar
+from urllib.parse import urlsplit
+
+from .. import _validate as check
+from .._errors import CallbackTimeoutError, DeepModeError, ResponseValidationError, StoreError
+from ..stores import Store
+from ._parsers import PARSERS, CallbackKind
+from ._registry import Registry
+from ._shared import (
+    CHANNEL,
+    NAMESPACE,
+    Outcome,
+    Runner,
+    outcome_key,
+    registration_key,
+    rejection_key,
+)
+from ._tokens import TokenInfo
+
+T = TypeVar("T")
+
+log: Final = logging.getLogger("deepmode_async")
+
+_NOTHING: Final = object()
+UNKNOWN: Final = (404, "unknown or expired callback URL")
+#: A listener with waiters looks in the store this often, in case a message was missed.
+_RECHECK: Final = 2.0
+_PAGE: Final = 500
+
+
+class PendingCallback(Generic[T]):
+    """A callback the hub expects: pass `url` as `callback=`, then `await wait()`.
+
+    Made by `CallbackHub.expect` (or found again by `resume` and `outstanding`). `token`
+    is the URL's last segment and a secret (anyone who has it can deliver a result), so
+    the repr leaves both out. `expires_at` is when deliveries stop being accepted.
+    """
+
+    def __init__(self, keeper: Keeper, info: TokenInfo, token: str) -> None:
+        self._keeper = keeper
+        self.kind: Final[CallbackKind] = info.kind
+        self.token: Final = token
+        self.url: Final = f"{keeper.public_base_url}/{token}"
+        self.expires_at: Final = datetime.datetime.fromtimestamp(info.expires_at, datetime.UTC)
+        self._deadline = time.monotonic() + (info.expires_at - time.time())
+        self._result: Any = _NOTHING
+        self._outcome: Outcome | None = None  # as stored, to mark it handed out
+        self._failure: DeepModeError | None = None
+        self._rejection: str | None = None  # why the last delivery here was refused
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = []
+        self._saved: Any = None  # the write of its registration (a concurrent Future)
+
+    def __repr__(self) -> str:
+        return f"<PendingCallback kind={self.kind!r} done={self.done}>"
+
+    @property
+    def done(self) -> bool:
+        """True once this process knows a valid delivery has arrived."""
+        return self._result is not _NOTHING
+
+    async def saved(self) -> None:
+        """Wait until the expectation is in the store, where `outstanding()` in any
+        process (or after a restart) finds it; `callback=hub` does this before sending.
+        Raises `StoreError` when the store cannot be reached."""
+        if self._saved is not None:
+            await asyncio.wrap_future(self._saved)
+
+    async def wait(self, timeout: float | None = None) -> T:
+        """The parsed result, once it arrives in any process sharing the store (at once
+        if it already has).
+
+        Waits at most `timeout` seconds, and never past `expires_at`; then raises
+        `CallbackTimeoutError` (whose `.pending` is this object, to wait again). A store
+        outage shorter than the wait is ridden out. Thread-safe: the delivery may arrive
+        on another thread, loop or process.
+        """
+        if timeout is not None:
+            check.seconds("timeout", timeout)
+        keeper = self._keeper
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with keeper.registry.lock:
+            if self._failure is not None:
+                raise self._failure
+            known = self._result is not _NOTHING
+            if not known:
+                self._waiters.append((loop, future))
+                keeper.waiting += 1
+        if not known:
+            try:
+                await self._wait_for(future, timeout)
+            finally:
+                with keeper.registry.lock:
+                    self._waiters.remove((loop, future))
+                    keeper.waiting -= 1
+        await keeper.hand_out(self)
+        return self._result  # type: ignore[no-any-return]
+
+    async def _wait_for(self, future: asyncio.Future[Any], timeout: float | None) -> None:
+        keeper = self._keeper
+        keeper.listen()
+        await keeper.look(self)  # delivered before this wait began, perhaps elsewhere
+        limit = self._deadline - time.monotonic()
+        if timeout is not None:
+            limit = min(limit, timeout)
+        try:
+            async with asyncio.timeout(max(limit, 0.0)):
+                await future
+        except TimeoutError:
+            message = await keeper.timeout_message(self, limit)
+            raise CallbackTimeoutError(message, pending=self) from None
+
+    def discard(self) -> None:
+        """Stop expecting this callback: a later delivery gets 404 in every process
+        sharing the store, waiters get an error, and a stored result is dropped."""
+        self._keeper.discard(self)
+
+    def _settle(self, result: Any, failure: DeepModeError | None) -> None:
+        """Called with the registry's lock held: record the outcome, wake every waiter."""
+        self._result, self._failure = result, failure
+        for loop, future in self._waiters:
+            with contextlib.suppress(RuntimeError):  # that loop has closed meanwhile
+                loop.call_soon_threadsafe(_set_outcome, future, result, failure)
+
+
+def _set_outcome(future: asyncio.Future[Any], result: Any, failure: BaseException | None) -> None:
+    if future.done():
+        return
+    if failure is not None:
+        future.set_exception(failure)
+    else:
+        future.set_result(result)
+
+
+class Keeper:
+    """Settles this process's expectations from deliveries and from the store, and keeps
+    their outcomes there (see `_shared` for the records)."""
+
+    def __init__(self, public_base_url: str, store: Store, registry: Registry) -> None:
+        self.public_base_url: Final = public_base_url
+        self.store: Final = store
+        self.runner: Final = Runner(store)
+        self.registry: Final = registry
+        self.waiting = 0  # waits in progress here, guarded by the registry's lock
+        self._listening = False
+
+    async def deliver(
+        self, info: TokenInfo, token: str, body: bytes, keep: float
+    ) -> tuple[int, str]:
+        """Store a delivery that passed every check; the first one, in any process, wins."""
+        result = PARSERS[info.kind](body)  # checked by the caller: it parses
+        outcome = Outcome("delivered", info.kind, token, body)
+        key, run, store = outcome_key(token), self.runner.run, self.store
+        if not await run(store.add(NAMESPACE, key, outcome.encode(), ttl=keep)):
+            earlier = await run(store.get(NAMESPACE, key))
+            found = Outcome.decode(earlier) if earlier is not None else None
+            if found is not None and found.state == "discarded":
+                return UNKNOWN
+            return 200, "already received"
+        self._settle_token(token, result, outcome)
+        if not self.runner.inline:
+            try:
+                await run(store.publish(CHANNEL, outcome.encode()))
+            except StoreError as error:  # stored all the same: waiters find it on a look
+                log.warning("callback stored but not announced: %s", error)
+        return 200, "received"
+
+    async def refuse(self, token: str, status: int, detail: str) -> tuple[int, str]:
+        """Answer a delivery that is refused, noting why for the waiter's timeout; a
+        repeat of one already received is acknowledged, whatever its body."""
+        earlier = await self.runner.run(self.store.get(NAMESPACE, outcome_key(token)))
+        if earlier is not None and (found := Outcome.decode(earlier)) is not None:
+            return UNKNOWN if found.state == "discarded" else (200, "already received")
+        if (local := self.registry.get(token)) is not None:
+            local._rejection = detail
+        with contextlib.suppress(StoreError):  # the reason is a courtesy; the status is not
+            key = rejection_key(token)
+            await self.runner.run(self.store.put(NAMESPACE, key, detail.encode(), ttl=3600.0))
+        return status, detail
+
+    def known_done(self, token: str) -> bool:
+        local = self.registry.get(token)
+        return local is not None and local.done
+
+    def _settle_token(self, token: str, result: Any, outcome: Outcome) -> None:
+        with self.registry.lock:
+            pending = self.registry.get(token)
+            if pending is not None and not pending.done and pending._failure is None:
+                pending._outcome = outcome
+                pending._settle(result, None)
+
+    def settle_from(self, outcome: Outcome) -> None:
+        """Settle this process's expectation from a stored or announced outcome."""
+        if self.registry.get(outcome.token) is None:
+            return
+        if outcome.state == "discarded":
+            with self.registry.lock:
+                pending = self.registry.get(outcome.token)
+                if pending is not None:
+                    self.registry.drop(outcome.token, pending)
+                    if not pending.done and pending._failure is None:
+                        pending._settle(_NOTHING, discarded(pending.kind))
+            return
+        try:
+            result = PARSERS[outcome.kind](outcome.body)
+        except ResponseValidationError:  # not one this hub stored; nothing to hand out
+            return
+        self._settle_token(outcome.token, result, outcome)
+
+    async def look(self, pending: PendingCallback[Any]) -> None:
+        """Settle `pending` from the store if its result is there already."""
+        try:
+            raw = await self.runner.run(self.store.get(NAMESPACE, outcome_key(pending.token)))
+        except StoreError:
+            return  # an outage: the listener keeps looking
+        if raw is not None and (outcome := Outcome.decode(raw)) is not None:
+            self.settle_from(outcome)
+
+    async def hand_out(self, pending: PendingCallback[Any]) -> None:
+        """Mark `pending`'s result handed out: `outstanding()` lists it no more."""
+        with self.registry.lock:
+            self.registry.drop(pending.token, pending)
+            outcome, pending._outcome = pending._outcome, None
+        if outcome is None or outcome.state != "delivered":
+            return
+        handed = Outcome("handed_out", outcome.kind, outcome.token, outcome.body)
+        keep = max(pending._deadline - time.monotonic(), 1.0)
+        try:
+            await self.runner.run(self._mark(outcome, handed, keep))
+        except StoreError as error:  # the result is handed out all the same
+            log.warning("callback result handed out but not marked so in the store: %s", error)
+
+    async def _mark(self, old: Outcome, new: Outcome, keep: float) -> None:
+        key = outcome_key(old.token)
+        await self.store.replace(NAMESPACE, key, old.encode(), new.encode(), ttl=keep)
+        await self.store.delete(NAMESPACE, registration_key(old.token))
+
+    def discard(self, pending: PendingCallback[Any]) -> None:
+        with self.registry.lock:
+            self.registry.drop(pending.token, pending)
+            if pending._failure is None and not pending.done:
+                pending._settle(_NOTHING, discarded(pending.kind))
+        gone = Outcome("discarded", pending.kind, pending.token)
+        keep = max(pending._deadline - time.monotonic(), 1.0)
+        self.runner.spawn(self._forget(gone, keep)).add_done_callback(log_failure)
+
+    async def _forget(self, gone: Outcome, keep: float) -> None:
+        await self.store.put(NAMESPACE, outcome_key(gone.token), gone.encode(), ttl=keep)
+        await self.store.delete(NAMESPACE, registration_key(gone.token))
+        if not self.runner.inline:
+            await self.store.publish(CHANNEL, gone.encode())
+
+    def listen(self) -> None:
+        """Make sure this process hears deliveries accepted by others (shared stores)."""
+        if self.runner.inline:
+            return
+        with self.registry.lock:
+            if self._listening:
+                return
+            self._listening = True
+        self.runner.spawn(self._listener()).add_done_callback(log_failure)
+
+    async def _listener(self) -> None:
+        delay, failing = 0.05, False
+        while True:
+            with self.registry.lock:
+                if not self.waiting:
+                    self._listening = False
+                    return
+            try:
+                async with self.store.subscribe(CHANNEL) as subscription:
+                    await self._recheck()
+                    if failing:
+                        log.warning("callback store reachable again")
+                    delay, failing = 0.05, False
+                    while self.waiting:
+                        message = await subscription.next(timeout=_RECHECK)
+                        if message is None:
+                            await self._recheck()
+                        elif (outcome := Outcome.decode(message)) is not None:
+                            self.settle_from(outcome)
+            except StoreError as error:
+                if not failing:
+                    log.warning("callback store unreachable, waiting for it: %s", error)
+                failing = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _recheck(self) -> None:
+        """Look up every awaited token: what was delivered while no one listened."""
+        with self.registry.lock:
+            tokens = [token for token, p in self.registry.pending.items() if p._waiters]
+        for start in range(0, len(tokens), _PAGE):
+            keys = [outcome_key(token) for token in tokens[start : start + _PAGE]]
+            for raw in await self.store.get_many(NAMESPACE, keys):
+                if raw is not None and (outcome := Outcome.decode(raw)) is not None:
+                    self.settle_from(outcome)
+
+    async def timeout_message(self, pending: PendingCallback[Any], waited: float) -> str:
+        message = f"no {pending.kind} callback arrived within {max(waited, 0.0):.3g} s"
+        rejection = pending._rejection
+        if rejection is None:
+            with contextlib.suppress(StoreError):
+                key = rejection_key(pending.token)
+                raw = await self.runner.run(self.store.get(NAMESPACE, key))
+                rejection = raw.decode(errors="replace") if raw is not None else None
+        if rejection is not None:
+            return f"{message}; the last delivery was refused: {rejection}"
+        path = urlsplit(self.public_base_url).path or "/"
+        return (
+            f"{message}, and no delivery reached the hub. The API was given a URL under "
+            f"{self.public_base_url}/ (the last segment is the token): check that this "
+            "address reaches your app from where the API runs, and that the hub's "
+            f"adapter is mounted at {path!r} so that it serves POST {path.rstrip('/')}/<token>"
+        )
+
+
+def discarded(kind: CallbackKind) -> DeepModeError:
+    return DeepModeError(f"the {kind} callback was discarded")
+
+
+def log_failure(future: Any) -> None:
+    if not future.cancelled() and (error := future.exception()) is not None:
+        log.warning("callback store write failed: %s", error)

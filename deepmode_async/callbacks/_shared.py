@@ -1,0 +1,164 @@
+"""What the hub keeps in its store, and where its store calls run.
+
+Records live in the `callbacks` namespace, one per token and purpose:
+- `p:<token>`: an expectation was made (kind, expiry), so `outstanding()` finds the ones
+  whose waiter died before anything arrived;
+- `d:<token>`: its outcome, written once with `add` (the first delivery wins, in every
+  process): `delivered` with the body, then `handed_out` once a `wait()` returned it, or
+  `discarded`;
+- `r:<token>`: why the last delivery was refused, for the timeout's message.
+A delivery is also published on one channel, body and all, so a waiter in another
+process wakes without a lookup.
+
+With a `MemoryStore` the calls run inline, as plain function calls (it never suspends);
+with a shared store they run on a thread of the hub's own, whatever loop or thread asks,
+so one set of connections serves the whole process and a synchronous `expect()` or
+`discard()` can hand its write over without blocking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import threading
+from collections.abc import Coroutine
+from typing import Any, Final, Literal, TypeAlias, TypeVar
+
+import attrs
+
+from ..stores import MemoryStore, Store
+from ._parsers import CallbackKind
+from ._tokens import KINDS
+
+T = TypeVar("T")
+
+NAMESPACE: Final = "callbacks"
+CHANNEL: Final = "callbacks:delivered"
+
+State: TypeAlias = Literal["delivered", "handed_out", "discarded"]
+
+
+def registration_key(token: str) -> str:
+    return f"p:{token}"
+
+
+def outcome_key(token: str) -> str:
+    return f"d:{token}"
+
+
+def rejection_key(token: str) -> str:
+    return f"r:{token}"
+
+
+@attrs.frozen
+class Outcome:
+    """What became of one token, as stored and as published."""
+
+    state: State
+    kind: CallbackKind
+    token: str = attrs.field(repr=False)  # a secret
+    body: bytes = attrs.field(default=b"", repr=False)
+
+    def encode(self) -> bytes:
+        header = json.dumps({"state": self.state, "kind": self.kind, "token": self.token})
+        return header.encode() + b"\n" + self.body
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Outcome | None:
+        """The outcome in `raw`, or None for a record this hub did not write."""
+        header, _, body = raw.partition(b"\n")
+        try:
+            fields = json.loads(header)
+            state, kind, token = fields["state"], fields["kind"], fields["token"]
+        except (ValueError, TypeError, KeyError):
+            return None
+        if state not in ("delivered", "handed_out", "discarded") or kind not in KINDS:
+            return None
+        if not isinstance(token, str):
+            return None
+        return cls(state, kind, token, body)
+
+
+def encode_registration(kind: CallbackKind, expires_at: float) -> bytes:
+    return json.dumps({"kind": kind, "expires_at": expires_at}).encode()
+
+
+class Runner:
+    """Runs the hub's store calls: inline for a `MemoryStore`, else on the hub's thread."""
+
+    def __init__(self, store: Store) -> None:
+        self.store: Final = store
+        self.inline: Final = isinstance(store, MemoryStore)
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid = 0
+
+    async def run(self, call: Coroutine[Any, Any, T]) -> T:
+        """Await `call` from any loop."""
+        if self.inline:
+            return await call  # never suspends for long: no thread to hop to
+        loop = self.loop()
+        if asyncio.get_running_loop() is loop:
+            return await call
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call, loop))
+
+    def blocking(self, call: Coroutine[Any, Any, T]) -> T:
+        """Run `call` to its end from synchronous code (not on the hub's own thread)."""
+        if self.inline:
+            return _drive(call)
+        return asyncio.run_coroutine_threadsafe(call, self.loop()).result()
+
+    def spawn(self, call: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start `call` without waiting for it."""
+        if not self.inline:
+            return asyncio.run_coroutine_threadsafe(call, self.loop())
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        try:
+            future.set_result(_drive(call))
+        except Exception as error:
+            future.set_exception(error)
+        return future
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The hub thread's loop, started on first use (and again in a forked child)."""
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid():
+                self._loop, self._pid = _start_thread(), os.getpid()
+            return self._loop
+
+    def stop(self) -> None:
+        """Stop the hub's thread, if it runs (it starts again when needed)."""
+        with self._lock:
+            loop, self._loop = self._loop, None
+        if loop is not None and self._pid == os.getpid():
+            loop.call_soon_threadsafe(loop.stop)
+
+
+def _start_thread() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(started.set)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    # A daemon: an app that never closes its hub must still be able to exit.
+    threading.Thread(target=run, name="deepmode-callback-hub", daemon=True).start()
+    started.wait()
+    return loop
+
+
+def _drive(call: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends (a `MemoryStore`'s) as a plain call."""
+    try:
+        call.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    call.close()
+    raise RuntimeError("a MemoryStore call suspended; it must not")
