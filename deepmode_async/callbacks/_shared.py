@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import threading
@@ -93,6 +94,7 @@ class Runner:
         self.inline: Final = isinstance(store, MemoryStore)
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._pid = 0
 
     async def run(self, call: Coroutine[Any, Any, T]) -> T:
@@ -125,18 +127,34 @@ class Runner:
         """The hub thread's loop, started on first use (and again in a forked child)."""
         with self._lock:
             if self._loop is None or self._pid != os.getpid():
-                self._loop, self._pid = _start_thread(), os.getpid()
+                self._loop, self._thread = _start_thread()
+                self._pid = os.getpid()
             return self._loop
 
     def stop(self) -> None:
-        """Stop the hub's thread, if it runs (it starts again when needed)."""
+        """End what runs on the hub's thread (a listener) and stop it; it starts again
+        when needed."""
         with self._lock:
-            loop, self._loop = self._loop, None
-        if loop is not None and self._pid == os.getpid():
-            loop.call_soon_threadsafe(loop.stop)
+            loop, thread, self._loop = self._loop, self._thread, None
+        if loop is None or thread is None or self._pid != os.getpid():
+            return
+        if thread is threading.current_thread():
+            loop.call_soon(loop.stop)
+            return
+        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+            asyncio.run_coroutine_threadsafe(_cancel_the_rest(), loop).result(timeout=5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
 
 
-def _start_thread() -> asyncio.AbstractEventLoop:
+async def _cancel_the_rest() -> None:
+    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
+
+
+def _start_thread() -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
     loop = asyncio.new_event_loop()
     started = threading.Event()
 
@@ -149,9 +167,10 @@ def _start_thread() -> asyncio.AbstractEventLoop:
             loop.close()
 
     # A daemon: an app that never closes its hub must still be able to exit.
-    threading.Thread(target=run, name="deepmode-callback-hub", daemon=True).start()
+    thread = threading.Thread(target=run, name="deepmode-callback-hub", daemon=True)
+    thread.start()
     started.wait()
-    return loop
+    return loop, thread
 
 
 def _drive(call: Coroutine[Any, Any, T]) -> T:
