@@ -14,6 +14,12 @@ Environment:
                        http://127.0.0.1:8000). Results are POSTed to
                        PUBLIC_URL/deepmode-callbacks/<token>, so in production this must be
                        reachable from the internet: your domain, or a tunnel in development.
+    DEEPMODE_HUB_STORE where the hub keeps deliveries (default memory://, this process).
+                       With `uvicorn --workers N` use one every worker shares:
+                       sqlite:///deepmode-hub.db on one machine, redis://host:6379/0 for
+                       several; a delivery to any worker then wakes the one that waits, and
+                       results outlive a restart (the startup log lists those not yet
+                       handed out, model ids included).
 
 `create_app(Settings(...))` builds the app with explicit settings, for tests.
 """
@@ -38,7 +44,9 @@ from deepmode_async import (
     GenerateRequest,
     Image,
     InsufficientCreditsError,
+    Model,
     NotFoundError,
+    StoreError,
     ValidationError,
 )
 from deepmode_async.callbacks import CallbackHub
@@ -59,10 +67,14 @@ class Settings:
     # An HTTP caller will not wait hours; the hub's default ttl is sized for model training.
     callback_timeout: float = 120.0
     batch_concurrency: int = 4
+    hub_store: str = "memory://"
 
     @classmethod
     def from_env(cls) -> Settings:
-        return cls(public_url=os.environ.get("PUBLIC_URL", cls.public_url))
+        return cls(
+            public_url=os.environ.get("PUBLIC_URL", cls.public_url),
+            hub_store=os.environ.get("DEEPMODE_HUB_STORE", cls.hub_store),
+        )
 
 
 # ----------------------------------------------------------------------------- schemas
@@ -143,14 +155,35 @@ def deepmode(request: Request) -> AsyncClient:
 DeepMode = Annotated[AsyncClient, Depends(deepmode)]
 
 
+async def report_outstanding(hub: CallbackHub) -> None:
+    """Log the results in the hub's store whose waiter is gone (a restart, a killed
+    worker): a trained model's id reaches an app only through its callback, and the API
+    cannot list models, so this is where an app finds it again."""
+    try:
+        found = await hub.outstanding()
+    except StoreError as error:  # the app still serves; deliveries get 503 until it is back
+        log.warning("cannot list outstanding callbacks: %s", error)
+        return
+    for pending in found:
+        if pending.kind == "model" and pending.done:
+            model: Model = await pending.wait()  # at once: it has arrived
+            log.warning("model %s (%s) finished training while no one waited", model.id, model.name)
+        else:
+            log.info("outstanding %s callback, expires %s", pending.kind, pending.expires_at)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
+    # Shared by every worker through the store; opening it connects to nothing yet.
     hub = CallbackHub(
-        settings.public_url.rstrip("/") + CALLBACK_PATH, ttl=settings.callback_timeout
+        settings.public_url.rstrip("/") + CALLBACK_PATH,
+        store=settings.hub_store,
+        ttl=settings.callback_timeout,
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AsyncClient]]:
+        await report_outstanding(hub)
         # Created here, not at import: importing the module needs no key, and the
         # client's connection pool belongs to the server's event loop. One client for
         # all requests, so connections are reused.

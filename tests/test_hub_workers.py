@@ -55,7 +55,7 @@ def uvicorn_workers(
         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
         "--log-level", "warning", "--no-access-log",
     ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, env=env)
+    process = subprocess.Popen(command, cwd=ROOT, env=env)  # noqa: S603 (the example)
     try:
         yield process
     finally:
