@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from _redis import free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -284,13 +284,6 @@ async def test_the_timeout_names_the_url_and_the_mount() -> None:
     assert pending.token not in message
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def test_a_blocking_client_in_a_running_loop_with_a_served_hub() -> None:
     # A notebook cell: the loop is running and the blocking call holds it; the mock and
     # the hub each serve on a thread of their own.
@@ -337,3 +330,4 @@ async def test_a_redis_outage_gets_503_then_the_retries_land_and_the_wait_rides_
     assert outcome == (200, "received")
     image: Image = await waiter
     assert image.id == "late"
+    assert await receiving.outstanding() == []  # the store works again: nothing left over

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from _redis import free_port
 
 from deepmode_async.testing import MockDeepMode
 
@@ -30,13 +30,6 @@ pytestmark = pytest.mark.anyio
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CALLS, AT_ONCE = 200, 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextmanager

@@ -27,7 +27,7 @@ from ._keeper import UNKNOWN, Keeper, PendingCallback
 from ._parsers import PARSERS, CallbackKind
 from ._registry import Registry
 from ._shared import NAMESPACE, Outcome, encode_registration, registration_key
-from ._tokens import KINDS, Signer, TokenInfo
+from ._tokens import KINDS, LATEST, Signer, TokenInfo
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -78,7 +78,7 @@ class CallbackHub:
         self.max_body_size: Final = check.positive("max_body_size", max_body_size)
         self._owns_store = isinstance(store, str)
         self.store: Final[Store] = MemoryStore() if store is None else as_store(store)
-        self._state = Registry(self.max_pending)
+        self._state: Registry[PendingCallback[Any]] = Registry(self.max_pending)
         self._keeper = Keeper(self.public_base_url, self.store, self._state)
         self._signer: Signer | None = None
 
@@ -109,7 +109,7 @@ class CallbackHub:
                 f"kind must be 'model', 'generation' or 'upscale', not {check.shown(kind)}"
             )
         lifetime = self.ttl if ttl is None else check.seconds("ttl", ttl)
-        info = TokenInfo(kind, time.time() + lifetime)
+        info = TokenInfo(kind, min(time.time() + lifetime, LATEST))
         token = self._signing().issue(info.kind, info.expires_at)
         pending = self._adopt(token, info)
         record = encode_registration(kind, info.expires_at)
@@ -240,7 +240,7 @@ class CallbackHub:
         """
         from ._serve import ServedHub
 
-        return ServedHub(self, host, port)
+        return ServedHub(self.aiohttp_app, self.public_base_url, host, port)
 
     def close(self) -> None:
         """Stop the hub's store thread, and close the store if the hub opened it from a

@@ -151,7 +151,9 @@ class Keeper:
     """Settles this process's expectations from deliveries and from the store, and keeps
     their outcomes there (see `_shared` for the records)."""
 
-    def __init__(self, public_base_url: str, store: Store, registry: Registry) -> None:
+    def __init__(
+        self, public_base_url: str, store: Store, registry: Registry[PendingCallback[Any]]
+    ) -> None:
         self.public_base_url: Final = public_base_url
         self.store: Final = store
         self.runner: Final = Runner(store)

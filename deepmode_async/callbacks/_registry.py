@@ -1,4 +1,4 @@
-"""This process's expectations: one `PendingCallback` a token, bounded, expiring."""
+"""This process's expectations (`PendingCallback`s): one a token, bounded, expiring."""
 
 from __future__ import annotations
 
@@ -6,15 +6,14 @@ import heapq
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Generic, TypeVar
 
 from .._errors import DeepModeError
 
-if TYPE_CHECKING:
-    from ._keeper import PendingCallback
+P = TypeVar("P")
 
 
-class Registry:
+class Registry(Generic[P]):
     """The expectations this process holds, and the lock that guards them and their
     waiters. At most `max_pending` at once; one past its deadline (a monotonic time) is
     dropped the next time one is added."""
@@ -22,13 +21,11 @@ class Registry:
     def __init__(self, max_pending: int) -> None:
         self.max_pending = max_pending
         self.lock = threading.Lock()
-        self.pending: dict[str, PendingCallback[Any]] = {}
+        self.pending: dict[str, P] = {}
         self.deadlines: dict[str, float] = {}
         self.expiry: list[tuple[float, str]] = []  # a heap; stale entries are skipped
 
-    def adopt(
-        self, token: str, deadline: float, make: Callable[[], PendingCallback[Any]]
-    ) -> PendingCallback[Any]:
+    def adopt(self, token: str, deadline: float, make: Callable[[], P]) -> P:
         """The one expectation of `token`, made by `make` if there is none."""
         with self.lock:
             if (known := self.pending.get(token)) is not None:
@@ -54,11 +51,11 @@ class Registry:
         with self.lock:
             self.purge(time.monotonic())
 
-    def get(self, token: str) -> PendingCallback[Any] | None:
+    def get(self, token: str) -> P | None:
         """Called with the lock held, or without it for a glance."""
         return self.pending.get(token)
 
-    def drop(self, token: str, pending: PendingCallback[Any]) -> None:
+    def drop(self, token: str, pending: P) -> None:
         """Called with the lock held: forget `pending` (handed out or discarded)."""
         if self.pending.get(token) is pending:
             del self.pending[token]

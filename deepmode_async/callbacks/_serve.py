@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import socket
 import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
@@ -15,8 +16,6 @@ from .._errors import ValidationError
 
 if TYPE_CHECKING:
     from aiohttp import web
-
-    from ._hub import CallbackHub
 
 
 class ServedHub:
@@ -29,11 +28,13 @@ class ServedHub:
     starve it.
     """
 
-    def __init__(self, hub: CallbackHub, host: str, port: int) -> None:
+    def __init__(
+        self, make_app: Callable[[], web.Application], public_base_url: str, host: str, port: int
+    ) -> None:
         if not isinstance(host, str) or not host:
             raise ValidationError(f"host must be a host name or address, not {check.shown(host)}")
         port = check.integer("port", port, 0, 65535)
-        public = urlsplit(hub.public_base_url)
+        public = urlsplit(public_base_url)
         if port == 0 and is_loopback(public.hostname or "") and public.port:
             port = public.port  # the hub's URLs already name where it must listen
         self._listener = _bind(host, port)
@@ -41,7 +42,7 @@ class ServedHub:
         shown = f"[{host}]" if ":" in host else host
         self.url: Final = f"http://{shown}:{self.port}"
         self._prefix = public.path.rstrip("/")
-        self._hub = hub
+        self._make_app = make_app
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._failure: BaseException | None = None
@@ -73,7 +74,7 @@ class ServedHub:
     async def _start(self) -> None:
         from aiohttp import web  # the server side of aiohttp: only a served hub loads it
 
-        app = self._hub.aiohttp_app()
+        app = self._make_app()
         if self._prefix:  # a tunnel passes the path on: serve the hub where its URLs point
             app, hub_app = web.Application(), app
             app.add_subapp(self._prefix, hub_app)

@@ -22,6 +22,8 @@ from ._parsers import CallbackKind
 
 KINDS: Final[tuple[CallbackKind, ...]] = ("model", "generation", "upscale")
 TOKEN_LENGTH: Final = 43
+#: The latest expiry a token carries (the end of year 9999): a longer ttl means "never".
+LATEST: Final = 253402300799.0
 _PAYLOAD: Final = 16  # kind (1) + expiry in ms (6) + random (9)
 _MAC: Final = 16
 
