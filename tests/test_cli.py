@@ -21,7 +21,7 @@ from typing import Any, TypeAlias
 import pytest
 
 from deepmode_async import Client
-from deepmode_async.testing import MockDeepMode, sample_image
+from deepmode_async.testing import MockDeepMode, MockProcess, mock_process, sample_image
 
 DEEPMODE = pathlib.Path(sys.executable).with_name("deepmode")
 TIMEOUT = 30
@@ -430,16 +430,15 @@ def test_download_fetches_the_ids_side_by_side(
 
 
 def test_mock_serve_then_balance(tmp_path: pathlib.Path) -> None:
-    with mock_process("--api-key", "k1") as (server, env):
+    with mock_serve("k1") as (server, env):
         assert env["DEEPMODE_API_KEY"] == "k1"
         assert env["DEEPMODE_BASE_URL"].startswith("http://127.0.0.1:")
 
         result = run(env, "balance")
         assert (result.returncode, result.stdout) == (0, "10000 credits\n"), result.stderr
 
-        stderr = interrupt(server)
-        assert server.returncode == 0, stderr
-        assert "Traceback" not in stderr
+    assert server.returncode == 0, server.stderr
+    assert "Traceback" not in server.stderr
 
 
 def test_a_connection_failure_is_one_line_without_retry_warnings(
@@ -552,43 +551,23 @@ def is_jpeg(path: pathlib.Path) -> bool:
 
 
 @contextlib.contextmanager
-def mock_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], dict[str, str]]]:
-    """`deepmode mock serve` as a process, and an environment pointing at it; killed at
-    the end if still running."""
+def mock_serve(api_key: str) -> Iterator[tuple[MockProcess, dict[str, str]]]:
+    """`deepmode mock serve` as a process, and an environment pointing at it; stopped
+    as Ctrl+C would at the end."""
     env = clean_env()
-    server = subprocess.Popen(  # noqa: S603 (our own entry point)
-        [str(DEEPMODE), "mock", "serve", "--port", "0", *args],
+    with mock_process(
+        command=(str(DEEPMODE), "mock", "serve"),
         env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    watchdog = threading.Timer(TIMEOUT, server.kill)  # a silent server cannot hang the test
-    watchdog.start()
-    try:
-        assert server.stdout is not None
-        found: dict[str, str] = {}
-        while not {"DEEPMODE_BASE_URL", "DEEPMODE_API_KEY"} <= found.keys():
-            line = server.stdout.readline()
-            assert line, "mock serve exited before printing its settings"
-            name, sep, value = line.strip().partition("=")
-            if sep and name.startswith("DEEPMODE_"):
-                found[name] = value
-        watchdog.cancel()
-        yield server, env | found
-    finally:
-        watchdog.cancel()
-        if server.poll() is None:
-            server.kill()
-            server.communicate()
-
-
-def interrupt(server: subprocess.Popen[str]) -> str:
-    """Ctrl+C the server; its stderr."""
-    server.send_signal(signal.SIGINT)
-    _, stderr = server.communicate(timeout=TIMEOUT)
-    return stderr
+        port=0,
+        api_key=api_key,
+        stop_signal=signal.SIGINT,
+        start_timeout=TIMEOUT,
+        stop_timeout=TIMEOUT,
+    ) as server:
+        yield (
+            server,
+            env | {"DEEPMODE_BASE_URL": server.base_url, "DEEPMODE_API_KEY": server.api_key},
+        )
 
 
 class Hook:
@@ -1040,7 +1019,7 @@ def test_demo_live_exits_1_when_a_generate_call_fails(
 
 def test_the_whole_flow_against_a_mock_serve_process(tmp_path: pathlib.Path) -> None:
     photos = write_photos(tmp_path / "photos", 2)
-    with mock_process("--api-key", "k-test") as (server, env):
+    with mock_serve("k-test") as (server, env):
         assert env["DEEPMODE_API_KEY"] == "k-test"
         assert env["DEEPMODE_BASE_URL"].startswith("http://127.0.0.1:")
         balance = run(env, "balance", "--json")
@@ -1080,10 +1059,9 @@ def test_the_whole_flow_against_a_mock_serve_process(tmp_path: pathlib.Path) -> 
         assert after.returncode == 0, after.stderr
         assert json.loads(after.stdout) == {"remaining_balance": 10_000 - 50 - 3 - 20}
 
-        stderr = interrupt(server)
-        assert server.returncode == 0, stderr
-        assert "mock stopped" in stderr
-        assert "Traceback" not in stderr
+    assert server.returncode == 0, server.stderr
+    assert "mock stopped" in server.stderr
+    assert "Traceback" not in server.stderr
 
 
 # ----------------------------------------------------------------------------- progress bars

@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import signal
-import subprocess
-import sys
-import threading
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
@@ -19,7 +15,7 @@ import anyio
 import pytest
 
 from deepmode_async import AsyncClient, ModelCreated
-from deepmode_async.testing import sample_image
+from deepmode_async.testing import MockProcess, mock_process, sample_image
 
 pytestmark = pytest.mark.anyio
 
@@ -29,38 +25,16 @@ PEAK_LIMIT = 8 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def mock_process() -> Iterator[tuple[str, str]]:
-    """`python -m deepmode_async.testing` in its own process: (base_url, api_key)."""
-    command = [sys.executable, "-m", "deepmode_async.testing", "--port", "0"]
-    with subprocess.Popen(  # noqa: S603
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    ) as process:
-        watchdog = threading.Timer(60, process.kill)  # a hung child must not hang the suite
-        watchdog.start()
-        try:
-            assert process.stdout is not None
-            printed: dict[str, str] = {}
-            for line in process.stdout:
-                name, _, value = line.strip().partition("=")
-                printed[name] = value
-                if name == "DEEPMODE_API_KEY":
-                    break
-            assert "DEEPMODE_BASE_URL" in printed, printed
-            yield printed["DEEPMODE_BASE_URL"], printed["DEEPMODE_API_KEY"]
-            process.send_signal(signal.SIGTERM)
-            _, stderr = process.communicate(timeout=10)
-            assert process.returncode == 0, stderr
-        finally:
-            watchdog.cancel()
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
+def served() -> Iterator[MockProcess]:
+    """`python -m deepmode_async.testing` in its own process."""
+    with mock_process(port=0) as process:
+        yield process
+    assert process.returncode == 0, process.stderr
 
 
 @pytest.fixture
-async def dm(mock_process: tuple[str, str]) -> AsyncIterator[AsyncClient]:
-    base_url, api_key = mock_process
-    async with AsyncClient(api_key, base_url=base_url, max_retries=0) as client:
+async def dm(served: MockProcess) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(served.api_key, base_url=served.base_url, max_retries=0) as client:
         yield client
 
 
