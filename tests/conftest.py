@@ -8,7 +8,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import attrs
@@ -29,7 +29,17 @@ hypothesis.settings.register_profile("explore", deadline=None)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or "ci")
 
 
-def make_client(mock: MockDeepMode, *, max_retries: int = 2, **options: Any) -> AsyncClient:
+class Served(Protocol):
+    """Where a mock serves: a `MockDeepMode`, or a `MockProcess`."""
+
+    @property
+    def api_key(self) -> str: ...
+
+    @property
+    def base_url(self) -> str: ...
+
+
+def make_client(mock: Served, *, max_retries: int = 2, **options: Any) -> AsyncClient:
     """A client of `mock` whose retries do not wait."""
     client = AsyncClient(mock.api_key, base_url=mock.base_url, max_retries=max_retries, **options)
     client._transport.retry = attrs.evolve(client._transport.retry, backoff_base=FAST)
@@ -46,6 +56,21 @@ async def mock() -> AsyncIterator[MockDeepMode]:
     """A mock on the test's own event loop, with the default options."""
     async with MockDeepMode(callback_backoff=0.01) as server:
         yield server
+
+
+@pytest.fixture
+async def dm(request: pytest.FixtureRequest, mock: Served) -> AsyncIterator[AsyncClient]:
+    """A client of `mock`: `make_client`'s (two retries that do not wait) unless the test
+    or its module says otherwise with `@pytest.mark.dm(**options)`. The options are
+    `AsyncClient`'s, and `fast=False`, which keeps the client's own retry waits."""
+    marker = request.node.get_closest_marker("dm")
+    options = dict(marker.kwargs) if marker is not None else {}
+    if options.pop("fast", True):
+        client = make_client(mock, **options)
+    else:
+        client = AsyncClient(mock.api_key, base_url=mock.base_url, **options)
+    async with client:
+        yield client
 
 
 @pytest.fixture

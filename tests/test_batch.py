@@ -40,12 +40,6 @@ pytestmark = pytest.mark.anyio
 UNKNOWN_MODEL = "no-such-model"
 
 
-@pytest.fixture
-async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
-    async with make_client(mock) as client:
-        yield client
-
-
 def requests_for(model_id: str, count: int, **fields: Any) -> list[GenerateRequest]:
     return [
         GenerateRequest(model_id=model_id, prompt=f"prompt {i}", **fields) for i in range(count)

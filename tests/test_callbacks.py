@@ -50,7 +50,7 @@ from deepmode_async.callbacks import (
 )
 from deepmode_async.testing import MockDeepMode, sample_image
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.dm(max_retries=0, fast=False)]
 
 JPEG = sample_image("jpeg")
 TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
@@ -945,12 +945,6 @@ async def test_the_blocking_client_waits_for_a_hub_on_another_loop(
 
 
 # --------------------------------------------------------------------------- 8. the client
-
-
-@pytest.fixture
-async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(mock.api_key, base_url=mock.base_url, max_retries=0) as client:
-        yield client
 
 
 def sent_callback(mock: MockDeepMode, endpoint: str) -> str:

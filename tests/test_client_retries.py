@@ -7,7 +7,7 @@ import email.utils
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import attrs
@@ -30,13 +30,6 @@ from deepmode_async._transport import RetryPolicy
 from deepmode_async.testing import Endpoint, MockDeepMode, sample_image
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
-    """Two retries, without waiting for them."""
-    async with make_client(mock) as client:
-        yield client
 
 
 def sent(mock: MockDeepMode, endpoint: Endpoint) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pathlib
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -11,15 +10,9 @@ from deepmode_async import AsyncClient, DeepModeError
 from deepmode_async._uploads import check_files, multipart
 from deepmode_async.testing import MockDeepMode, sample_image
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.dm(fast=False)]
 
 FIELDS = [("gender", "woman"), ("model_type", "amateur")]
-
-
-@pytest.fixture
-async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(mock.api_key, base_url=mock.base_url) as client:
-        yield client
 
 
 @pytest.fixture

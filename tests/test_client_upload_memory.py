@@ -9,7 +9,7 @@ import os
 import pathlib
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import anyio
 import pytest
@@ -17,7 +17,7 @@ import pytest
 from deepmode_async import AsyncClient, ModelCreated
 from deepmode_async.testing import MockProcess, mock_process, sample_image
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.dm(max_retries=0, fast=False)]
 
 FILES = 30
 FILE_SIZE = 4 * 1024 * 1024
@@ -25,17 +25,11 @@ PEAK_LIMIT = 8 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[MockProcess]:
-    """`python -m deepmode_async.testing` in its own process."""
+def mock() -> Iterator[MockProcess]:
+    """Here the mock is `python -m deepmode_async.testing` in its own process."""
     with mock_process(port=0) as process:
         yield process
     assert process.returncode == 0, process.stderr
-
-
-@pytest.fixture
-async def dm(served: MockProcess) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(served.api_key, base_url=served.base_url, max_retries=0) as client:
-        yield client
 
 
 @pytest.fixture

@@ -601,12 +601,6 @@ async def mock() -> AsyncIterator[MockDeepMode]:
         yield server
 
 
-@pytest.fixture
-async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
-    async with make_client(mock) as client:
-        yield client
-
-
 @pytest.mark.parametrize("how", ["move_on_after", "task.cancel"])
 async def test_a_cancel_during_a_retry_backoff_leaves_nothing(
     how: How,

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import anyio
 import pytest
@@ -99,12 +99,6 @@ async def assert_aborted(mock: MockDeepMode, count: int = 1) -> None:
 
     await eventually(cut_off)
     assert mock.ledger == []
-
-
-@pytest.fixture
-async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
-    async with make_client(mock) as client:
-        yield client
 
 
 # ------------------------------------------------------------------ files that change mid-upload
