@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pathlib
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -17,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from deepmode_async import AsyncClient
-from deepmode_async.testing import MockDeepMode
+from deepmode_async.testing import MockDeepMode, sample_image
 
 FAST = 0.001  # backoff base for tests: retries without sleeping
 
@@ -149,10 +150,59 @@ def closed_port() -> int:
     return port
 
 
-async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Wait until `predicate()` holds, failing the test after `within` seconds."""
+def write_photo(path: pathlib.Path, size: int | None = None) -> pathlib.Path:
+    """A real JPEG at `path` (its directory made if missing), padded with a hole up to
+    `size` bytes: sparse on disk, so cheap to make however big, and all zeros after the
+    image, which is all the mock looks at."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(sample_image("jpeg"))
+    if size is not None:
+        os.truncate(path, size)
+    return path
+
+
+def write_photos(
+    directory: pathlib.Path, count: int, *, size: int | None = None
+) -> list[pathlib.Path]:
+    """`count` photos `photo-1.jpg`... in `directory`; without `size`, each a little
+    bigger than the last, like distinct photos."""
+    return [
+        write_photo(directory / f"photo-{i + 1}.jpg", size if size is not None else 1024 + 16 * i)
+        for i in range(count)
+    ]
+
+
+def polls(
+    predicate: Callable[[], bool], within: float, describe: Callable[[], object] | None
+) -> Iterator[None]:
+    """Yield, for the caller to sleep, until `predicate()` holds; fail the test after
+    `within` seconds, with `describe()` as the message when given."""
     deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
+            raise AssertionError(describe() if describe else "condition not met in time")
+        yield
+
+
+async def eventually(
+    predicate: Callable[[], bool],
+    within: float = 5.0,
+    *,
+    step: float = 0.01,
+    describe: Callable[[], object] | None = None,
+) -> None:
+    """Wait until `predicate()` holds, failing the test after `within` seconds."""
+    for _ in polls(predicate, within, describe):
+        await asyncio.sleep(step)
+
+
+def wait_until(
+    predicate: Callable[[], bool],
+    within: float = 5.0,
+    *,
+    step: float = 0.01,
+    describe: Callable[[], object] | None = None,
+) -> None:
+    """`eventually` for blocking tests (a thread-backed mock serves meanwhile)."""
+    for _ in polls(predicate, within, describe):
+        time.sleep(step)

@@ -15,10 +15,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, TypeAlias
 
+import conftest
 import pytest
+from conftest import wait_until
 
 from deepmode_async import Client
 from deepmode_async.testing import MockDeepMode, MockProcess, mock_process, sample_image
@@ -521,15 +523,9 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("DEEPMODE_")}
 
 
-def write_photos(directory: pathlib.Path, count: int, prefix: str = "photo") -> list[str]:
-    """`count` sample JPEGs (distinct sizes, like distinct photos) as paths."""
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index in range(count):
-        path = directory / f"{prefix}-{index + 1}.jpg"
-        path.write_bytes(sample_image(size=1024 + 16 * index))
-        paths.append(str(path))
-    return paths
+def write_photos(directory: pathlib.Path, count: int) -> list[str]:
+    """conftest's photos, as the command-line arguments they become."""
+    return [str(path) for path in conftest.write_photos(directory, count)]
 
 
 def generated_image_ids(mock: MockDeepMode, model_id: str, count: int) -> list[str]:
@@ -537,13 +533,6 @@ def generated_image_ids(mock: MockDeepMode, model_id: str, count: int) -> list[s
     with Client(mock.api_key, base_url=mock.base_url) as dm:
         generation = dm.images.generate(model_id=model_id, prompt="a cat", num_images=count)
     return [image.id for image in generation.images]
-
-
-def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def is_jpeg(path: pathlib.Path) -> bool:
@@ -593,7 +582,7 @@ class Hook:
 
     def body(self, index: int = 0) -> Any:
         """The `index`th body received, once it has arrived."""
-        wait_for(lambda: len(self.bodies) > index)
+        wait_until(lambda: len(self.bodies) > index)
         return self.bodies[index]
 
 
@@ -678,7 +667,7 @@ def test_models_create_wait_prints_the_trained_model(
     requests = [r for r in mock.requests if r.endpoint == "create_model"]
     assert len(requests) == 2
     assert all(r.form["callback"].startswith("http://127.0.0.1:") for r in requests)
-    wait_for(lambda: sum(d.delivered for d in mock.callbacks) == 2)
+    wait_until(lambda: sum(d.delivered for d in mock.callbacks) == 2)
     assert {d.body["id"] for d in mock.callbacks} == {model["id"], model_id}
     assert [c.endpoint for c in mock.ledger] == ["create_model"] * 2
 
@@ -1186,7 +1175,7 @@ def signalled(
         text=True,
     )
     try:
-        wait_for(lambda: watched.exists() and any(watched.rglob("*.*")), within=TIMEOUT)
+        wait_until(lambda: watched.exists() and any(watched.rglob("*.*")), within=TIMEOUT)
         process.send_signal(signum)
         process.wait(timeout=10)
     except BaseException:

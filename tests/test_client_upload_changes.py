@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 
 import pytest
+from conftest import write_photo
 
 from deepmode_async import AsyncClient, DeepModeError
 from deepmode_async._uploads import check_files, multipart
@@ -17,9 +18,7 @@ FIELDS = [("gender", "woman"), ("model_type", "amateur")]
 
 @pytest.fixture
 def photo(tmp_path: pathlib.Path) -> pathlib.Path:
-    path = tmp_path / "me.jpg"
-    path.write_bytes(sample_image("jpeg") + b"\0" * 2_000_000)
-    return path
+    return write_photo(tmp_path / "me.jpg", len(sample_image("jpeg")) + 2_000_000)
 
 
 async def send(dm: AsyncClient, photo: pathlib.Path, change: str) -> DeepModeError:

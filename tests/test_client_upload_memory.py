@@ -13,9 +13,10 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
+from conftest import write_photos
 
 from deepmode_async import AsyncClient, ModelCreated
-from deepmode_async.testing import MockProcess, mock_process, sample_image
+from deepmode_async.testing import MockProcess, mock_process
 
 pytestmark = [pytest.mark.anyio, pytest.mark.dm(max_retries=0, fast=False)]
 
@@ -35,16 +36,7 @@ def mock() -> Iterator[MockProcess]:
 @pytest.fixture
 def photos(tmp_path: pathlib.Path) -> list[pathlib.Path]:
     """30 files of 4 MB: a real JPEG header (all the mock checks) and padding."""
-    head = sample_image("jpeg")
-    padding = bytes(FILE_SIZE - len(head))
-    paths = []
-    for index in range(FILES):
-        path = tmp_path / f"photo-{index:02}.jpg"
-        with path.open("wb") as file:
-            file.write(head)
-            file.write(padding)
-        paths.append(path)
-    return paths
+    return write_photos(tmp_path, FILES, size=FILE_SIZE)
 
 
 def files_open_under(directory: pathlib.Path) -> int:

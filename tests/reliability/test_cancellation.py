@@ -42,7 +42,7 @@ import attrs
 import pytest
 from _support import leftovers, open_fds
 from aiohttp import web
-from conftest import eventually, make_client
+from conftest import eventually, make_client, wait_until, write_photos
 
 from deepmode_async import (
     APITimeoutError,
@@ -59,7 +59,7 @@ from deepmode_async import (
     UploadProgress,
 )
 from deepmode_async.callbacks import CallbackHub
-from deepmode_async.testing import CallbackDelivery, MockDeepMode, RecordedRequest, sample_image
+from deepmode_async.testing import CallbackDelivery, MockDeepMode, RecordedRequest
 
 pytestmark = pytest.mark.anyio
 
@@ -243,14 +243,6 @@ async def finished_delivery(mock: MockDeepMode, url: str) -> CallbackDelivery:
     await eventually(lambda: any(d.url == url and d.finished for d in mock.callbacks))
     (delivery,) = [d for d in mock.callbacks if d.url == url]
     return delivery
-
-
-def wait_until(predicate: Callable[[], bool], within: float = 5.0, step: float = 0.005) -> None:
-    """`eventually` for blocking tests (the mock serves from its own thread)."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(step)
 
 
 class DownloadPeak:
@@ -510,17 +502,10 @@ UPLOAD_SIZE = 8 * 1024 * 1024
 TRAINING: dict[str, Any] = {"gender": "woman", "model_type": "amateur"}
 
 
-def photos(directory: pathlib.Path, count: int) -> list[pathlib.Path]:
-    directory.mkdir()
-    paths = [directory / f"photo-{i}.jpg" for i in range(count)]
-    for path in paths:
-        path.write_bytes(sample_image("jpeg", size=UPLOAD_SIZE))
-    return paths
-
-
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 async def test_uploads_cancelled_at_random_points(mechanism: str, tmp_path: pathlib.Path) -> None:
-    images = photos(tmp_path / "photos", 3)  # 24 MB streamed from disk: some ms on loopback
+    # 24 MB streamed from disk: some ms on loopback
+    images = write_photos(tmp_path / "photos", 3, size=UPLOAD_SIZE)
     before_mock = open_fds()
     runs: list[Run] = []
     # The server takes 0.25 s to answer: a window wide enough to cancel in, even when a
@@ -834,7 +819,7 @@ SYNC_SIZE = 1024 * 1024
 
 
 def test_blocking_timeouts_mid_download_and_mid_upload(tmp_path: pathlib.Path) -> None:
-    images = photos(tmp_path / "photos", 3)
+    images = write_photos(tmp_path / "photos", 3, size=UPLOAD_SIZE)
     dest = tmp_path / "out"
     before_mock = open_fds()
     with MockDeepMode(image_size=SYNC_SIZE) as mock:
