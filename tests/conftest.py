@@ -184,16 +184,10 @@ def polls(
         yield
 
 
-async def eventually(
-    predicate: Callable[[], bool],
-    within: float = 5.0,
-    *,
-    step: float = 0.01,
-    describe: Callable[[], object] | None = None,
-) -> None:
+async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
     """Wait until `predicate()` holds, failing the test after `within` seconds."""
-    for _ in polls(predicate, within, describe):
-        await asyncio.sleep(step)
+    for _ in polls(predicate, within, None):
+        await asyncio.sleep(0.01)
 
 
 def wait_until(
@@ -203,6 +197,7 @@ def wait_until(
     step: float = 0.01,
     describe: Callable[[], object] | None = None,
 ) -> None:
-    """`eventually` for blocking tests (a thread-backed mock serves meanwhile)."""
+    """`eventually` for blocking tests (a thread-backed mock serves meanwhile), polling
+    every `step` seconds, with `describe()` as the failure's message when given."""
     for _ in polls(predicate, within, describe):
         time.sleep(step)
