@@ -1,4 +1,4 @@
-"""What every benchmark shares: the mock in its own process, a trained model, CPU and
+"""What every benchmark shares: the mock in its own process (`served`), a trained model, CPU and
 memory readings, and benchmarks/results.json."""
 
 from __future__ import annotations
@@ -8,16 +8,12 @@ import json
 import os
 import pathlib
 import platform
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from deepmode_async.testing import sample_image
+from deepmode_async.testing import MockProcess, mock_process, sample_image
 
 RESULTS = pathlib.Path(__file__).with_name("results.json")
 
@@ -44,32 +40,10 @@ def machine() -> str:
     )
 
 
-@asynccontextmanager
-async def mock_process(
-    latency: float, *options: str, balance: int = 10**9
-) -> AsyncIterator[tuple[str, str, int]]:
-    """A mock in a separate interpreter; yields its base URL, key and pid.
-
-    `options` are more of `deepmode mock serve`'s options (`--image-size`, ...).
-    """
-    command: Sequence[str] = [
-        sys.executable, "-m", "deepmode_async.testing", "--latency", str(latency),
-        "--balance", str(balance), *options,
-    ]  # fmt: skip
-    process = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE)
-    assert process.stdout is not None
-    settings: dict[str, str] = {}
-    try:
-        while len(settings) < 2:
-            line = await process.stdout.readline()
-            if not line:
-                raise RuntimeError(f"the mock exited with {await process.wait()} before serving")
-            key, _, value = line.decode().strip().partition("=")
-            settings[key] = value
-        yield settings["DEEPMODE_BASE_URL"], settings["DEEPMODE_API_KEY"], process.pid
-    finally:
-        process.terminate()
-        await process.wait()
+def served(latency: float, **options: Any) -> MockProcess:
+    """`mock_process()` with enough credits for any benchmark and `latency` per call;
+    `options` are more of its options (`image_size=...`)."""
+    return mock_process(latency=latency, balance=10**9, **options)
 
 
 async def trained_model(api: aiohttp.ClientSession, base_url: str) -> str:

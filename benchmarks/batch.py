@@ -38,7 +38,7 @@ import requests
 import requests.adapters
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _common import mock_process, store, trained_model
+from _common import served, store, trained_model
 
 from deepmode_async import AsyncClient, Client, GenerateRequest
 
@@ -131,7 +131,8 @@ class Bench:
 
 
 async def measure(calls: int, rounds: int, profile: bool) -> list[Contender]:
-    async with mock_process(LATENCY) as (base_url, api_key, _pid):
+    async with served(LATENCY) as mock:
+        base_url, api_key = mock.base_url, mock.api_key
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {api_key}"}) as api:
             model_id = await trained_model(api, base_url)
         bench = Bench(base_url, api_key, model_id)

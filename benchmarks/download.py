@@ -51,7 +51,7 @@ import aiohttp
 from yarl import URL
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _common import machine, mock_process, store, trained_model
+from _common import machine, served, store, trained_model
 
 from deepmode_async import AsyncClient, Image
 
@@ -190,7 +190,8 @@ async def timed(
 async def measure(
     count: int, rounds: int, profile: bool, raw_variants: bool
 ) -> tuple[list[Contender], pstats.Stats | None]:
-    async with mock_process(0.0, "--image-size", str(IMAGE_BYTES)) as (base_url, api_key, _):
+    async with served(0.0, image_size=IMAGE_BYTES) as mock:
+        base_url, api_key = mock.base_url, mock.api_key
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {api_key}"}) as api:
             model_id = await trained_model(api, base_url)
         connector = aiohttp.TCPConnector(limit=IN_FLIGHT)

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _common import cpu_seconds, mock_process, store, trained_model
+from _common import cpu_seconds, served, store, trained_model
 
 CALLS, IN_FLIGHT, ROUNDS = 1000, 100, 5
 
@@ -41,7 +41,8 @@ async def batch(api: aiohttp.ClientSession, base_url: str, model_id: str) -> flo
 
 
 async def scenario(latency: float) -> dict[str, Any]:
-    async with mock_process(latency) as (base_url, key, pid):
+    async with served(latency) as mock:
+        base_url, key, pid = mock.base_url, mock.api_key, mock.pid
         connector = aiohttp.TCPConnector(limit=IN_FLIGHT)
         headers = {"Authorization": f"Bearer {key}"}
         async with aiohttp.ClientSession(connector=connector, headers=headers) as api:

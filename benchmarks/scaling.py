@@ -43,7 +43,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _common import cpu_seconds, machine, mock_process, rss_mib, store, trained_model
+from _common import cpu_seconds, machine, rss_mib, served, store, trained_model
 
 from deepmode_async import AsyncClient, GenerateRequest
 
@@ -192,7 +192,8 @@ async def measure(
     scenarios: list[tuple[int, int]], rounds: int, profile: bool
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    async with mock_process(LATENCY) as (base_url, api_key, pid):
+    async with served(LATENCY) as mock:
+        base_url, api_key, pid = mock.base_url, mock.api_key, mock.pid
         headers = {"Authorization": f"Bearer {api_key}"}
         async with aiohttp.ClientSession(headers=headers) as api:
             model_id = await trained_model(api, base_url)

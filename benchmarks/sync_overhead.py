@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _common import mock_process, store, trained_model
+from _common import served, store, trained_model
 
 from deepmode_async import AsyncClient, Client
 
@@ -72,7 +72,8 @@ def sync_threads(dm: Client, model_id: str) -> float:
 
 
 async def measure(latency: float) -> dict[str, list[float]]:
-    async with mock_process(latency) as (base_url, api_key, _pid):
+    async with served(latency) as mock:
+        base_url, api_key = mock.base_url, mock.api_key
         headers = {"Authorization": f"Bearer {api_key}"}
         async with aiohttp.ClientSession(headers=headers) as api:
             model_id = await trained_model(api, base_url)

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _common import mock_process, store
+from _common import served, store
 
 from deepmode_async import AsyncClient
 from deepmode_async.testing import sample_image
@@ -58,7 +58,8 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_photos(pathlib.Path(tmp))
         total_mb = sum(path.stat().st_size for path in paths) / 1e6
-        async with mock_process(0.0) as (base_url, api_key, _pid):
+        async with served(0.0) as mock:
+            base_url, api_key = mock.base_url, mock.api_key
             dm = AsyncClient(api_key, base_url=base_url)
             raw = aiohttp.ClientSession(headers={"Authorization": f"Bearer {api_key}"})
 

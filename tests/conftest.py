@@ -5,21 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pathlib
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
-import attrs
 import hypothesis
 import pytest
 import redis
 from _redis import RedisServer
 from aiohttp import web
 
-from deepmode_async import AsyncClient
-from deepmode_async.testing import MockDeepMode
+from deepmode_async import AsyncClient, RetryPolicy
+from deepmode_async.testing import MockDeepMode, sample_image
 
 FAST = 0.001  # backoff base for tests: retries without sleeping
 
@@ -31,11 +31,20 @@ hypothesis.settings.register_profile("explore", deadline=None)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or "ci")
 
 
-def make_client(mock: MockDeepMode, *, max_retries: int = 2, **options: Any) -> AsyncClient:
+class Served(Protocol):
+    """Where a mock serves: a `MockDeepMode`, or a `MockProcess`."""
+
+    @property
+    def api_key(self) -> str: ...
+
+    @property
+    def base_url(self) -> str: ...
+
+
+def make_client(mock: Served, *, max_retries: int = 2, **options: Any) -> AsyncClient:
     """A client of `mock` whose retries do not wait."""
-    client = AsyncClient(mock.api_key, base_url=mock.base_url, max_retries=max_retries, **options)
-    client._transport.retry = attrs.evolve(client._transport.retry, backoff_base=FAST)
-    return client
+    retries = RetryPolicy(max_retries=max_retries, backoff_base=FAST)
+    return AsyncClient(mock.api_key, base_url=mock.base_url, max_retries=retries, **options)
 
 
 @pytest.fixture
@@ -48,6 +57,21 @@ async def mock() -> AsyncIterator[MockDeepMode]:
     """A mock on the test's own event loop, with the default options."""
     async with MockDeepMode(callback_backoff=0.01) as server:
         yield server
+
+
+@pytest.fixture
+async def dm(request: pytest.FixtureRequest, mock: Served) -> AsyncIterator[AsyncClient]:
+    """A client of `mock`: `make_client`'s (two retries that do not wait) unless the test
+    or its module says otherwise with `@pytest.mark.dm(**options)`. The options are
+    `AsyncClient`'s, and `fast=False`, which keeps the client's own retry waits."""
+    marker = request.node.get_closest_marker("dm")
+    options = dict(marker.kwargs) if marker is not None else {}
+    if options.pop("fast", True):
+        client = make_client(mock, **options)
+    else:
+        client = AsyncClient(mock.api_key, base_url=mock.base_url, **options)
+    async with client:
+        yield client
 
 
 @pytest.fixture
@@ -126,13 +150,57 @@ def closed_port() -> int:
     return port
 
 
-async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Wait until `predicate()` holds, failing the test after `within` seconds."""
+def write_photo(path: pathlib.Path, size: int | None = None) -> pathlib.Path:
+    """A real JPEG at `path` (its directory made if missing), padded with a hole up to
+    `size` bytes: sparse on disk, so cheap to make however big, and all zeros after the
+    image, which is all the mock looks at."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(sample_image("jpeg"))
+    if size is not None:
+        os.truncate(path, size)
+    return path
+
+
+def write_photos(
+    directory: pathlib.Path, count: int, *, size: int | None = None
+) -> list[pathlib.Path]:
+    """`count` photos `photo-1.jpg`... in `directory`; without `size`, each a little
+    bigger than the last, like distinct photos."""
+    return [
+        write_photo(directory / f"photo-{i + 1}.jpg", size if size is not None else 1024 + 16 * i)
+        for i in range(count)
+    ]
+
+
+def polls(
+    predicate: Callable[[], bool], within: float, describe: Callable[[], object] | None
+) -> Iterator[None]:
+    """Yield, for the caller to sleep, until `predicate()` holds; fail the test after
+    `within` seconds, with `describe()` as the message when given."""
     deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
+            raise AssertionError(describe() if describe else "condition not met in time")
+        yield
+
+
+async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait until `predicate()` holds, failing the test after `within` seconds."""
+    for _ in polls(predicate, within, None):
         await asyncio.sleep(0.01)
+
+
+def wait_until(
+    predicate: Callable[[], bool],
+    within: float = 5.0,
+    *,
+    step: float = 0.01,
+    describe: Callable[[], object] | None = None,
+) -> None:
+    """`eventually` for blocking tests (a thread-backed mock serves meanwhile), polling
+    every `step` seconds, with `describe()` as the failure's message when given."""
+    for _ in polls(predicate, within, describe):
+        time.sleep(step)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from typing import Any, cast
 import anyio
 import attrs
 import pytest
-from conftest import eventually, make_client
+from conftest import eventually, make_client, wait_until
 
 from deepmode_async import (
     APIConnectionError,
@@ -38,12 +38,6 @@ from deepmode_async.testing._records import RecordedRequest
 pytestmark = pytest.mark.anyio
 
 UNKNOWN_MODEL = "no-such-model"
-
-
-@pytest.fixture
-async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
-    async with make_client(mock) as client:
-        yield client
 
 
 def requests_for(model_id: str, count: int, **fields: Any) -> list[GenerateRequest]:
@@ -767,14 +761,6 @@ async def test_bad_arguments_are_refused_before_any_request(
 # ------------------------------------------------------------------ the blocking client
 
 
-def wait_until(predicate: Any, within: float = 3.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
-
-
 def test_the_blocking_client_iterates_a_batch_and_can_break() -> None:
     with MockDeepMode() as mock:
         model_id = mock.add_model().id
@@ -793,7 +779,7 @@ def test_the_blocking_client_iterates_a_batch_and_can_break() -> None:
                 first = result
                 break
             assert first.ok
-            wait_until(lambda: mock.in_flight == 0)
+            wait_until(lambda: mock.in_flight == 0, within=3.0)
             hung = [r for r in sent(mock, "generate") if r.status is None]
             assert len(hung) == 2
             assert all(record.disconnected for record in hung)
@@ -814,7 +800,7 @@ def test_breaking_out_of_a_blocking_batch_returns_after_its_clean_up(
                 requests_for(model_id, 2), concurrency=2, download_to=tmp_path
             )
             for _ in results:
-                wait_until(lambda: bool(hidden_files(tmp_path)))
+                wait_until(lambda: bool(hidden_files(tmp_path)), within=3.0)
                 break
             del results  # the iterator closes here, as a `for` over a call does at once
             assert hidden_files(tmp_path) == []  # no wait: the temp file went with the break

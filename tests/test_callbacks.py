@@ -23,7 +23,7 @@ import pytest
 import requests
 import uvicorn
 from aiohttp import web
-from conftest import eventually
+from conftest import eventually, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -50,7 +50,7 @@ from deepmode_async.callbacks import (
 )
 from deepmode_async.testing import MockDeepMode, sample_image
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.dm(max_retries=0, fast=False)]
 
 JPEG = sample_image("jpeg")
 TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
@@ -108,10 +108,10 @@ def delivered() -> dict[str, Any]:
         image = dm.images.generate(model_id=model.id, prompt="a harbour").images[0]
         dm.images.upscale(image.id, callback=nowhere)
         dm.models.create(images=[JPEG], gender="man", model_type="amateur", callback=nowhere)
-        deadline = time.monotonic() + 5
-        while len(mock.callbacks) < 3 or not all(c.finished for c in mock.callbacks):
-            assert time.monotonic() < deadline, mock.callbacks
-            time.sleep(0.01)
+        wait_until(
+            lambda: len(mock.callbacks) >= 3 and all(c.finished for c in mock.callbacks),
+            describe=lambda: mock.callbacks,
+        )
         bodies: dict[str, Any] = {delivery.kind: delivery.body for delivery in mock.callbacks}
     assert set(bodies) == {"model", "generation", "upscale"}
     return bodies
@@ -945,12 +945,6 @@ async def test_the_blocking_client_waits_for_a_hub_on_another_loop(
 
 
 # --------------------------------------------------------------------------- 8. the client
-
-
-@pytest.fixture
-async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(mock.api_key, base_url=mock.base_url, max_retries=0) as client:
-        yield client
 
 
 def sent_callback(mock: MockDeepMode, endpoint: str) -> str:

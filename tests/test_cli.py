@@ -15,13 +15,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, TypeAlias
 
+import conftest
 import pytest
+from conftest import wait_until
 
 from deepmode_async import Client
-from deepmode_async.testing import MockDeepMode, sample_image
+from deepmode_async.testing import MockDeepMode, MockProcess, mock_process, sample_image
 
 DEEPMODE = pathlib.Path(sys.executable).with_name("deepmode")
 TIMEOUT = 30
@@ -430,16 +432,15 @@ def test_download_fetches_the_ids_side_by_side(
 
 
 def test_mock_serve_then_balance(tmp_path: pathlib.Path) -> None:
-    with mock_process("--api-key", "k1") as (server, env):
+    with mock_serve("k1") as (server, env):
         assert env["DEEPMODE_API_KEY"] == "k1"
         assert env["DEEPMODE_BASE_URL"].startswith("http://127.0.0.1:")
 
         result = run(env, "balance")
         assert (result.returncode, result.stdout) == (0, "10000 credits\n"), result.stderr
 
-        stderr = interrupt(server)
-        assert server.returncode == 0, stderr
-        assert "Traceback" not in stderr
+    assert server.returncode == 0, server.stderr
+    assert "Traceback" not in server.stderr
 
 
 def test_a_connection_failure_is_one_line_without_retry_warnings(
@@ -522,15 +523,9 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("DEEPMODE_")}
 
 
-def write_photos(directory: pathlib.Path, count: int, prefix: str = "photo") -> list[str]:
-    """`count` sample JPEGs (distinct sizes, like distinct photos) as paths."""
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index in range(count):
-        path = directory / f"{prefix}-{index + 1}.jpg"
-        path.write_bytes(sample_image(size=1024 + 16 * index))
-        paths.append(str(path))
-    return paths
+def write_photos(directory: pathlib.Path, count: int) -> list[str]:
+    """conftest's photos, as the command-line arguments they become."""
+    return [str(path) for path in conftest.write_photos(directory, count)]
 
 
 def generated_image_ids(mock: MockDeepMode, model_id: str, count: int) -> list[str]:
@@ -540,55 +535,28 @@ def generated_image_ids(mock: MockDeepMode, model_id: str, count: int) -> list[s
     return [image.id for image in generation.images]
 
 
-def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 def is_jpeg(path: pathlib.Path) -> bool:
     return path.read_bytes()[:3] == JPEG_MAGIC
 
 
 @contextlib.contextmanager
-def mock_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], dict[str, str]]]:
-    """`deepmode mock serve` as a process, and an environment pointing at it; killed at
-    the end if still running."""
+def mock_serve(api_key: str) -> Iterator[tuple[MockProcess, dict[str, str]]]:
+    """`deepmode mock serve` as a process, and an environment pointing at it; stopped
+    as Ctrl+C would at the end."""
     env = clean_env()
-    server = subprocess.Popen(  # noqa: S603 (our own entry point)
-        [str(DEEPMODE), "mock", "serve", "--port", "0", *args],
+    with mock_process(
+        command=(str(DEEPMODE), "mock", "serve"),
         env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    watchdog = threading.Timer(TIMEOUT, server.kill)  # a silent server cannot hang the test
-    watchdog.start()
-    try:
-        assert server.stdout is not None
-        found: dict[str, str] = {}
-        while not {"DEEPMODE_BASE_URL", "DEEPMODE_API_KEY"} <= found.keys():
-            line = server.stdout.readline()
-            assert line, "mock serve exited before printing its settings"
-            name, sep, value = line.strip().partition("=")
-            if sep and name.startswith("DEEPMODE_"):
-                found[name] = value
-        watchdog.cancel()
-        yield server, env | found
-    finally:
-        watchdog.cancel()
-        if server.poll() is None:
-            server.kill()
-            server.communicate()
-
-
-def interrupt(server: subprocess.Popen[str]) -> str:
-    """Ctrl+C the server; its stderr."""
-    server.send_signal(signal.SIGINT)
-    _, stderr = server.communicate(timeout=TIMEOUT)
-    return stderr
+        port=0,
+        api_key=api_key,
+        stop_signal=signal.SIGINT,
+        start_timeout=TIMEOUT,
+        stop_timeout=TIMEOUT,
+    ) as server:
+        yield (
+            server,
+            env | {"DEEPMODE_BASE_URL": server.base_url, "DEEPMODE_API_KEY": server.api_key},
+        )
 
 
 class Hook:
@@ -614,7 +582,7 @@ class Hook:
 
     def body(self, index: int = 0) -> Any:
         """The `index`th body received, once it has arrived."""
-        wait_for(lambda: len(self.bodies) > index)
+        wait_until(lambda: len(self.bodies) > index)
         return self.bodies[index]
 
 
@@ -699,7 +667,7 @@ def test_models_create_wait_prints_the_trained_model(
     requests = [r for r in mock.requests if r.endpoint == "create_model"]
     assert len(requests) == 2
     assert all(r.form["callback"].startswith("http://127.0.0.1:") for r in requests)
-    wait_for(lambda: sum(d.delivered for d in mock.callbacks) == 2)
+    wait_until(lambda: sum(d.delivered for d in mock.callbacks) == 2)
     assert {d.body["id"] for d in mock.callbacks} == {model["id"], model_id}
     assert [c.endpoint for c in mock.ledger] == ["create_model"] * 2
 
@@ -1040,7 +1008,7 @@ def test_demo_live_exits_1_when_a_generate_call_fails(
 
 def test_the_whole_flow_against_a_mock_serve_process(tmp_path: pathlib.Path) -> None:
     photos = write_photos(tmp_path / "photos", 2)
-    with mock_process("--api-key", "k-test") as (server, env):
+    with mock_serve("k-test") as (server, env):
         assert env["DEEPMODE_API_KEY"] == "k-test"
         assert env["DEEPMODE_BASE_URL"].startswith("http://127.0.0.1:")
         balance = run(env, "balance", "--json")
@@ -1080,10 +1048,9 @@ def test_the_whole_flow_against_a_mock_serve_process(tmp_path: pathlib.Path) -> 
         assert after.returncode == 0, after.stderr
         assert json.loads(after.stdout) == {"remaining_balance": 10_000 - 50 - 3 - 20}
 
-        stderr = interrupt(server)
-        assert server.returncode == 0, stderr
-        assert "mock stopped" in stderr
-        assert "Traceback" not in stderr
+    assert server.returncode == 0, server.stderr
+    assert "mock stopped" in server.stderr
+    assert "Traceback" not in server.stderr
 
 
 # ----------------------------------------------------------------------------- progress bars
@@ -1208,7 +1175,7 @@ def signalled(
         text=True,
     )
     try:
-        wait_for(lambda: watched.exists() and any(watched.rglob("*.*")), within=TIMEOUT)
+        wait_until(lambda: watched.exists() and any(watched.rglob("*.*")), within=TIMEOUT)
         process.send_signal(signum)
         process.wait(timeout=10)
     except BaseException:

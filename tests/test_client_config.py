@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import aiohttp
 import attrs
@@ -13,7 +13,7 @@ import pytest
 from deepmode_async import AsyncClient, DeepModeError, Timeout, ValidationError
 from deepmode_async.testing import MockDeepMode
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.dm(fast=False)]
 
 
 @pytest.fixture
@@ -25,12 +25,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     yield monkeypatch
     logger.setLevel(level)
     logger.handlers[:] = handlers
-
-
-@pytest.fixture
-async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(mock.api_key, base_url=mock.base_url) as client:
-        yield client
 
 
 async def test_key_and_base_url_come_from_the_environment(

@@ -6,7 +6,7 @@ import functools
 import os
 import pathlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -43,12 +43,6 @@ def fast(client: AsyncClient) -> AsyncClient:
     """The client with retries that do not sleep for real."""
     client._transport.retry = attrs.evolve(client._transport.retry, backoff_base=0.001)
     return client
-
-
-@pytest.fixture
-async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
-    async with fast(AsyncClient(mock.api_key, base_url=mock.base_url)) as client:
-        yield client
 
 
 async def generate(dm: AsyncClient, mock: MockDeepMode, num_images: int) -> Generation:

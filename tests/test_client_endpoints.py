@@ -8,7 +8,7 @@ import io
 import os
 import pathlib
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -38,18 +38,12 @@ from deepmode_async._uploads import ImageInput
 from deepmode_async.testing import MockDeepMode, RecordedRequest, UploadedFile
 from deepmode_async.testing._samples import sample_image
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.dm(max_retries=0, fast=False)]
 
 JPEG = sample_image("jpeg")
 PNG = sample_image("png")
 WEBP = sample_image("webp")
 TRAINING: dict[str, Any] = {"gender": "woman", "model_type": "amateur"}
-
-
-@pytest.fixture
-async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(mock.api_key, base_url=mock.base_url, max_retries=0) as client:
-        yield client
 
 
 # --------------------------------------------------------------------------- helpers

@@ -55,7 +55,8 @@ from deepmode_async._convert import structure
 from deepmode_async._errors import parse_retry_after, read_detail
 from deepmode_async.testing import MockDeepMode
 
-pytestmark = pytest.mark.anyio
+# `dm` never retries, so every error surfaces at once.
+pytestmark = [pytest.mark.anyio, pytest.mark.dm(max_retries=0, fast=False)]
 
 DETAIL_LIMIT = 500
 PROMPT_ERROR = {
@@ -76,13 +77,6 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
     max_leaves=12,
 )
-
-
-@pytest.fixture
-async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
-    """A client on the mock that never retries, so every error surfaces at once."""
-    async with AsyncClient(mock.api_key, base_url=mock.base_url, max_retries=0) as client:
-        yield client
 
 
 def assert_readable(detail: str) -> None:

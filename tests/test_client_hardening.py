@@ -34,15 +34,9 @@ from deepmode_async._transport import Request
 from deepmode_async.callbacks import CallbackHub
 from deepmode_async.testing import MockDeepMode, sample_image
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.dm(fast=False)]
 
 JPEG = sample_image("jpeg")
-
-
-@pytest.fixture
-async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(mock.api_key, base_url=mock.base_url) as client:
-        yield client
 
 
 @pytest.fixture

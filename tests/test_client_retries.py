@@ -7,10 +7,9 @@ import email.utils
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
-import attrs
 import pytest
 from conftest import FAST, eventually, make_client
 from hypothesis import given
@@ -30,13 +29,6 @@ from deepmode_async._retry import RetryPolicy
 from deepmode_async.testing import Endpoint, MockDeepMode, sample_image
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
-    """Two retries, without waiting for them."""
-    async with make_client(mock) as client:
-        yield client
 
 
 def sent(mock: MockDeepMode, endpoint: Endpoint) -> int:
@@ -170,8 +162,8 @@ async def test_a_connect_failure_is_retried_even_for_generate(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="deepmode_async")
     base_url = f"http://127.0.0.1:{closed_port}"
-    async with AsyncClient("key", base_url=base_url, max_retries=2) as dm:
-        dm._transport.retry = attrs.evolve(dm._transport.retry, backoff_base=FAST)
+    retries = RetryPolicy(max_retries=2, backoff_base=FAST)
+    async with AsyncClient("key", base_url=base_url, max_retries=retries) as dm:
         with pytest.raises(APIConnectionError) as caught:
             await dm.images.generate(model_id="m", prompt="a lighthouse")
     assert not isinstance(caught.value, APITimeoutError)

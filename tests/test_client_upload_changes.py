@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 import pathlib
-from collections.abc import AsyncIterator
 
 import pytest
+from conftest import write_photo
 
 from deepmode_async import AsyncClient, DeepModeError
 from deepmode_async._uploads import check_files, multipart
 from deepmode_async.testing import MockDeepMode, sample_image
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.dm(fast=False)]
 
 FIELDS = [("gender", "woman"), ("model_type", "amateur")]
 
 
 @pytest.fixture
-async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(mock.api_key, base_url=mock.base_url) as client:
-        yield client
-
-
-@pytest.fixture
 def photo(tmp_path: pathlib.Path) -> pathlib.Path:
-    path = tmp_path / "me.jpg"
-    path.write_bytes(sample_image("jpeg") + b"\0" * 2_000_000)
-    return path
+    return write_photo(tmp_path / "me.jpg", len(sample_image("jpeg")) + 2_000_000)
 
 
 async def send(dm: AsyncClient, photo: pathlib.Path, change: str) -> DeepModeError:

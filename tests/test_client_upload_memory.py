@@ -7,21 +7,18 @@ from __future__ import annotations
 
 import os
 import pathlib
-import signal
-import subprocess
-import sys
-import threading
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import anyio
 import pytest
+from conftest import write_photos
 
 from deepmode_async import AsyncClient, ModelCreated
-from deepmode_async.testing import sample_image
+from deepmode_async.testing import MockProcess, mock_process
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.dm(max_retries=0, fast=False)]
 
 FILES = 30
 FILE_SIZE = 4 * 1024 * 1024
@@ -29,54 +26,17 @@ PEAK_LIMIT = 8 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def mock_process() -> Iterator[tuple[str, str]]:
-    """`python -m deepmode_async.testing` in its own process: (base_url, api_key)."""
-    command = [sys.executable, "-m", "deepmode_async.testing", "--port", "0"]
-    with subprocess.Popen(  # noqa: S603
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    ) as process:
-        watchdog = threading.Timer(60, process.kill)  # a hung child must not hang the suite
-        watchdog.start()
-        try:
-            assert process.stdout is not None
-            printed: dict[str, str] = {}
-            for line in process.stdout:
-                name, _, value = line.strip().partition("=")
-                printed[name] = value
-                if name == "DEEPMODE_API_KEY":
-                    break
-            assert "DEEPMODE_BASE_URL" in printed, printed
-            yield printed["DEEPMODE_BASE_URL"], printed["DEEPMODE_API_KEY"]
-            process.send_signal(signal.SIGTERM)
-            _, stderr = process.communicate(timeout=10)
-            assert process.returncode == 0, stderr
-        finally:
-            watchdog.cancel()
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
-
-
-@pytest.fixture
-async def dm(mock_process: tuple[str, str]) -> AsyncIterator[AsyncClient]:
-    base_url, api_key = mock_process
-    async with AsyncClient(api_key, base_url=base_url, max_retries=0) as client:
-        yield client
+def mock() -> Iterator[MockProcess]:
+    """Here the mock is `python -m deepmode_async.testing` in its own process."""
+    with mock_process(port=0) as process:
+        yield process
+    assert process.returncode == 0, process.stderr
 
 
 @pytest.fixture
 def photos(tmp_path: pathlib.Path) -> list[pathlib.Path]:
     """30 files of 4 MB: a real JPEG header (all the mock checks) and padding."""
-    head = sample_image("jpeg")
-    padding = bytes(FILE_SIZE - len(head))
-    paths = []
-    for index in range(FILES):
-        path = tmp_path / f"photo-{index:02}.jpg"
-        with path.open("wb") as file:
-            file.write(head)
-            file.write(padding)
-        paths.append(path)
-    return paths
+    return write_photos(tmp_path, FILES, size=FILE_SIZE)
 
 
 def files_open_under(directory: pathlib.Path) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import pathlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -15,7 +15,7 @@ from deepmode_async import AsyncClient, DeepModeError, Image, ValidationError
 from deepmode_async.testing import MockDeepMode
 from deepmode_async.testing._samples import sample_image
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.dm(max_retries=0, fast=False)]
 
 JPEG = sample_image("jpeg")
 PNG = sample_image("png")
@@ -23,12 +23,6 @@ GIF = b"GIF89a" + bytes(40)
 TEXT = b"just some notes, not an image\n"
 TRAINING: dict[str, Any] = {"gender": "woman", "model_type": "amateur"}
 URL = "https://example.com/face.jpg"
-
-
-@pytest.fixture
-async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(mock.api_key, base_url=mock.base_url, max_retries=0) as client:
-        yield client
 
 
 @pytest.fixture

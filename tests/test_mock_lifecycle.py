@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-from typing import Any
 
 import aiohttp
+import anyio
 import pytest
 import requests
 from conftest import Receiver, eventually
 
-from deepmode_async.testing import MockDeepMode
+from deepmode_async import AsyncClient, DeepModeError
+from deepmode_async.testing import MockDeepMode, mock_process
 
 pytest_plugins = ["pytester"]
 
@@ -281,36 +282,113 @@ def test_pytest_plugin_fixtures(pytester: pytest.Pytester, monkeypatch: pytest.M
 
 
 def test_module_serves_until_sigint() -> None:
-    command = [sys.executable, "-m", "deepmode_async.testing", "--port", "0", "--api-key", "k123"]
-    with subprocess.Popen(  # noqa: S603
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    ) as process:
-        watchdog = threading.Timer(20, process.kill)  # a hung child must not hang the suite
-        watchdog.start()
-        try:
-            assert process.stdout is not None
-            printed: dict[str, Any] = {}
-            for line in process.stdout:
-                name, _, value = line.strip().partition("=")
-                printed[name] = value
-                if name == "DEEPMODE_API_KEY":
-                    break
-            assert printed.get("DEEPMODE_API_KEY") == "k123", printed
-            base_url = printed["DEEPMODE_BASE_URL"]
-            assert base_url.startswith("http://127.0.0.1:")
+    with mock_process(api_key="k123", port=0, stop_signal=signal.SIGINT) as process:
+        assert process.api_key == "k123"
+        assert process.base_url.startswith("http://127.0.0.1:")
 
-            url = f"{base_url}/api/check-balance"
-            ok = requests.get(url, headers=bearer("k123"), timeout=5)
-            assert (ok.status_code, ok.json()) == (200, {"remaining_balance": 10000})
-            refused = requests.get(url, headers=bearer("mock-key"), timeout=5)
-            assert refused.status_code == 401
-            assert refused.json() == {"detail": "Invalid API key"}
+        url = f"{process.base_url}/api/check-balance"
+        ok = requests.get(url, headers=bearer("k123"), timeout=5)
+        assert (ok.status_code, ok.json()) == (200, {"remaining_balance": 10000})
+        refused = requests.get(url, headers=bearer("mock-key"), timeout=5)
+        assert refused.status_code == 401
+        assert refused.json() == {"detail": "Invalid API key"}
 
-            process.send_signal(signal.SIGINT)
-            _, stderr = process.communicate(timeout=5)
-            assert process.returncode == 0, stderr
-            assert "mock stopped" in stderr
-        finally:
-            watchdog.cancel()
-            if process.poll() is None:
-                process.kill()
+    assert process.returncode == 0, process.stderr
+    assert "mock stopped" in process.stderr
+
+
+def gone(pid: int) -> bool:
+    """No process `pid` any more (it was waited for, so not even a zombie)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.anyio
+async def test_mock_process_serves_over_loopback_and_is_gone_after() -> None:
+    async with mock_process(balance=42, latency=0.01, image_size=2000) as process:
+        assert process.blob_base_url.startswith("http://127.0.0.1:")
+        assert process.blob_base_url != process.base_url
+        assert not gone(process.pid)
+        assert "mock-key" not in repr(process)
+        async with AsyncClient(process.api_key, base_url=process.base_url) as dm:
+            assert (await dm.account.balance()).remaining_balance == 42
+
+    assert gone(process.pid)
+    assert process.returncode == 0, process.stderr  # SIGTERM: a clean stop
+    assert "mock stopped" in process.stderr
+    with pytest.raises(RuntimeError, match="not running"):
+        _ = process.base_url
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("ending", ["raises", "cancelled"])
+async def test_mock_process_is_stopped_when_the_body_fails(ending: str) -> None:
+    started: list[int] = []
+    with anyio.move_on_after(30) as scope, contextlib.suppress(LookupError):
+        async with mock_process() as process:
+            started.append(process.pid)
+            if ending == "raises":
+                raise LookupError("the body failed")
+            scope.cancel()
+            await anyio.sleep(30)
+    assert scope.cancelled_caught == (ending == "cancelled")
+    assert gone(started[0])
+    assert process.returncode == 0
+
+
+# Serves as the mock would, then ignores SIGTERM: only a kill ends it.
+STUBBORN = """
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("DEEPMODE_BASE_URL=http://127.0.0.1:9")
+print("DEEPMODE_API_KEY=k")
+print("# images are served from http://127.0.0.1:10; Ctrl+C stops", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.anyio
+async def test_a_mock_process_that_ignores_the_stop_signal_is_killed() -> None:
+    started = time.monotonic()
+    async with mock_process(command=(sys.executable, "-c", STUBBORN), stop_timeout=0.5) as stub:
+        assert (stub.base_url, stub.api_key) == ("http://127.0.0.1:9", "k")
+        assert stub.blob_base_url == "http://127.0.0.1:10"
+    assert stub.returncode == -signal.SIGKILL
+    assert gone(stub.pid)
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.anyio
+async def test_a_mock_that_cannot_listen_raises_with_its_stderr() -> None:
+    secret = "sk-never-shown"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        process = mock_process(port=taken.getsockname()[1], api_key=secret)
+        with pytest.raises(DeepModeError, match="exited with 1 before serving") as caught:
+            async with process:
+                pytest.fail("the mock served on a port in use")  # pragma: no cover
+    message = str(caught.value)
+    assert "address already in use" in message.lower()
+    assert secret not in message
+    assert gone(process.pid)
+
+
+@pytest.mark.anyio
+async def test_a_mock_that_never_serves_times_out_and_is_gone() -> None:
+    silent = mock_process(
+        command=(
+            sys.executable,
+            "-c",
+            "import sys, time; sys.stderr.write('stuck\\n'); time.sleep(60)",
+        ),
+        start_timeout=2.0,
+    )
+    with pytest.raises(DeepModeError, match=r"did not serve within 2.0 s; its stderr:\nstuck"):
+        async with silent:
+            pytest.fail("it never served")  # pragma: no cover
+    assert gone(silent.pid)
+    assert silent.returncode == -signal.SIGTERM

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import assert_type
 
 import pytest
+from conftest import wait_until, write_photo
 
 from deepmode_async import (
     Accepted,
@@ -30,7 +31,7 @@ from deepmode_async import (
     ValidationError,
 )
 from deepmode_async._sync import _Blocking
-from deepmode_async.testing import MockDeepMode, sample_image
+from deepmode_async.testing import MockDeepMode
 
 RESOURCES = ("models", "images", "account")
 
@@ -81,8 +82,7 @@ def test_a_script_calls_every_kind_of_method(dm: Client, mock: MockDeepMode) -> 
 def test_downloads_and_uploads_go_through_the_facade(
     dm: Client, mock: MockDeepMode, tmp_path: pathlib.Path
 ) -> None:
-    photo = tmp_path / "me.jpg"
-    photo.write_bytes(sample_image("jpeg"))
+    photo = write_photo(tmp_path / "me.jpg")
     dm.models.create(images=[photo], gender="woman", model_type="amateur")
     model = mock.add_model()
     generation = dm.images.generate(model_id=model.id, prompt="a lighthouse")
@@ -179,10 +179,10 @@ def test_ctrl_c_cancels_the_call_in_flight(dm: Client, mock: MockDeepMode) -> No
         calling.clear()
         interrupter.join()
     assert time.monotonic() - started < 5
-    deadline = time.monotonic() + 5
-    while not mock.requests[-1].disconnected:  # the call was cancelled, its connection closed
-        assert time.monotonic() < deadline, "the mock never saw the connection close"
-        time.sleep(0.01)
+    wait_until(  # the call was cancelled, its connection closed
+        lambda: mock.requests[-1].disconnected,
+        describe=lambda: "the mock never saw the connection close",
+    )
     assert dm.account.balance().remaining_balance == mock.balance  # still usable
 
 
@@ -407,10 +407,7 @@ def test_close_from_the_clients_own_loop_does_not_deadlock(
     with contextlib.suppress(DeepModeError):
         dm.images.download(generation, tmp_path, progress=progress)
     assert dm.closed
-    deadline = time.monotonic() + 5
-    while client_threads():
-        assert time.monotonic() < deadline, "the loop thread was not stopped"
-        time.sleep(0.01)
+    wait_until(lambda: not client_threads(), describe=lambda: "the loop thread was not stopped")
 
 
 def test_a_forgotten_client_is_closed_without_the_cycle_collector(mock: MockDeepMode) -> None:

@@ -19,7 +19,6 @@ from typing import Any
 import aiohttp
 import attrs
 import pytest
-from conftest import make_client
 from yarl import URL
 
 import deepmode_async
@@ -175,12 +174,6 @@ def file_parts(headers: dict[str, str], body: bytes) -> list[tuple[str, bytes]]:
 async def tee(mock: MockDeepMode) -> AsyncIterator[Tee]:
     async with Tee(mock) as relay:
         yield relay
-
-
-@pytest.fixture
-async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
-    async with make_client(mock) as client:
-        yield client
 
 
 @pytest.fixture

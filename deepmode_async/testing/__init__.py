@@ -10,11 +10,13 @@ async with MockDeepMode(balance=100) as mock:
 Installing the package also registers a pytest plugin with the fixtures
 `deepmode_mock` (a running mock; configure it with `@pytest.mark.deepmode_mock(...)`)
 and `deepmode_env` (the same, with `DEEPMODE_API_KEY` and `DEEPMODE_BASE_URL` set).
+`mock_process()` runs the mock in an interpreter of its own instead.
 """
 
 from __future__ import annotations
 
 from ._mock import MockDeepMode
+from ._process import MockProcess, mock_process
 from ._records import (
     COSTS,
     ENDPOINTS,
@@ -40,9 +42,11 @@ __all__ = [
     "MockDeepMode",
     "MockImage",
     "MockModel",
+    "MockProcess",
     "MockRemix",
     "RecordedRequest",
     "SampleFormat",
     "UploadedFile",
+    "mock_process",
     "sample_image",
 ]

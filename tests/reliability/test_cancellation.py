@@ -42,7 +42,7 @@ import attrs
 import pytest
 from _support import leftovers, open_fds
 from aiohttp import web
-from conftest import eventually, make_client
+from conftest import eventually, make_client, wait_until, write_photos
 
 from deepmode_async import (
     APITimeoutError,
@@ -59,7 +59,7 @@ from deepmode_async import (
     UploadProgress,
 )
 from deepmode_async.callbacks import CallbackHub
-from deepmode_async.testing import CallbackDelivery, MockDeepMode, RecordedRequest, sample_image
+from deepmode_async.testing import CallbackDelivery, MockDeepMode, RecordedRequest
 
 pytestmark = pytest.mark.anyio
 
@@ -157,6 +157,59 @@ def assert_descriptors_returned(
     assert (after_client, after_mock) == (before_client, before_mock)
 
 
+@attrs.define
+class Sweep:
+    """One subject's cancelled runs: the plan, each run's record, the descriptors."""
+
+    title: str
+    mechanism: str
+    seed: int
+    phases: list[tuple[float, float]] = attrs.Factory(list)  # timed by the subject
+    warm: int = 0  # open descriptors after the warm-up, as after every run
+    runs: list[Run] = attrs.Factory(list)
+
+    async def cut(
+        self,
+        one: Callable[[int, How, float], Awaitable[tuple[str, str]]],
+        expected: set[str],
+        *,
+        optional: frozenset[str] = frozenset(),
+    ) -> None:
+        """Run `one(run, how, delay)` (its checks; it returns the phase the cancel landed
+        in and a note) for each planned cancel; the descriptors must be back to `warm`
+        after each, and every `expected` phase hit (and no other but `optional` ones)."""
+        for run, (how, delay) in enumerate(plan(self.mechanism, self.phases, self.seed)):
+            phase, note = await one(run, how, delay)
+            fds = await fds_settled(self.warm)
+            self.runs.append(Run(how, delay, phase, fds, note))
+            assert fds == self.warm, summary(self.title, self.runs, {"warm": self.warm})
+        hit = {run.phase for run in self.runs}
+        assert expected <= hit <= expected | optional, summary(
+            self.title, self.runs, {"warm": self.warm}
+        )
+
+
+@contextlib.asynccontextmanager
+async def sweeping(
+    title: str, mechanism: str, seed: int, **mock_options: Any
+) -> AsyncIterator[tuple[Sweep, MockDeepMode, AsyncClient]]:
+    """A mock and a client for a sweep; when both have closed, the descriptors must be
+    back to what they were before each."""
+    sweep = Sweep(title, mechanism, seed)
+    before_mock = open_fds()
+    async with MockDeepMode(**mock_options) as mock:
+        before_client = open_fds()
+        async with make_client(mock) as dm:
+            yield sweep, mock, dm
+        after_client = await fds_settled(before_client)
+    after_mock = await fds_settled(before_mock)
+    assert_descriptors_returned(
+        f"{title}/{mechanism} (phases {windows(sweep.phases)})",
+        sweep.runs,
+        (before_mock, before_client, sweep.warm, after_client, after_mock),
+    )
+
+
 def windows(phases: Sequence[tuple[float, float]]) -> str:
     return ", ".join(f"{start * 1000:.0f}-{end * 1000:.0f}" for start, end in phases) + " ms"
 
@@ -245,14 +298,6 @@ async def finished_delivery(mock: MockDeepMode, url: str) -> CallbackDelivery:
     return delivery
 
 
-def wait_until(predicate: Callable[[], bool], within: float = 5.0, step: float = 0.005) -> None:
-    """`eventually` for blocking tests (the mock serves from its own thread)."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(step)
-
-
 class DownloadPeak:
     """The most bytes a download reported (a cancelled file's bytes are taken back), and
     when the first arrived (seconds after this was made)."""
@@ -294,88 +339,70 @@ DOWNLOAD_SIZE = 2 * 1024 * 1024
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 async def test_downloads_cancelled_at_random_points(mechanism: str, tmp_path: pathlib.Path) -> None:
-    before_mock = open_fds()
-    runs: list[Run] = []
-    async with MockDeepMode(image_size=DOWNLOAD_SIZE) as mock:
+    async with sweeping("downloads", mechanism, 1, image_size=DOWNLOAD_SIZE) as (sweep, mock, dm):
         model = mock.add_model()
-        before_client = open_fds()
-        async with make_client(mock) as dm:
-            generation = await dm.images.generate(model_id=model.id, prompt="p", num_images=3)
+        generation = await dm.images.generate(model_id=model.id, prompt="p", num_images=3)
 
-            def arm() -> None:
-                """Three images: the host waits 25 ms before each body, and 25 ms half-way."""
-                mock.clear_faults()
-                mock.set_latency("download", 0.025)
-                mock.stall("download", seconds=0.025, after_bytes=DOWNLOAD_SIZE // 2, times=3)
+        def arm() -> None:
+            """Three images: the host waits 25 ms before each body, and 25 ms half-way."""
+            mock.clear_faults()
+            mock.set_latency("download", 0.025)
+            mock.stall("download", seconds=0.025, after_bytes=DOWNLOAD_SIZE // 2, times=3)
 
-            async def still_works(check: pathlib.Path) -> None:
-                """A whole download and a balance call. The three downloads overlap on the
-                server, so the pool is back to three image-host connections, one API one."""
-                mock.clear_faults()
-                mock.set_latency("download", 0.02)
-                paths = await dm.images.download(generation, check)
-                assert [path.read_bytes() == mock.image_bytes for path in paths] == [True] * 3
-                shutil.rmtree(check)
-                assert (await dm.account.balance()).remaining_balance == mock.balance
+        async def still_works(check: pathlib.Path) -> None:
+            """A whole download and a balance call. The three downloads overlap on the
+            server, so the pool is back to three image-host connections, one API one."""
+            mock.clear_faults()
+            mock.set_latency("download", 0.02)
+            paths = await dm.images.download(generation, check)
+            assert [path.read_bytes() == mock.image_bytes for path in paths] == [True] * 3
+            shutil.rmtree(check)
+            assert (await dm.account.balance()).remaining_balance == mock.balance
 
+        arm()
+        timing = DownloadPeak()
+        duration = await timed(
+            functools.partial(dm.images.download, generation, tmp_path / "t", progress=timing)
+        )
+        # Waiting for the bodies, reading them (with a stop), after the end.
+        sweep.phases = [(0.0, timing.first), (timing.first, duration), (duration, 2 * duration)]
+        await still_works(tmp_path / "warm")
+        sweep.warm = await steady_fds()
+
+        async def one(run: int, how: How, delay: float) -> tuple[str, str]:
             arm()
-            timing = DownloadPeak()
-            duration = await timed(
-                functools.partial(dm.images.download, generation, tmp_path / "t", progress=timing)
+            dest = tmp_path / f"cut-{run}"
+            peak = DownloadPeak()
+            since = len(mock.requests)
+
+            cancelled, done = await cancel_after(
+                how,
+                delay,
+                functools.partial(dm.images.download, generation, dest, progress=peak),
             )
-            # Waiting for the bodies, reading them (with a stop), after the end.
-            phases = [(0.0, timing.first), (timing.first, duration), (duration, 2 * duration)]
-            await still_works(tmp_path / "warm")
-            warm = await steady_fds()
 
-            for run, (how, delay) in enumerate(plan(mechanism, phases, seed=1)):
-                arm()
-                dest = tmp_path / f"cut-{run}"
-                peak = DownloadPeak()
-                since = len(mock.requests)
+            assert leftovers(tmp_path) == []
+            finals = files(dest)
+            assert all(path.read_bytes() == mock.image_bytes for path in finals)
+            if not cancelled:
+                assert sorted(done[0]) == finals
+                assert len(finals) == 3
+            records = [r for r in await all_settled(mock, since) if r.endpoint == "download"]
+            assert len(records) <= 3  # a cancelled download is not tried again
+            if not cancelled:
+                phase = "after-finish"
+            elif not records:
+                phase = "before-send"
+            elif peak.bytes == 0:
+                phase = "waiting-for-answer"
+                assert finals == []
+            else:
+                phase = "mid-body"
 
-                cancelled, done = await cancel_after(
-                    how,
-                    delay,
-                    functools.partial(dm.images.download, generation, dest, progress=peak),
-                )
+            await still_works(tmp_path / f"check-{run}")
+            return phase, f"{peak.bytes} B, {len(finals)} files"
 
-                assert leftovers(tmp_path) == []
-                finals = files(dest)
-                assert all(path.read_bytes() == mock.image_bytes for path in finals)
-                if not cancelled:
-                    assert sorted(done[0]) == finals
-                    assert len(finals) == 3
-                records = [r for r in await all_settled(mock, since) if r.endpoint == "download"]
-                assert len(records) <= 3  # a cancelled download is not tried again
-                if not cancelled:
-                    phase = "after-finish"
-                elif not records:
-                    phase = "before-send"
-                elif peak.bytes == 0:
-                    phase = "waiting-for-answer"
-                    assert finals == []
-                else:
-                    phase = "mid-body"
-
-                await still_works(tmp_path / f"check-{run}")
-                fds = await fds_settled(warm)
-                runs.append(Run(how, delay, phase, fds, f"{peak.bytes} B, {len(finals)} files"))
-                assert fds == warm, summary("downloads", runs, {"warm": warm})
-
-            assert {run.phase for run in runs} == {
-                "before-send",
-                "waiting-for-answer",
-                "mid-body",
-                "after-finish",
-            }, summary("downloads", runs, {"warm": warm})
-        after_client = await fds_settled(before_client)
-    after_mock = await fds_settled(before_mock)
-    assert_descriptors_returned(
-        f"downloads/{mechanism} (phases {windows(phases)})",
-        runs,
-        (before_mock, before_client, warm, after_client, after_mock),
-    )
+        await sweep.cut(one, {"before-send", "waiting-for-answer", "mid-body", "after-finish"})
 
 
 # ----------------------------------------------------------------------------- a batch
@@ -385,123 +412,108 @@ BATCH_SIZE = 1024 * 1024
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 async def test_batches_cancelled_at_random_points(mechanism: str, tmp_path: pathlib.Path) -> None:
-    before_mock = open_fds()
-    runs: list[Run] = []
-    async with MockDeepMode(image_size=BATCH_SIZE) as mock:
+    async with sweeping("batches", mechanism, 2, image_size=BATCH_SIZE) as (sweep, mock, dm):
         model = mock.add_model()
-        before_client = open_fds()
-        async with make_client(mock) as dm:
 
-            async def batch(
-                tag: str,
-                dest: pathlib.Path,
-                received: list[BatchResult],
-                progress: Callable[[BatchProgress], None] | None = None,
-            ) -> None:
-                count = 2 if tag.startswith("check") else 3
-                requests = [
-                    GenerateRequest(model_id=model.id, prompt=f"{tag} #{k}") for k in range(count)
-                ]
-                async for result in dm.images.generate_many(
-                    requests, concurrency=2, download_to=dest, progress=progress
-                ):
-                    received.append(result)
+        async def batch(
+            tag: str,
+            dest: pathlib.Path,
+            received: list[BatchResult],
+            progress: Callable[[BatchProgress], None] | None = None,
+        ) -> None:
+            count = 2 if tag.startswith("check") else 3
+            requests = [
+                GenerateRequest(model_id=model.id, prompt=f"{tag} #{k}") for k in range(count)
+            ]
+            async for result in dm.images.generate_many(
+                requests, concurrency=2, download_to=dest, progress=progress
+            ):
+                received.append(result)
 
-            def arm() -> None:
-                """Two calls at once (30 ms each), a download after each (stopped half-way
-                for 30 ms), then the third call and its download."""
-                mock.clear_faults()
-                mock.set_latency("generate", 0.03)
-                mock.set_latency("download", 0.0)
-                mock.stall("download", seconds=0.03, after_bytes=BATCH_SIZE // 2, times=3)
+        def arm() -> None:
+            """Two calls at once (30 ms each), a download after each (stopped half-way
+            for 30 ms), then the third call and its download."""
+            mock.clear_faults()
+            mock.set_latency("generate", 0.03)
+            mock.set_latency("download", 0.0)
+            mock.stall("download", seconds=0.03, after_bytes=BATCH_SIZE // 2, times=3)
 
-            async def still_works(check: pathlib.Path) -> None:
-                """A whole batch whose two calls and two downloads overlap on the server
-                (the pool is back to two connections to each host), and a balance call."""
-                mock.clear_faults()
-                mock.set_latency("generate", 0.02)
-                mock.set_latency("download", 0.02)
-                received: list[BatchResult] = []
-                await batch(f"check {check.name}", check, received)
-                assert sorted(result.index for result in received) == [0, 1]
-                for result in received:
-                    assert result.ok
-                    assert result.paths is not None
-                    assert [path.read_bytes() for path in result.paths] == [mock.image_bytes]
-                shutil.rmtree(check)
-                assert (await dm.account.balance()).remaining_balance == mock.balance
+        async def still_works(check: pathlib.Path) -> None:
+            """A whole batch whose two calls and two downloads overlap on the server
+            (the pool is back to two connections to each host), and a balance call."""
+            mock.clear_faults()
+            mock.set_latency("generate", 0.02)
+            mock.set_latency("download", 0.02)
+            received: list[BatchResult] = []
+            await batch(f"check {check.name}", check, received)
+            assert sorted(result.index for result in received) == [0, 1]
+            for result in received:
+                assert result.ok
+                assert result.paths is not None
+                assert [path.read_bytes() for path in result.paths] == [mock.image_bytes]
+            shutil.rmtree(check)
+            assert (await dm.account.balance()).remaining_balance == mock.balance
 
+        arm()
+        third = [0.0]  # when the third call started, a slot having freed up
+
+        def note_third(progress: BatchProgress, started: float = time.perf_counter()) -> None:
+            if progress.submitted == 3 and not third[0]:
+                third[0] = time.perf_counter() - started
+
+        duration = await timed(
+            functools.partial(batch, "timed", tmp_path / "timed", [], note_third)
+        )
+        # Waiting for two calls, their downloads, waiting for the third, its download,
+        # after the end.
+        sweep.phases = [(0.0, 0.03), (0.03, third[0]), (third[0], third[0] + 0.03)]
+        sweep.phases += [(third[0] + 0.03, duration), (duration, 2 * duration)]
+        await still_works(tmp_path / "warm")
+        sweep.warm = await steady_fds()
+
+        async def one(run: int, how: How, delay: float) -> tuple[str, str]:
             arm()
-            third = [0.0]  # when the third call started, a slot having freed up
+            dest = tmp_path / f"cut-{run}"
+            since, charges = len(mock.requests), len(mock.ledger)
+            received: list[BatchResult] = []
 
-            def note_third(progress: BatchProgress, started: float = time.perf_counter()) -> None:
-                if progress.submitted == 3 and not third[0]:
-                    third[0] = time.perf_counter() - started
-
-            duration = await timed(
-                functools.partial(batch, "timed", tmp_path / "timed", [], note_third)
+            cancelled, _ = await cancel_after(
+                how, delay, functools.partial(batch, f"cut {run}", dest, received)
             )
-            # Waiting for two calls, their downloads, waiting for the third, its download,
-            # after the end.
-            phases = [(0.0, 0.03), (0.03, third[0]), (third[0], third[0] + 0.03)]
-            phases += [(third[0] + 0.03, duration), (duration, 2 * duration)]
-            await still_works(tmp_path / "warm")
-            warm = await steady_fds()
 
-            for run, (how, delay) in enumerate(plan(mechanism, phases, seed=2)):
-                arm()
-                dest = tmp_path / f"cut-{run}"
-                since, charges = len(mock.requests), len(mock.ledger)
-                received: list[BatchResult] = []
+            assert leftovers(tmp_path) == []
+            finals = files(dest)
+            assert all(path.read_bytes() == mock.image_bytes for path in finals)
+            assert all(result.ok for result in received)
+            assert {p for result in received for p in result.paths or ()} <= set(finals)
+            if not cancelled:
+                assert sorted(result.index for result in received) == [0, 1, 2]
+                assert len(finals) == 3
+            new = await all_settled(mock, since)
+            calls = [r for r in new if r.endpoint == "generate"]
+            downloads = [r for r in new if r.endpoint == "download"]
+            prompts = [r.json["prompt"] for r in calls if r.json is not None]
+            assert len(prompts) == len(set(prompts))  # nothing sent twice
+            assert len(mock.ledger) - charges == len(prompts)  # charged: read and done
+            if not cancelled:
+                phase = "after-finish"
+            elif not calls:
+                phase = "before-send"
+            elif any(r.disconnected for r in downloads):
+                phase = "mid-download"
+            elif any(r.disconnected for r in calls):
+                phase = "waiting-for-answer"
+            else:
+                phase = "between-calls"
 
-                cancelled, _ = await cancel_after(
-                    how, delay, functools.partial(batch, f"cut {run}", dest, received)
-                )
+            await still_works(tmp_path / f"check-{run}")
+            return phase, f"{len(received)} results, {len(finals)} files, {len(calls)} calls"
 
-                assert leftovers(tmp_path) == []
-                finals = files(dest)
-                assert all(path.read_bytes() == mock.image_bytes for path in finals)
-                assert all(result.ok for result in received)
-                assert {p for result in received for p in result.paths or ()} <= set(finals)
-                if not cancelled:
-                    assert sorted(result.index for result in received) == [0, 1, 2]
-                    assert len(finals) == 3
-                new = await all_settled(mock, since)
-                calls = [r for r in new if r.endpoint == "generate"]
-                downloads = [r for r in new if r.endpoint == "download"]
-                prompts = [r.json["prompt"] for r in calls if r.json is not None]
-                assert len(prompts) == len(set(prompts))  # nothing sent twice
-                assert len(mock.ledger) - charges == len(prompts)  # charged: read and done
-                if not cancelled:
-                    phase = "after-finish"
-                elif not calls:
-                    phase = "before-send"
-                elif any(r.disconnected for r in downloads):
-                    phase = "mid-download"
-                elif any(r.disconnected for r in calls):
-                    phase = "waiting-for-answer"
-                else:
-                    phase = "between-calls"
-
-                await still_works(tmp_path / f"check-{run}")
-                fds = await fds_settled(warm)
-                note = f"{len(received)} results, {len(finals)} files, {len(calls)} calls"
-                runs.append(Run(how, delay, phase, fds, note))
-                assert fds == warm, summary("batches", runs, {"warm": warm})
-
-            assert {run.phase for run in runs} >= {
-                "before-send",
-                "waiting-for-answer",
-                "mid-download",
-                "after-finish",
-            }, summary("batches", runs, {"warm": warm})
-        after_client = await fds_settled(before_client)
-    after_mock = await fds_settled(before_mock)
-    assert_descriptors_returned(
-        f"batches/{mechanism} (phases {windows(phases)})",
-        runs,
-        (before_mock, before_client, warm, after_client, after_mock),
-    )
+        await sweep.cut(
+            one,
+            {"before-send", "waiting-for-answer", "mid-download", "after-finish"},
+            optional=frozenset({"between-calls"}),
+        )
 
 
 # ----------------------------------------------------------------------------- an upload
@@ -510,85 +522,61 @@ UPLOAD_SIZE = 8 * 1024 * 1024
 TRAINING: dict[str, Any] = {"gender": "woman", "model_type": "amateur"}
 
 
-def photos(directory: pathlib.Path, count: int) -> list[pathlib.Path]:
-    directory.mkdir()
-    paths = [directory / f"photo-{i}.jpg" for i in range(count)]
-    for path in paths:
-        path.write_bytes(sample_image("jpeg", size=UPLOAD_SIZE))
-    return paths
-
-
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 async def test_uploads_cancelled_at_random_points(mechanism: str, tmp_path: pathlib.Path) -> None:
-    images = photos(tmp_path / "photos", 3)  # 24 MB streamed from disk: some ms on loopback
-    before_mock = open_fds()
-    runs: list[Run] = []
+    # 24 MB streamed from disk: some ms on loopback
+    images = write_photos(tmp_path / "photos", 3, size=UPLOAD_SIZE)
     # The server takes 0.25 s to answer: a window wide enough to cancel in, even when a
     # loaded machine makes one upload last longer than the one timed.
-    async with MockDeepMode(latency={"create_model": 0.25}) as mock:
-        before_client = open_fds()
-        async with make_client(mock) as dm:
-            create = functools.partial(dm.models.create, images=images, **TRAINING)
-            await create()  # the first upload starts worker threads: not a typical one
-            timing = UploadPeak()
-            duration = await timed(functools.partial(create, progress=timing))
-            # Sending the body, waiting for the answer, after the end.
-            phases = [(timing.first, timing.last), (timing.last, duration)]
-            phases.append((duration, 2 * duration))
+    async with sweeping("uploads", mechanism, 3, latency={"create_model": 0.25}) as (
+        sweep,
+        mock,
+        dm,
+    ):
+        create = functools.partial(dm.models.create, images=images, **TRAINING)
+        await create()  # the first upload starts worker threads: not a typical one
+        timing = UploadPeak()
+        duration = await timed(functools.partial(create, progress=timing))
+        # Sending the body, waiting for the answer, after the end.
+        sweep.phases = [(timing.first, timing.last), (timing.last, duration)]
+        sweep.phases.append((duration, 2 * duration))
+        assert (await dm.account.balance()).remaining_balance == mock.balance
+        sweep.warm = await steady_fds()  # one API connection in the pool, as after every run below
+
+        async def one(run: int, how: How, delay: float) -> tuple[str, str]:
+            peak = UploadPeak()
+            since, charges = len(mock.requests), len(mock.ledger)
+
+            cancelled, done = await cancel_after(
+                how, delay, functools.partial(create, progress=peak)
+            )
+
+            records = [r for r in await all_settled(mock, since) if r.endpoint == "create_model"]
+            assert len(records) <= 1  # a cancelled upload is not sent again
+            charged = len(mock.ledger) - charges
+            if not cancelled:
+                phase = "after-finish"
+                assert done[0].message
+                assert [f.size for f in records[0].files] == [UPLOAD_SIZE] * 3
+                assert charged == 1
+            elif peak.sent == 0:
+                phase = "before-send"
+                assert charged == 0
+            elif peak.sent < peak.total:
+                phase = "mid-upload"
+                assert (await seen(mock, since, "create_model")).disconnected
+                assert charged == 0  # the server never had the whole body
+            else:
+                phase = "waiting-for-answer"
+                assert charged <= 1  # it may have acted: a training call was cut
+
             assert (await dm.account.balance()).remaining_balance == mock.balance
-            warm = await steady_fds()  # one API connection in the pool, as after every run below
+            return phase, f"{peak.sent // 1024} of {peak.total // 1024} KiB, charged {charged}"
 
-            for how, delay in plan(mechanism, phases, seed=3):
-                peak = UploadPeak()
-                since, charges = len(mock.requests), len(mock.ledger)
-
-                cancelled, done = await cancel_after(
-                    how, delay, functools.partial(create, progress=peak)
-                )
-
-                records = [
-                    r for r in await all_settled(mock, since) if r.endpoint == "create_model"
-                ]
-                assert len(records) <= 1  # a cancelled upload is not sent again
-                charged = len(mock.ledger) - charges
-                if not cancelled:
-                    phase = "after-finish"
-                    assert done[0].message
-                    assert [f.size for f in records[0].files] == [UPLOAD_SIZE] * 3
-                    assert charged == 1
-                elif peak.sent == 0:
-                    phase = "before-send"
-                    assert charged == 0
-                elif peak.sent < peak.total:
-                    phase = "mid-upload"
-                    assert (await seen(mock, since, "create_model")).disconnected
-                    assert charged == 0  # the server never had the whole body
-                else:
-                    phase = "waiting-for-answer"
-                    assert charged <= 1  # it may have acted: a training call was cut
-
-                assert (await dm.account.balance()).remaining_balance == mock.balance
-                fds = await fds_settled(warm)
-                note = f"{peak.sent // 1024} of {peak.total // 1024} KiB, charged {charged}"
-                runs.append(Run(how, delay, phase, fds, note))
-                assert fds == warm, summary("uploads", runs, {"warm": warm})
-
-            assert {run.phase for run in runs} == {
-                "before-send",
-                "mid-upload",
-                "waiting-for-answer",
-                "after-finish",
-            }, summary("uploads", runs, {"warm": warm})
-            created = await create()  # the client still works
-            assert created.message
-            assert [f.size for f in mock.requests[-1].files] == [UPLOAD_SIZE] * 3
-        after_client = await fds_settled(before_client)
-    after_mock = await fds_settled(before_mock)
-    assert_descriptors_returned(
-        f"uploads/{mechanism} (phases {windows(phases)})",
-        runs,
-        (before_mock, before_client, warm, after_client, after_mock),
-    )
+        await sweep.cut(one, {"before-send", "mid-upload", "waiting-for-answer", "after-finish"})
+        created = await create()  # the client still works
+        assert created.message
+        assert [f.size for f in mock.requests[-1].files] == [UPLOAD_SIZE] * 3
 
 
 # ----------------------------------------------------------------------------- waiting
@@ -599,12 +587,6 @@ async def mock() -> AsyncIterator[MockDeepMode]:
     """conftest's `mock`, with images large enough to be cut off half-way."""
     async with MockDeepMode(image_size=256 * 1024, callback_backoff=0.01) as server:
         yield server
-
-
-@pytest.fixture
-async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
-    async with make_client(mock) as client:
-        yield client
 
 
 @pytest.mark.parametrize("how", ["move_on_after", "task.cancel"])
@@ -840,7 +822,7 @@ SYNC_SIZE = 1024 * 1024
 
 
 def test_blocking_timeouts_mid_download_and_mid_upload(tmp_path: pathlib.Path) -> None:
-    images = photos(tmp_path / "photos", 3)
+    images = write_photos(tmp_path / "photos", 3, size=UPLOAD_SIZE)
     dest = tmp_path / "out"
     before_mock = open_fds()
     with MockDeepMode(image_size=SYNC_SIZE) as mock:

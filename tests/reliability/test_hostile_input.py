@@ -62,6 +62,7 @@ from deepmode_async import (
     Ratio,
     RemixMode,
     RemixResult,
+    RetryPolicy,
     Timeout,
     ValidationError,
 )
@@ -397,11 +398,8 @@ async def raw(plain: aiohttp.ClientSession) -> AsyncIterator[RawServer]:
 
 def fast_client(base_url: str, *, max_retries: int = 1) -> AsyncClient:
     """A client whose retries (and honoured Retry-After) last milliseconds."""
-    client = AsyncClient(KEY, base_url=base_url, max_retries=max_retries, timeout=Timeout(total=10))
-    client._transport.retry = attrs.evolve(
-        client._transport.retry, backoff_base=0.001, retry_after_cap=0.02
-    )
-    return client
+    retries = RetryPolicy(max_retries=max_retries, backoff_base=0.001, retry_after_cap=0.02)
+    return AsyncClient(KEY, base_url=base_url, max_retries=retries, timeout=Timeout(total=10))
 
 
 @pytest.fixture

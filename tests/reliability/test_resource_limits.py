@@ -17,12 +17,12 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import anyio
 import pytest
 from _support import leftovers
-from conftest import eventually, make_client
+from conftest import eventually, make_client, write_photo
 
 from deepmode_async import (
     AsyncClient,
@@ -37,7 +37,7 @@ from deepmode_async import (
     ValidationError,
 )
 from deepmode_async._uploads import UploadSourceChanged
-from deepmode_async.testing import MockDeepMode, sample_image
+from deepmode_async.testing import MockDeepMode
 from deepmode_async.testing._records import RecordedRequest
 
 pytestmark = pytest.mark.anyio
@@ -63,14 +63,6 @@ def _permissions_apply() -> bool:
 ROOT = not _permissions_apply()
 MB = 1024 * 1024
 BIG = 30 * MB  # sparse on disk: cheap to make, and long enough to act half-way through
-
-
-def photo(path: pathlib.Path, size: int | None = None) -> pathlib.Path:
-    """A real JPEG at `path`, padded with a hole up to `size` bytes."""
-    path.write_bytes(sample_image("jpeg"))
-    if size is not None:
-        os.truncate(path, size)
-    return path
 
 
 def creates(mock: MockDeepMode) -> list[RecordedRequest]:
@@ -101,12 +93,6 @@ async def assert_aborted(mock: MockDeepMode, count: int = 1) -> None:
     assert mock.ledger == []
 
 
-@pytest.fixture
-async def dm(mock: MockDeepMode) -> AsyncIterator[AsyncClient]:
-    async with make_client(mock) as client:
-        yield client
-
-
 # ------------------------------------------------------------------ files that change mid-upload
 
 
@@ -116,7 +102,7 @@ async def test_a_photo_truncated_mid_upload_fails_alone_among_concurrent_uploads
     """Three 30 MB trainings at once; the first photo is cut to 1000 bytes after 8 MB
     went out. That call fails naming the file and how far it got, the server saw its
     body cut off, and the other two train and are charged as usual."""
-    paths = [photo(tmp_path / f"me{index}.jpg", BIG) for index in range(3)]
+    paths = [write_photo(tmp_path / f"me{index}.jpg", BIG) for index in range(3)]
     outcomes: dict[int, object] = {}
 
     async def train(index: int) -> None:
@@ -151,8 +137,8 @@ async def test_a_photo_that_changes_before_its_turn_is_a_clear_error(
 ) -> None:
     """The second photo of a training changes while the first one streams: the call
     fails when it comes to it, naming it and saying why, and nothing is charged."""
-    first = photo(tmp_path / "first.jpg", BIG)
-    second = photo(tmp_path / "second.jpg", 100_000)
+    first = write_photo(tmp_path / "first.jpg", BIG)
+    second = write_photo(tmp_path / "second.jpg", 100_000)
 
     def act() -> None:
         if change == "deleted":
@@ -193,8 +179,8 @@ async def test_a_photo_unlinked_while_it_streams_goes_out_as_it_was_checked(
 ) -> None:
     """Deleting (or renaming another file over) a photo whose bytes are streaming does
     not touch the open file: the checked photo goes out whole (POSIX semantics)."""
-    first = photo(tmp_path / "first.jpg", BIG)
-    other = photo(tmp_path / "other.jpg", 5000)
+    first = write_photo(tmp_path / "first.jpg", BIG)
+    other = write_photo(tmp_path / "other.jpg", 5000)
 
     def act() -> None:
         if change == "deleted":
@@ -218,7 +204,7 @@ async def test_a_photo_that_grows_mid_upload_is_a_clear_error(
     """A photo still being written (it grows by 1 MB while it streams) changed size
     under the upload: that is an error naming it, as a shrinking one is, not a silent
     upload of the first 30 MB of a file that now has 31 MB."""
-    first = photo(tmp_path / "growing.jpg", BIG)
+    first = write_photo(tmp_path / "growing.jpg", BIG)
 
     def grow() -> None:
         with first.open("ab") as file:
@@ -240,8 +226,8 @@ async def test_a_photo_swapped_for_a_fifo_before_its_turn_fails_at_once(
     the upload in `open()` (which waits for a writer that may never come): it fails at
     once, naming the file. A watchdog opens the pipe for writing after 1.5 s, so a
     hanging SDK costs this test 1.5 s instead of hanging it."""
-    first = photo(tmp_path / "first.jpg", 8 * MB)
-    second = photo(tmp_path / "second.jpg", 100_000)
+    first = write_photo(tmp_path / "first.jpg", 8 * MB)
+    second = write_photo(tmp_path / "second.jpg", 100_000)
     stop = threading.Event()
 
     def watchdog() -> None:
@@ -278,7 +264,7 @@ async def test_an_upload_over_the_servers_size_limit_is_a_413_not_retried(
 ) -> None:
     """A body larger than the server takes: `PayloadTooLargeError` from its 413, sent
     once (retrying cannot help), nothing charged."""
-    big = photo(tmp_path / "huge.jpg", 20 * MB)
+    big = write_photo(tmp_path / "huge.jpg", 20 * MB)
     async with MockDeepMode(max_upload_size=MB) as mock, make_client(mock) as dm:
         with pytest.raises(PayloadTooLargeError) as caught:
             await dm.models.create(images=[big], gender="woman", model_type="amateur")
@@ -328,7 +314,7 @@ async def test_things_that_are_not_photos_are_refused_before_any_request(
     """A directory, a pipe (never opened: that would block), a device, a link to a
     directory or to nothing, as a training photo or as a remix's artwork: a
     `ValidationError` naming the argument and the path, before any byte is sent."""
-    good = photo(tmp_path / "good.jpg")
+    good = write_photo(tmp_path / "good.jpg")
     with special(kind, tmp_path) as path, anyio.fail_after(5):
         with pytest.raises(ValidationError) as caught:
             await dm.models.create(images=[good, path], gender="woman", model_type="amateur")
@@ -345,7 +331,7 @@ async def test_things_that_are_not_photos_are_refused_before_any_request(
 async def test_an_unreadable_photo_is_refused_before_any_request_unless_root(
     mock: MockDeepMode, dm: AsyncClient, tmp_path: pathlib.Path
 ) -> None:
-    locked = photo(tmp_path / "locked.jpg", 50_000)
+    locked = write_photo(tmp_path / "locked.jpg", 50_000)
     locked.chmod(0o000)
     if ROOT:  # permissions do not stop root: the photo goes out whole
         await dm.models.create(images=[locked], gender="woman", model_type="amateur")

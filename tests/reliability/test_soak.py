@@ -37,7 +37,7 @@ import pytest
 from _support import open_fds
 from conftest import FAST, eventually
 
-from deepmode_async import AsyncClient
+from deepmode_async import AsyncClient, RetryPolicy
 from deepmode_async._errors import APIConnectionError
 from deepmode_async.batch import GenerateRequest
 
@@ -176,8 +176,8 @@ async def test_20000_calls_leave_memory_and_descriptors_where_they_were() -> Non
     async with mock_in_a_child() as served:
         fds_before_client = open_fds()
         with counting_retries() as counter:
-            dm = AsyncClient(served.api_key, base_url=served.base_url, max_retries=MAX_RETRIES)
-            dm._transport.retry = attrs.evolve(dm._transport.retry, backoff_base=FAST)
+            retries = RetryPolicy(max_retries=MAX_RETRIES, backoff_base=FAST)
+            dm = AsyncClient(served.api_key, base_url=served.base_url, max_retries=retries)
             async with dm:
                 await run_batch(dm, served.model_id, 0, outcomes)  # warm-up
                 rss_start, fds_start = rss_kib(), open_fds()
