@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sync_overhead.py
 	$(BIN)/python benchmarks/import_time.py
 	$(BIN)/python benchmarks/mock_throughput.py
+	$(BIN)/python benchmarks/hub.py
 	$(BIN)/python benchmarks/report.py
 
 # Client's static types, generated from the async resources (a test says when to rerun).

@@ -42,6 +42,7 @@ def targets(results: dict[str, Any]) -> list[Row]:
     add("sync_overhead", _sync)
     add("import_time", _imports)
     add("scaling", _scaling)
+    add("hub", _hub)
     return rows
 
 
@@ -62,6 +63,20 @@ def _batch(batch: dict[str, Any]) -> list[Row]:
          over_requests < 1),
         ("B6 CPU", "<= 150 us a call",
          f"{cpu} us (raw aiohttp: {c['raw aiohttp']['client_cpu_us_per_call']} us)", cpu <= 150),
+    ]  # fmt: skip
+
+
+def _hub(hub: dict[str, Any]) -> list[Row]:
+    redis, sqlite, memory = hub["redis"], hub["sqlite"], hub["memory"]
+    return [
+        ("B7 hub", "delivery-to-wake p99 <= 20 ms (Redis, 4 processes)",
+         f"{redis['wake_p99_ms']} ms (p50 {redis['wake_p50_ms']} ms)", redis["wake_p99_ms"] <= 20),
+        ("B7 hub", "delivery-to-wake p99 <= 250 ms (SQLite, 4 processes)",
+         f"{sqlite['wake_p99_ms']} ms (p50 {sqlite['wake_p50_ms']} ms)",
+         sqlite["wake_p99_ms"] <= 250),
+        ("B7 hub", ">= 2000 deliveries/s a process (Redis)",
+         f"{redis['deliveries_per_s']:,}/s (SQLite {sqlite['deliveries_per_s']:,}/s,"
+         f" memory {memory['deliveries_per_s']:,}/s)", redis["deliveries_per_s"] >= 2000),
     ]  # fmt: skip
 
 
