@@ -213,11 +213,11 @@ class CallbackHub:
             detail = f"callback bodies are limited to {self.max_body_size} bytes"
             return await self._keeper.refuse(token, 413, detail)
         try:
-            PARSERS[info.kind](body)
+            result = PARSERS[info.kind](body)
         except ResponseValidationError as error:
             return await self._keeper.refuse(token, 400, str(error))
         keep = max(self.ttl, info.expires_at - time.time())
-        return await self._keeper.deliver(info, token, body, keep)
+        return await self._keeper.deliver(info, token, body, result, keep)
 
     def aiohttp_app(self) -> web.Application:
         """An aiohttp application serving the hub: mount it with `app.add_subapp(prefix,

@@ -162,25 +162,33 @@ class Keeper:
         self._listening = False
 
     async def deliver(
-        self, info: TokenInfo, token: str, body: bytes, keep: float
+        self, info: TokenInfo, token: str, body: bytes, result: Any, keep: float
     ) -> tuple[int, str]:
-        """Store a delivery that passed every check; the first one, in any process, wins."""
-        result = PARSERS[info.kind](body)  # checked by the caller: it parses
+        """Store a delivery that passed every check (`result` is its body parsed); the
+        first one, in any process, wins."""
         outcome = Outcome("delivered", info.kind, token, body)
         key, run, store = outcome_key(token), self.runner.run, self.store
-        if not await run(store.add(NAMESPACE, key, outcome.encode(), ttl=keep)):
+        if not await run(self._add_and_announce(key, outcome, keep)):
             earlier = await run(store.get(NAMESPACE, key))
             found = Outcome.decode(earlier) if earlier is not None else None
             if found is not None and found.state == "discarded":
                 return UNKNOWN
             return 200, "already received"
         self._settle_token(token, result, outcome)
+        return 200, "received"
+
+    async def _add_and_announce(self, key: str, outcome: Outcome, keep: float) -> bool:
+        """Store the first delivery and tell the other processes, in one trip to the
+        store's thread."""
+        record = outcome.encode()
+        if not await self.store.add(NAMESPACE, key, record, ttl=keep):
+            return False
         if not self.runner.inline:
             try:
-                await run(store.publish(CHANNEL, outcome.encode()))
+                await self.store.publish(CHANNEL, record)
             except StoreError as error:  # stored all the same: waiters find it on a look
                 log.warning("callback stored but not announced: %s", error)
-        return 200, "received"
+        return True
 
     async def refuse(self, token: str, status: int, detail: str) -> tuple[int, str]:
         """Answer a delivery that is refused, noting why for the waiter's timeout; a
