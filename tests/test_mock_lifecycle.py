@@ -368,7 +368,7 @@ async def test_a_mock_that_cannot_listen_raises_with_its_stderr() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         process = mock_process(port=taken.getsockname()[1], api_key=secret)
-        with pytest.raises(DeepModeError, match="exited with 1 before serving") as caught:
+        with pytest.raises(DeepModeError, match=r"exited with \d+ before serving") as caught:
             async with process:
                 pytest.fail("the mock served on a port in use")  # pragma: no cover
     message = str(caught.value)
