@@ -147,7 +147,7 @@ class CallbackHub:
             info, outcome = signer.read(token), outcomes.get(token)
             if info is None or (kind is not None and info.kind != kind):
                 continue
-            if outcome is None if info.expires_at <= now else False:
+            if outcome is None and info.expires_at <= now:
                 continue
             if outcome is not None and outcome.state != "delivered":
                 continue
