@@ -186,6 +186,11 @@ class MockProcess:
             with anyio.fail_after(self._start_timeout):
                 self._printed = await _read_settings(self._process)
         except BaseException as exc:
+            if isinstance(exc, _Exited):
+                # Let it end on its own: a signal now would make Popen poll, and reap,
+                # the child before asyncio's watcher can read its exit status.
+                with anyio.move_on_after(self._stop_timeout, shield=True):
+                    await self._process.wait()
             await self.stop()
             if isinstance(exc, TimeoutError):
                 raise DeepModeError(
