@@ -1037,9 +1037,11 @@ async def test_failed_calls_leave_no_pending_entry(
 
 
 @pytest.mark.parametrize("serve", ["aiohttp"], indirect=True)
-async def test_a_cancelled_call_leaves_no_pending_entry(
-    serve: StartHub, mock: MockDeepMode, dm: AsyncClient
+async def test_a_cancelled_call_leaves_no_pending_entry_but_keeps_its_result(
+    serve: StartHub, mock: MockDeepMode, dm: AsyncClient, delivered: dict[str, Any]
 ) -> None:
+    """Cancelled while the API may have taken the call: this process lets go of it, and
+    the store keeps it, so the paid result is found by `outstanding()` when it comes."""
     hub = await serve()
     model = mock.add_model()
     mock.stall("generate", seconds=5)
@@ -1049,6 +1051,39 @@ async def test_a_cancelled_call_leaves_no_pending_entry(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert len(hub._state.pending) == 0
+    [kept] = await hub.outstanding()
+    assert (kept.kind, kept.done) == ("generation", False)
+    body = json.dumps(delivered["generation"]).encode()
+    assert await hub.areceive(kept.token, body) == (200, "received")
+    [arrived] = await hub.outstanding("generation")
+    assert arrived.done
+    generation: Generation = await arrived.wait(timeout=0.001)
+    assert generation.images
+    assert await hub.outstanding() == []
+
+
+async def test_a_call_refused_before_it_was_sent_discards_its_expectation(
+    serve: StartHub, mock: MockDeepMode, dm: AsyncClient
+) -> None:
+    hub = await serve()
+    mock.fail("generate", status=422, times=1)
+    with pytest.raises(DeepModeError) as caught:
+        await dm.images.generate(model_id="m", prompt="p", callback=hub)
+    assert not any("outstanding" in note for note in getattr(caught.value, "__notes__", []))
+    assert await hub.outstanding() == []
+
+
+async def test_a_timed_out_callback_call_is_kept_and_says_where(
+    mock: MockDeepMode, dm: AsyncClient, closed_port: int
+) -> None:
+    hub = CallbackHub(f"http://127.0.0.1:{closed_port}/cb", ttl=0.3, max_pending=1)
+    model = mock.add_model()
+    for _ in range(2):  # released each time: max_pending=1 is not filled
+        with pytest.raises(CallbackTimeoutError) as caught:
+            await dm.images.generate(model_id=model.id, prompt="p", callback=hub)
+        assert "hub.outstanding()" in caught.value.__notes__[0]
+    assert len(hub._state.pending) == 0
+    assert len(mock.ledger) == 2
 
 
 async def test_an_unreachable_hub_times_out(

@@ -20,19 +20,24 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 from _redis import free_port
+from conftest import eventually
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deepmode_async import (
+    AsyncClient,
     CallbackNotFoundError,
     CallbackTimeoutError,
     Client,
+    DeepModeError,
     Image,
     Model,
     StoreError,
 )
 from deepmode_async.callbacks import CallbackHub
+from deepmode_async.stores import MemoryStore, Store, open_store
 from deepmode_async.testing import MockDeepMode
 
 pytestmark = pytest.mark.anyio
@@ -86,7 +91,7 @@ def hubs() -> Iterator[list[CallbackHub]]:
         hub.close()
 
 
-def hub_on(made: list[CallbackHub], url: str, **options: Any) -> CallbackHub:
+def hub_on(made: list[CallbackHub], url: str | Store, **options: Any) -> CallbackHub:
     hub = CallbackHub(BASE, store=url, **options)
     made.append(hub)
     return hub
@@ -331,3 +336,136 @@ async def test_a_redis_outage_gets_503_then_the_retries_land_and_the_wait_rides_
     image: Image = await waiter
     assert image.id == "late"
     assert await receiving.outstanding() == []  # the store works again: nothing left over
+
+
+# ------------------------------------------------------------ stalls, listeners, bounds
+
+
+def stall_redis(url: str, seconds: float) -> None:
+    """Hold the whole redis-server for `seconds` (a real stall: DEBUG SLEEP)."""
+    client = redis.Redis.from_url(url)
+    try:
+        client.execute_command("DEBUG", "SLEEP", str(seconds))  # type: ignore[no-untyped-call]
+    finally:
+        client.close()
+
+
+async def test_a_stalled_store_does_not_hold_a_wait_past_its_timeout(
+    redis_url: str, hubs: list[CallbackHub]
+) -> None:
+    hub = hub_on(hubs, redis_url)
+    pending = hub.expect("upscale")
+    await pending.saved()
+    stall = asyncio.create_task(asyncio.to_thread(stall_redis, redis_url, 2.5))
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    with pytest.raises(CallbackTimeoutError):
+        await pending.wait(timeout=0.3)
+    assert time.monotonic() - started < 1.0  # the look and the message are bounded too
+    await stall
+
+
+async def test_a_stalled_store_does_not_hold_a_result_that_arrived(
+    redis_url: str, hubs: list[CallbackHub], caplog: pytest.LogCaptureFixture
+) -> None:
+    hub = hub_on(hubs, redis_url)
+    pending = hub.expect("upscale")
+    assert await hub.areceive(pending.token, image_body("here")) == (200, "received")
+    stall = asyncio.create_task(asyncio.to_thread(stall_redis, redis_url, 3))
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    assert (await pending.wait(timeout=10)).id == "here"
+    assert time.monotonic() - started < 2.0  # marking it handed out waits 1 s at most
+    assert "handed out but not marked" in caplog.text
+    await stall
+
+
+async def test_a_hub_closed_and_used_again_still_hears_other_processes(
+    store_url: str, hubs: list[CallbackHub]
+) -> None:
+    store = open_store(store_url)  # the hub's, not closed with it
+    waiting, receiving = hub_on(hubs, store), hub_on(hubs, store_url)
+    first = waiting.expect("upscale")
+    with pytest.raises(CallbackTimeoutError):
+        await first.wait(timeout=0.2)  # its listener ran
+    waiting.close()  # and was cancelled with the hub's thread
+    second = waiting.expect("upscale")
+    await second.saved()
+    waiter = asyncio.create_task(second.wait(timeout=10))
+    await asyncio.sleep(0.3)
+    assert await receiving.areceive(second.token, image_body("heard")) == (200, "received")
+    started = time.monotonic()
+    assert (await waiter).id == "heard"
+    assert time.monotonic() - started < 1.0  # woken by the message, not a recheck
+    waiting.close()
+    await store.aclose()
+
+
+async def test_outstanding_does_not_fill_max_pending(
+    store_url: str, hubs: list[CallbackHub]
+) -> None:
+    issuing, restarted = hub_on(hubs, store_url), hub_on(hubs, store_url, max_pending=3)
+    made = [issuing.expect("upscale") for _ in range(10)]
+    for pending in made:
+        await pending.saved()
+    assert await issuing.areceive(made[0].token, image_body("first")) == (200, "received")
+    found = await restarted.outstanding()
+    assert sorted(p.token for p in found) == sorted(p.token for p in made)
+    assert [p.done for p in found].count(True) == 1
+    restarted.expect("model")  # room left: the handles found are not held
+    done = next(p for p in found if p.done)
+    assert (await done.wait(timeout=1)).id == "first"
+    waiter = asyncio.create_task(next(p for p in found if not p.done).wait(timeout=10))
+    await asyncio.sleep(0.2)
+    held = [p for p in found if not p.done and p._waiters]
+    assert len(held) == 1  # a wait holds it, so a delivery elsewhere wakes it
+    assert await issuing.areceive(held[0].token, image_body("woken")) == (200, "received")
+    assert (await waiter).id == "woken"
+
+
+async def test_two_hubs_on_one_memory_store_wake_each_other() -> None:
+    store = MemoryStore()
+    waiting, receiving = CallbackHub(BASE, store=store), CallbackHub(BASE, store=store)
+    pending = waiting.expect("upscale")
+    waiter = asyncio.create_task(pending.wait(timeout=5))
+    await asyncio.sleep(0.05)
+    assert await receiving.areceive(pending.token, image_body("next door")) == (200, "received")
+    assert (await waiter).id == "next door"
+    other = waiting.expect("upscale")
+    other_waiter = asyncio.create_task(other.wait(timeout=5))
+    await asyncio.sleep(0.05)
+    receiving.resume(other.token).discard()
+    with pytest.raises(DeepModeError, match="discarded"):
+        await other_waiter
+
+
+async def test_the_mock_s_own_retries_land_after_a_redis_outage(
+    redis_server: Any, redis_url: str
+) -> None:
+    """Deliveries during the outage get 503; the API's (the mock's) next attempt lands."""
+    port = free_port()
+    hub = CallbackHub(f"http://127.0.0.1:{port}/cb", store=redis_url)
+    async with (
+        MockDeepMode(callback_retries=6, callback_backoff=0.4) as mock,
+        AsyncClient(mock.api_key, base_url=mock.base_url) as dm,
+    ):
+        model = mock.add_model()
+        with hub.serve():
+            pending = hub.expect("generation")
+            await pending.saved()
+            waiter = asyncio.create_task(pending.wait(timeout=30))
+            await asyncio.to_thread(redis_server.stop)
+            try:
+                await dm.images.generate(model_id=model.id, prompt="p", callback=pending.url)
+                await eventually(
+                    lambda: bool(mock.callbacks) and "503" in mock.callbacks[0].attempts
+                )
+            finally:
+                await asyncio.to_thread(redis_server.start)
+            generation = await waiter
+        hub.close()
+    [delivery] = mock.callbacks
+    assert delivery.delivered
+    assert delivery.attempts[-1] == "200", delivery.attempts
+    assert set(delivery.attempts[:-1]) == {"503"}
+    assert [image.id for image in generation.images] == list(mock.images)

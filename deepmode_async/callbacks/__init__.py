@@ -13,12 +13,16 @@ model = await dm.models.create(images=photos, gender="woman",
                                model_type="amateur", callback=hub)  # waits for training
 ```
 
-The callback URL is the only secret of a delivery (the API signs nothing), so it holds
-256 random bits and is never shown in a repr or a log line.
+The callback URL is the only secret of a delivery (the API signs nothing): its last
+segment is a token signed with a key the hub's store keeps, and is never shown in a
+repr or a log line.
 
-Inside: `_parsers` (the bodies), `_hub` (the hub and its expectations), `_adapters`
-(serving it from aiohttp or ASGI). The resources hold the glue that submits a call in
-callback mode and waits for it; the hub knows nothing of them.
+Inside, from the bottom: `_parsers` (the bodies), `_tokens` (signed tokens),
+`_shared` (the records in the store, and where store calls run), `_registry` (this
+process's expectations), `_keeper` (`PendingCallback`, and settling it from deliveries
+and the store), `_adapters` (serving it from aiohttp or ASGI), `_hub` (`CallbackHub`),
+`_serve` (the hub alone on a thread). The resources hold the glue that submits a call
+in callback mode and waits for it; the hub knows nothing of them.
 """
 
 from __future__ import annotations

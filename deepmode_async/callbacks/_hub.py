@@ -120,8 +120,9 @@ class CallbackHub:
     def resume(self, token: str) -> PendingCallback[Any]:
         """The expectation of `token` (a `PendingCallback.token`), in another process or
         after a restart; its `wait()` returns at once when the result has arrived.
-        Raises `CallbackNotFoundError` for a token that no hub sharing this store issued,
-        or one past its expiry."""
+        Raises `CallbackNotFoundError` for a token that no hub sharing this store
+        issued, or one past its expiry (a result delivered before then is kept `ttl`
+        longer, and `outstanding()` lists it)."""
         if not isinstance(token, str):
             raise ValidationError(f"token must be a str, not {check.shown(token)}")
         info = self._signing().read(token)
@@ -129,7 +130,7 @@ class CallbackHub:
             raise CallbackNotFoundError(
                 "no callback with this token: unknown to this hub's store, or expired"
             )
-        return self._adopt(token, info)
+        return self._state.get(token) or PendingCallback(self._keeper, info, token)
 
     async def outstanding(self, kind: CallbackKind | None = None) -> list[PendingCallback[Any]]:
         """Every expectation (of `kind`, if given) in the store whose result no `wait()`
@@ -141,6 +142,8 @@ class CallbackHub:
                 f"kind must be 'model', 'generation', 'upscale' or None, not {check.shown(kind)}"
             )
         registered, outcomes = await self._keeper.runner.run(self._read_all())
+        # Handles this process does not hold yet: a store full of them must not fill
+        # `max_pending`; a `wait()` on one holds it.
         signer, now = self._signing(), time.time()
         found: list[PendingCallback[Any]] = []
         for token in registered | outcomes.keys():
@@ -151,9 +154,10 @@ class CallbackHub:
                 continue
             if outcome is not None and outcome.state != "delivered":
                 continue
-            found.append(self._adopt(token, info))
+            pending = self._state.get(token) or PendingCallback(self._keeper, info, token)
             if outcome is not None:
-                self._keeper.settle_from(outcome)
+                self._keeper.settle(pending, outcome)
+            found.append(pending)
         found.sort(key=lambda pending: pending.expires_at)
         return found
 

@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import os
 import time
+import weakref
 from typing import Any, Final, Generic, TypeVar
 from urllib.parse import urlsplit
 
@@ -37,9 +39,16 @@ T = TypeVar("T")
 log: Final = logging.getLogger("deepmode_async")
 
 _NOTHING: Final = object()
+_NEIGHBOURS: Final[weakref.WeakKeyDictionary[Store, weakref.WeakSet[Keeper]]] = (
+    weakref.WeakKeyDictionary()
+)
 UNKNOWN: Final = (404, "unknown or expired callback URL")
 #: A listener with waiters looks in the store this often, in case a message was missed.
 _RECHECK: Final = 2.0
+#: The longest a store may stall the look a wait begins with, whatever its timeout.
+_LOOK: Final = 0.25
+#: The longest marking a result handed out may delay the `wait()` that returns it.
+_MARK: Final = 1.0
 _PAGE: Final = 500
 
 
@@ -86,12 +95,18 @@ class PendingCallback(Generic[T]):
 
         Waits at most `timeout` seconds, and never past `expires_at`; then raises
         `CallbackTimeoutError` (whose `.pending` is this object, to wait again). A store
-        outage shorter than the wait is ridden out. Thread-safe: the delivery may arrive
-        on another thread, loop or process.
+        outage shorter than the wait is ridden out, and a store that stalls does not
+        hold the wait past its time. Thread-safe: the delivery may arrive on another
+        thread, loop or process.
         """
         if timeout is not None:
             check.seconds("timeout", timeout)
         keeper = self._keeper
+        if self._failure is not None:
+            raise self._failure
+        if not self.done and (held := keeper.hold(self)) is not self:
+            result: T = await held.wait(timeout)  # this process holds that token already
+            return result
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         with keeper.registry.lock:
@@ -113,17 +128,30 @@ class PendingCallback(Generic[T]):
 
     async def _wait_for(self, future: asyncio.Future[Any], timeout: float | None) -> None:
         keeper = self._keeper
-        keeper.listen()
-        await keeper.look(self)  # delivered before this wait began, perhaps elsewhere
-        limit = self._deadline - time.monotonic()
+        started = time.monotonic()
+        limit = self._deadline - started
         if timeout is not None:
             limit = min(limit, timeout)
+        keeper.listen()
+        # Delivered before this wait began, perhaps elsewhere (or, resumed, long ago):
+        # a look even when no time is left, but a look the store cannot stall.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(limit, _LOOK)):
+                await keeper.look(self)
         try:
-            async with asyncio.timeout(max(limit, 0.0)):
+            async with asyncio.timeout(max(limit - (time.monotonic() - started), 0.0)):
                 await future
         except TimeoutError:
             message = await keeper.timeout_message(self, limit)
             raise CallbackTimeoutError(message, pending=self) from None
+
+    def release(self) -> None:
+        """Stop holding this expectation in this process (it no longer counts toward
+        `max_pending`) but keep it in the store: a delivery is still accepted and kept,
+        and `hub.outstanding()` or `hub.resume(token)` finds it; `wait()` holds it
+        again. `callback=hub` calls that fail after the API may have acted do this, so
+        no paid result is lost."""
+        self._keeper.release(self)
 
     def discard(self) -> None:
         """Stop expecting this callback: a later delivery gets 404 in every process
@@ -159,7 +187,15 @@ class Keeper:
         self.runner: Final = Runner(store)
         self.registry: Final = registry
         self.waiting = 0  # waits in progress here, guarded by the registry's lock
-        self._listening = False
+        self._listener_pid = 0  # the process whose listener runs; 0: none runs
+        # The keepers of hubs sharing this MemoryStore (no thread, so no listener): a
+        # delivery settles each directly. A shared store tells the others by a message.
+        self.neighbours: Final[weakref.WeakSet[Keeper]] = (
+            _NEIGHBOURS.setdefault(store, weakref.WeakSet())
+            if self.runner.inline
+            else weakref.WeakSet()
+        )
+        self.neighbours.add(self)
 
     async def deliver(
         self, info: TokenInfo, token: str, body: bytes, result: Any, keep: float
@@ -174,7 +210,8 @@ class Keeper:
             if found is not None and found.state == "discarded":
                 return UNKNOWN
             return 200, "already received"
-        self._settle_token(token, result, outcome)
+        for keeper in list(self.neighbours):
+            keeper._settle_token(token, result, outcome)
         return 200, "received"
 
     async def _add_and_announce(self, key: str, outcome: Outcome, keep: float) -> bool:
@@ -203,11 +240,21 @@ class Keeper:
             await self.runner.run(self.store.put(NAMESPACE, key, detail.encode(), ttl=3600.0))
         return status, detail
 
+    def hold(self, pending: PendingCallback[Any]) -> PendingCallback[Any]:
+        """Hold `pending` in this process (so deliveries settle it): the one held for its
+        token, which is `pending` unless another handle of the token is held already."""
+        return self.registry.adopt(pending.token, pending._deadline, lambda: pending)
+
+    def release(self, pending: PendingCallback[Any]) -> None:
+        with self.registry.lock:
+            self.registry.drop(pending.token, pending)
+
     def known_done(self, token: str) -> bool:
         local = self.registry.get(token)
         return local is not None and local.done
 
     def _settle_token(self, token: str, result: Any, outcome: Outcome) -> None:
+        """Settle the expectation held here for `token` with a delivery received here."""
         with self.registry.lock:
             pending = self.registry.get(token)
             if pending is not None and not pending.done and pending._failure is None:
@@ -216,21 +263,28 @@ class Keeper:
 
     def settle_from(self, outcome: Outcome) -> None:
         """Settle this process's expectation from a stored or announced outcome."""
-        if self.registry.get(outcome.token) is None:
-            return
+        pending = self.registry.get(outcome.token)
+        if pending is not None:
+            self.settle(pending, outcome)
+
+    def settle(self, pending: PendingCallback[Any], outcome: Outcome) -> None:
+        """Settle `pending` (held here or not) from its stored or announced outcome."""
+        if pending.done or pending._failure is not None:
+            return  # a delivery here, or an announcement heard twice: parsed once
         if outcome.state == "discarded":
             with self.registry.lock:
-                pending = self.registry.get(outcome.token)
-                if pending is not None:
-                    self.registry.drop(outcome.token, pending)
-                    if not pending.done and pending._failure is None:
-                        pending._settle(_NOTHING, discarded(pending.kind))
+                self.registry.drop(pending.token, pending)
+                if not pending.done and pending._failure is None:
+                    pending._settle(_NOTHING, discarded(pending.kind))
             return
         try:
             result = PARSERS[outcome.kind](outcome.body)
         except ResponseValidationError:  # not one this hub stored; nothing to hand out
             return
-        self._settle_token(outcome.token, result, outcome)
+        with self.registry.lock:
+            if not pending.done and pending._failure is None:
+                pending._outcome = outcome
+                pending._settle(result, None)
 
     async def look(self, pending: PendingCallback[Any]) -> None:
         """Settle `pending` from the store if its result is there already."""
@@ -239,7 +293,7 @@ class Keeper:
         except StoreError:
             return  # an outage: the listener keeps looking
         if raw is not None and (outcome := Outcome.decode(raw)) is not None:
-            self.settle_from(outcome)
+            self.settle(pending, outcome)
 
     async def hand_out(self, pending: PendingCallback[Any]) -> None:
         """Mark `pending`'s result handed out: `outstanding()` lists it no more."""
@@ -251,9 +305,11 @@ class Keeper:
         handed = Outcome("handed_out", outcome.kind, outcome.token, outcome.body)
         keep = max(pending._deadline - time.monotonic(), 1.0)
         try:
-            await self.runner.run(self._mark(outcome, handed, keep))
-        except StoreError as error:  # the result is handed out all the same
-            log.warning("callback result handed out but not marked so in the store: %s", error)
+            async with asyncio.timeout(_MARK):  # the caller has its result: no stalling
+                await self.runner.run(self._mark(outcome, handed, keep))
+        except (StoreError, TimeoutError) as error:  # the result is handed out all the same
+            reason = error if isinstance(error, StoreError) else "the store is too slow"
+            log.warning("callback result handed out but not marked so in the store: %s", reason)
 
     async def _mark(self, old: Outcome, new: Outcome, keep: float) -> None:
         key = outcome_key(old.token)
@@ -266,6 +322,9 @@ class Keeper:
             if pending._failure is None and not pending.done:
                 pending._settle(_NOTHING, discarded(pending.kind))
         gone = Outcome("discarded", pending.kind, pending.token)
+        for keeper in list(self.neighbours):
+            if keeper is not self:
+                keeper.settle_from(gone)
         keep = max(pending._deadline - time.monotonic(), 1.0)
         self.runner.spawn(self._forget(gone, keep)).add_done_callback(log_failure)
 
@@ -280,17 +339,23 @@ class Keeper:
         if self.runner.inline:
             return
         with self.registry.lock:
-            if self._listening:
+            if self._listener_pid == os.getpid():  # a forked child's is its parent's
                 return
-            self._listening = True
+            self._listener_pid = os.getpid()
         self.runner.spawn(self._listener()).add_done_callback(log_failure)
 
     async def _listener(self) -> None:
+        try:
+            await self._listen()
+        finally:  # ended, cancelled (the hub closed) or failed: the next wait starts one
+            with self.registry.lock:
+                self._listener_pid = 0
+
+    async def _listen(self) -> None:
         delay, failing = 0.05, False
         while True:
             with self.registry.lock:
                 if not self.waiting:
-                    self._listening = False
                     return
             try:
                 async with self.store.subscribe(CHANNEL) as subscription:
@@ -324,11 +389,12 @@ class Keeper:
     async def timeout_message(self, pending: PendingCallback[Any], waited: float) -> str:
         message = f"no {pending.kind} callback arrived within {max(waited, 0.0):.3g} s"
         rejection = pending._rejection
-        if rejection is None:
-            with contextlib.suppress(StoreError):
-                key = rejection_key(pending.token)
-                raw = await self.runner.run(self.store.get(NAMESPACE, key))
-                rejection = raw.decode(errors="replace") if raw is not None else None
+        if rejection is None:  # refused by another process, perhaps: a courtesy look
+            with contextlib.suppress(StoreError, TimeoutError):
+                async with asyncio.timeout(_LOOK):
+                    key = rejection_key(pending.token)
+                    raw = await self.runner.run(self.store.get(NAMESPACE, key))
+                    rejection = raw.decode(errors="replace") if raw is not None else None
         if rejection is not None:
             return f"{message}; the last delivery was refused: {rejection}"
         path = urlsplit(self.public_base_url).path or "/"

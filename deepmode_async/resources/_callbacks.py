@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from .._errors import DeepModeError
+from .._errors import CallbackTimeoutError, DeepModeError
 from .._retry import server_may_have_acted
 from ..callbacks import PendingCallback
 
@@ -17,24 +17,34 @@ async def submit_and_wait(
 ) -> T:
     """`submit` the call with `pending.url` as its callback, then wait for the result.
 
-    Nobody else holds `pending`: when either step fails it is discarded (a later
-    delivery gets 404), and a submission the server may have acted on says so.
+    Nobody else holds `pending`. When the call certainly did not reach the API it is
+    discarded (a later delivery gets 404). Otherwise a credit may have been spent, so
+    the expectation stays in the hub's store, where `hub.outstanding()` finds its result
+    (released here: it stops counting toward `max_pending`), and the error says so.
     """
+    submitting = False
     try:
         await pending.saved()  # so that a restart finds it: before any credit is spent
+        submitting = True
         await submit(pending.url)
     except BaseException as error:
-        pending.discard()
-        if isinstance(error, DeepModeError) and server_may_have_acted(error):
-            error.add_note(
-                f"DeepMode may have acted on this call and may still deliver its "
-                f"{pending.kind} callback, which this call no longer waits for. To keep a "
-                "handle on such results, pass pending.url from hub.expect() as "
-                "callback= and await pending.wait()."
-            )
+        if not submitting or not server_may_have_acted(error):
+            pending.discard()
+            raise
+        pending.release()
+        if isinstance(error, DeepModeError):
+            error.add_note(_KEPT.format(kind=pending.kind))
         raise
     try:
         return await pending.wait()
-    except BaseException:
-        pending.discard()
+    except BaseException as error:
+        pending.release()
+        if isinstance(error, CallbackTimeoutError):
+            error.add_note(_KEPT.format(kind=pending.kind))
         raise
+
+
+_KEPT = (
+    "DeepMode may have acted on this call and may still deliver its {kind} callback: "
+    "the hub keeps it, and `await hub.outstanding()` lists it (`.done` once it arrived)."
+)
