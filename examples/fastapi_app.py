@@ -5,7 +5,9 @@ Run it with
     DEEPMODE_API_KEY=... PUBLIC_URL=https://myapp.example.com \\
         uvicorn examples.fastapi_app:app
 
-and try `POST /generate` with `{"model_id": "...", "prompt": "a lighthouse at dusk"}`.
+and try `POST /generate` with `{"model_id": "...", "prompt": "a lighthouse at dusk"}`,
+or `POST /train` with `{"name": "me", "gender": "woman", "image_urls": ["https://..."]}`
+(answered at once; the model id is logged when training is done, hours later).
 
 Environment:
     DEEPMODE_API_KEY   your API key (read when the app starts, not when it is imported).
@@ -26,6 +28,7 @@ Environment:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -49,7 +52,7 @@ from deepmode_async import (
     StoreError,
     ValidationError,
 )
-from deepmode_async.callbacks import CallbackHub
+from deepmode_async.callbacks import CallbackHub, PendingCallback
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,8 @@ class Settings:
     base_url: str | None = None
     # An HTTP caller will not wait hours; the hub's default ttl is sized for model training.
     callback_timeout: float = 120.0
+    # Training takes minutes to hours: its callback is awaited this long.
+    training_ttl: float = 6 * 3600.0
     batch_concurrency: int = 4
     hub_store: str = "memory://"
 
@@ -91,6 +96,18 @@ class GenerateBody(BaseModel):
 class BatchBody(BaseModel):
     # Bounded so that one HTTP call cannot spend an unbounded number of credits.
     requests: list[GenerateBody] = Field(min_length=1, max_length=50)
+
+
+class TrainBody(BaseModel):
+    name: str
+    gender: str
+    model_type: str = "amateur"
+    image_urls: list[str] = Field(min_length=1, max_length=30)
+
+
+class TrainOut(BaseModel):
+    status: str
+    expires_at: str  # when the hub stops waiting for the training result
 
 
 class ImageOut(BaseModel):
@@ -168,8 +185,30 @@ async def report_outstanding(hub: CallbackHub) -> None:
         if pending.kind == "model" and pending.done:
             model: Model = await pending.wait()  # at once: it has arrived
             log.warning("model %s (%s) finished training while no one waited", model.id, model.name)
+        elif pending.kind == "model":  # still training: wait for it here, in this worker
+            keep(asyncio.create_task(record_model(pending)))
         else:
             log.info("outstanding %s callback, expires %s", pending.kind, pending.expires_at)
+
+
+async def record_model(pending: PendingCallback[Model]) -> None:
+    """Wait for a training result and record its model id (a real app would save it in
+    its database). If this worker dies first, the next startup finds it."""
+    try:
+        model = await pending.wait()
+    except DeepModeError as error:  # expired or discarded: nothing was handed out
+        log.error("training result not received: %s", error)
+        return
+    log.warning("model %s (%s) trained", model.id, model.name)
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def keep(task: asyncio.Task[None]) -> None:
+    """Hold a background task until it ends (the loop keeps only weak references)."""
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -209,6 +248,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             callback=hub,
         )
         return GenerateOut(images=[image_out(image) for image in generation.images])
+
+    @app.post("/train", status_code=202)
+    async def train(body: TrainBody, dm: DeepMode) -> TrainOut:
+        # Not `callback=hub`: no HTTP caller waits hours. The expectation is in the store
+        # before any credit is spent, so whichever worker or restart is alive when the
+        # result arrives has it; this worker waits for it in the background.
+        pending = hub.expect("model", ttl=settings.training_ttl)
+        await pending.saved()
+        await dm.models.create(
+            image_urls=body.image_urls,
+            gender=body.gender,
+            model_type=body.model_type,
+            name=body.name,
+            callback=pending.url,
+        )
+        keep(asyncio.create_task(record_model(pending)))
+        return TrainOut(status="training", expires_at=pending.expires_at.isoformat())
 
     @app.post("/generate-batch")
     async def generate_batch(body: BatchBody, dm: DeepMode) -> BatchOut:

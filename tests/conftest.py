@@ -184,9 +184,14 @@ def polls(
         yield
 
 
-async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Wait until `predicate()` holds, failing the test after `within` seconds."""
-    for _ in polls(predicate, within, None):
+async def eventually(
+    predicate: Callable[[], bool],
+    within: float = 5.0,
+    describe: Callable[[], object] | None = None,
+) -> None:
+    """Wait until `predicate()` holds, failing the test after `within` seconds (with
+    `describe()` as the message when given)."""
+    for _ in polls(predicate, within, describe):
         await asyncio.sleep(0.01)
 
 

@@ -5,14 +5,18 @@ workers are real processes that share one listening socket, so a callback lands 
 whichever worker the kernel picks, rarely the one that waits. With a shared store every
 call must still be answered with its own images, none hung, none lost, no delivery
 refused. "Two machines" are two uvicorn instances sharing one Redis, each giving the API
-the other's address, so every delivery reaches the instance that does not wait.
+the other's address, so every delivery reaches the instance that does not wait. And a
+model's id, which reaches an app only by callback, outlives kill -9 of every worker and
+restarts of the app.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +27,10 @@ from typing import Any
 import aiohttp
 import pytest
 from _redis import free_port
+from conftest import eventually
 
+from deepmode_async import AsyncClient
+from deepmode_async.callbacks import CallbackHub
 from deepmode_async.testing import MockDeepMode
 
 pytestmark = pytest.mark.anyio
@@ -34,7 +41,12 @@ CALLS, AT_ONCE = 200, 20
 
 @contextmanager
 def uvicorn_workers(
-    mock: MockDeepMode, store: str, port: int, public_port: int, workers: int
+    mock: MockDeepMode,
+    store: str,
+    port: int,
+    public_port: int,
+    workers: int,
+    log: pathlib.Path | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     env = {
         **os.environ,
@@ -48,7 +60,9 @@ def uvicorn_workers(
         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
         "--log-level", "warning", "--no-access-log",
     ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, env=env)  # noqa: S603 (the example)
+    with contextlib.ExitStack() as files:
+        stderr = files.enter_context(log.open("ab")) if log is not None else None
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=stderr)  # noqa: S603
     try:
         yield process
     finally:
@@ -145,3 +159,70 @@ async def test_two_machines_deliver_to_each_other_through_redis(redis_url: str) 
             await until_serving(session, second)
             answers = await generate_everywhere(session, [first, second], model.id)
         check_every_call(mock, answers)
+
+
+def workers_of(server: subprocess.Popen[bytes]) -> list[int]:
+    """The worker processes uvicorn runs (not multiprocessing's resource tracker)."""
+    found = []
+    for task in pathlib.Path(f"/proc/{server.pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            command = pathlib.Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"spawn_main" in command:
+                found.append(int(child))
+    return found
+
+
+async def test_a_model_id_outlives_killed_workers_and_restarts(tmp_path: pathlib.Path) -> None:
+    """Training's model id reaches an app only by callback: kill -9 every worker while
+    the model trains, and the workers uvicorn starts in their place find the expectation
+    in the store and record the model; a result delivered while nothing waited is
+    logged by the next start of the app."""
+    store = f"sqlite:///{tmp_path}/hub.db"
+    body = {"name": "first", "gender": "woman", "image_urls": ["https://example.com/a.jpg"]}
+    runs = [tmp_path / f"run-{n}.log" for n in range(3)]
+    async with (
+        MockDeepMode(training_delay=2.0, callback_retries=6, callback_backoff=0.5) as mock,
+        plain_session() as session,
+    ):
+        port = free_port()
+        with uvicorn_workers(mock, store, port, port, workers=2, log=runs[0]) as server:
+            await until_serving(session, port)
+            async with session.post(f"http://127.0.0.1:{port}/train", json=body) as response:
+                assert response.status == 202, await response.text()
+            killed = workers_of(server)
+            assert len(killed) == 2
+            for worker in killed:
+                os.kill(worker, signal.SIGKILL)
+            await eventually(lambda: bool(mock.callbacks) and mock.callbacks[0].finished, 30)
+            [first] = mock.models.values()
+            trained = f"model {first.id} (first) trained"
+            await eventually(lambda: trained in runs[0].read_text(), 30, runs[0].read_text)
+            assert not set(killed) & set(workers_of(server))
+
+        # Delivered to the app while nobody there waits for it (the expectation was made
+        # elsewhere, with the same store, after the app had started).
+        with uvicorn_workers(mock, store, port, port, workers=1, log=runs[1]):
+            await until_serving(session, port)
+            hub = CallbackHub(f"http://127.0.0.1:{port}/deepmode-callbacks", store=store)
+            pending = hub.expect("model")
+            await pending.saved()
+            async with AsyncClient(mock.api_key, base_url=mock.base_url) as dm:
+                await dm.models.create(
+                    image_urls=["https://example.com/b.jpg"],
+                    gender="man",
+                    model_type="amateur",
+                    name="second",
+                    callback=pending.url,
+                )
+            await eventually(lambda: len(mock.callbacks) == 2 and mock.callbacks[1].delivered, 30)
+            hub.close()
+        [second] = [model for model in mock.models.values() if model.id != first.id]
+        assert second.id not in runs[1].read_text()
+
+        # The next start of the app logs it; the first was handed out already.
+        with uvicorn_workers(mock, store, port, port, workers=1, log=runs[2]):
+            await until_serving(session, port)
+            found = f"model {second.id} (second) finished training while no one waited"
+            await eventually(lambda: found in runs[2].read_text(), 30, runs[2].read_text)
+        assert first.id not in runs[2].read_text()
+    assert len(mock.ledger) == 2
