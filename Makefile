@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/import_time.py
 	$(BIN)/python benchmarks/mock_throughput.py
 	$(BIN)/python benchmarks/hub.py
+	$(BIN)/python benchmarks/shared_backoff.py
 	$(BIN)/python benchmarks/report.py
 
 # Client's static types, generated from the async resources (a test says when to rerun).

@@ -43,6 +43,7 @@ def targets(results: dict[str, Any]) -> list[Row]:
     add("import_time", _imports)
     add("scaling", _scaling)
     add("hub", _hub)
+    add("shared_backoff", _shared_backoff)
     return rows
 
 
@@ -63,6 +64,15 @@ def _batch(batch: dict[str, Any]) -> list[Row]:
          over_requests < 1),
         ("B6 CPU", "<= 150 us a call",
          f"{cpu} us (raw aiohttp: {c['raw aiohttp']['client_cpu_us_per_call']} us)", cpu <= 150),
+    ]  # fmt: skip
+
+
+def _shared_backoff(result: dict[str, Any]) -> list[Row]:
+    b1, zero = result["b1"], result["zero"]
+    return [
+        ("B9 shared pacing", "<= 1.05 x B1 without store=", f"{b1['ratio']:.2f} x "
+         f"(0 ms latency: {zero['ratio']:.2f} x, {zero['calls_per_s']['RedisStore']} calls/s)",
+         b1["ratio"] <= 1.05),
     ]  # fmt: skip
 
 

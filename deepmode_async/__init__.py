@@ -16,7 +16,7 @@ one above, and no import comes back round (tests/test_layering.py checks it):
 
 1. vocabulary: _version, _formats, _errors, _validate, _types, _convert, _encoding
 2. values and state between calls: _tasks, _timeout, _requests, stores
-3. one request: _retry, _pacing, _transport, _uploads, _downloads
+3. one request: _retry, _pacing, _shared_backoff, _transport, _uploads, _downloads
 4. built on requests, not on a client: batch, callbacks, prep
 5. the endpoints: resources
 6. the clients and this public face: _client, _sync, __init__

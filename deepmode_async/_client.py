@@ -16,9 +16,11 @@ from yarl import URL
 from . import _validate as check
 from ._errors import DeepModeError, ValidationError
 from ._retry import RetryPolicy
+from ._shared_backoff import SharedBackoff
 from ._timeout import Timeout, coerce_timeout
 from ._transport import Transport, log
 from .resources import Account, Images, Models
+from .stores import Store, as_store
 
 DEFAULT_BASE_URL: Final = "https://api.deepmode.ai"
 #: Headers the client writes itself; a default of the user's would break requests.
@@ -46,6 +48,11 @@ class AsyncClient:
     A `session` you pass is used as is and not closed by the client; otherwise one is
     created on first use, in the running event loop, and closed by `aclose()`.
     `default_headers` are sent with every API request (never to the image host).
+    `store` (a store of `deepmode_async.stores`, or its URL) shares the back-off: a wait
+    the server asks for (429, or 503 with `Retry-After`) holds the new calls of every
+    client with this key sharing that store until then. A store given as a URL is
+    closed by `aclose()`; one that cannot be reached leaves each client to back off on
+    its own (logged once). None: this client backs off alone.
     """
 
     def __init__(
@@ -58,6 +65,7 @@ class AsyncClient:
         max_connections: int = 100,
         session: aiohttp.ClientSession | None = None,
         default_headers: Mapping[str, str] | None = None,
+        store: Store | str | None = None,
     ) -> None:
         _configure_logging(os.environ.get("DEEPMODE_LOG"))
         key = _api_key(api_key if api_key is not None else os.environ.get("DEEPMODE_API_KEY"))
@@ -83,6 +91,14 @@ class AsyncClient:
             max_connections=max_connections,
             session=session,
             default_headers=_headers(default_headers),
+            backoff=None
+            if store is None
+            else SharedBackoff(
+                as_store(store),
+                f"{url}\n{key}",  # one pause per account and API; only a hash is kept
+                cap=retry.retry_after_cap,
+                owns_store=isinstance(store, str),
+            ),
         )
         self.models: Final = Models(self._transport)
         self.images: Final = Images(self._transport)
@@ -124,6 +140,8 @@ class AsyncClient:
         call that is reading a body waiting forever when its session closes under it.
         """
         await self._transport.aclose()
+        if self._transport.backoff is not None:
+            await self._transport.backoff.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -140,6 +158,8 @@ class AsyncClient:
 def forget_session(client: AsyncClient) -> aiohttp.ClientSession | None:
     """Let go of `client`'s session without closing it (in a forked child, whose loop
     is not the session's); the caller keeps it referenced."""
+    if client._transport.backoff is not None:
+        client._transport.backoff.forget()
     return client._transport.forget_session()
 
 

@@ -3,7 +3,8 @@
 A `Pacer` is shared by the calls of one batch; a call finds it by context, not by an
 argument: the batch runs each call inside `with pacing(pacer):`, and the transport
 asks `paced_call()` at the start of each call. A call outside any such scope is on its
-own: it waits out its own delays and shares no slots.
+own: it waits out its own delays and shares no slots. A client with a store holds
+each try of its calls, in a batch or not, while a pause it shares is in force.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from collections.abc import Iterator
 from typing import Final
 
 from ._errors import APIError
-from ._retry import asks_to_wait
+from ._retry import asks_to_wait, server_asks_to_wait
+from ._shared_backoff import SharedBackoff
 
 #: Rate-limited tries of one call forgiven (not counted as retries) at most: a server
 #: that refuses one call for good while letting others through must not stall a batch.
@@ -158,7 +160,37 @@ class _SharedCall(PacedCall):
 _ALONE: Final = PacedCall()
 
 
-def paced_call() -> PacedCall:
-    """The pacing of a call starting now: its batch's, or none when it is on its own."""
+class _HeldCall(PacedCall):
+    """One call's tries, paced as `inner` says, that also wait out the pause shared
+    through a store and share the waits the server asks this call for."""
+
+    def __init__(self, inner: PacedCall, backoff: SharedBackoff) -> None:
+        self._inner = inner
+        self._backoff = backoff
+
+    async def enter(self) -> None:
+        if not self._backoff.clear():
+            await self._backoff.hold()
+        await self._inner.enter()
+
+    def succeeded(self) -> None:
+        self._inner.succeeded()
+
+    def failed(self, error: APIError | None = None, pause: float = 0.0) -> None:
+        self._inner.failed(error, pause)
+        if error is not None and server_asks_to_wait(error):
+            self._backoff.told(pause)
+
+    def forgives(self, error: APIError) -> bool:
+        return self._inner.forgives(error)
+
+    async def wait_to_retry(self, error: APIError, delay: float) -> None:
+        await self._inner.wait_to_retry(error, delay)
+
+
+def paced_call(backoff: SharedBackoff | None = None) -> PacedCall:
+    """The pacing of a call starting now: its batch's, or none when it is on its own;
+    held by `backoff` too, when its client shares one."""
     pacer = _CURRENT.get()
-    return _ALONE if pacer is None else pacer.call()
+    call = _ALONE if pacer is None else pacer.call()
+    return call if backoff is None else _HeldCall(call, backoff)

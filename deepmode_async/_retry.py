@@ -52,11 +52,19 @@ def server_may_have_acted(error: BaseException) -> bool:
     if isinstance(error, APIConnectionError):
         return request_was_sent(error)
     if isinstance(error, APIStatusError):
-        status = error.status_code
-        if status == 429 or (status == 503 and "Retry-After" in error.headers):
+        if server_asks_to_wait(error):
             return False
-        return status >= 500 or status == 408
+        return error.status_code >= 500 or error.status_code == 408
     return True
+
+
+def server_asks_to_wait(error: BaseException) -> bool:
+    """Whether the server named a wait for every call, not a failure of this one: 429,
+    or 503 with `Retry-After`. Such a wait is shared with the clients of a store."""
+    if not isinstance(error, APIStatusError):
+        return False
+    status = error.status_code
+    return status == 429 or (status == 503 and "Retry-After" in error.headers)
 
 
 def asks_to_wait(error: APIError) -> bool:

@@ -34,6 +34,7 @@ from ._errors import DeepModeError, ValidationError
 from ._retry import RetryPolicy
 from ._timeout import Timeout
 from .resources._blocking import BlockingAccount, BlockingImages, BlockingModels
+from .stores import Store
 
 if TYPE_CHECKING:
     from anyio.from_thread import BlockingPortal
@@ -74,6 +75,7 @@ class Client:
         max_connections: int = 100,
         session: aiohttp.ClientSession | None = None,
         default_headers: Mapping[str, str] | None = None,
+        store: Store | str | None = None,
     ) -> None:
         if session is not None:
             raise ValidationError(
@@ -87,6 +89,7 @@ class Client:
             max_retries=max_retries,
             max_connections=max_connections,
             default_headers=default_headers,
+            store=store,
         )
         self._loop = _LoopThread(self._async)
         # Closes the loop if the app forgets to: when the client is collected, or at exit.

@@ -35,6 +35,7 @@ from ._errors import (
 )
 from ._pacing import paced_call
 from ._retry import RetryPolicy
+from ._shared_backoff import SharedBackoff
 from ._timeout import Timeout
 from ._version import __version__
 
@@ -120,8 +121,9 @@ class Transport:
         max_connections: int,
         session: aiohttp.ClientSession | None,
         default_headers: Mapping[str, str],
+        backoff: SharedBackoff | None = None,  # shared with a store's clients (DESIGN §8)
     ) -> None:
-        self.base_url = base_url
+        self.base_url, self.backoff = base_url, backoff
         self.timeout = timeout
         self.retry = retry
         self._max_connections = max_connections
@@ -268,7 +270,7 @@ class Transport:
     ) -> T:
         session = self._get_session()
         client_timeout = _client_timeout(timeout)
-        pace = paced_call()
+        pace = paced_call(self.backoff)
         state = self.retry.start(idempotent=request.idempotent)
         while True:
             await pace.enter()

@@ -30,7 +30,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / PACKAGE
 LAYERS: list[set[str]] = [
     {"_version", "_formats", "_errors", "_validate", "_types", "_convert", "_encoding"},
     {"_tasks", "_timeout", "_requests", "stores"},
-    {"_retry", "_pacing", "_transport", "_uploads", "_downloads"},
+    {"_retry", "_pacing", "_shared_backoff", "_transport", "_uploads", "_downloads"},
     {"batch", "callbacks", "prep"},
     {"resources"},
     {"_client", "_sync", "__init__"},
