@@ -207,6 +207,17 @@ async def test_subscribers_get_what_is_published_after(store: Store) -> None:
         assert time.monotonic() - started >= 0.19
 
 
+async def test_add_and_publish_announces_only_what_it_set(store: Store) -> None:
+    async with store.subscribe("news") as sub:
+        assert await store.add_and_publish("n", "k", b"first", "news", ttl=60)
+        assert not await store.add_and_publish("n", "k", b"second", "news", ttl=60)
+        assert await sub.next(timeout=5) == b"first"
+        assert await sub.next(timeout=0.2) is None  # the second was not set, nor announced
+    assert await store.get("n", "k") == b"first"
+    assert await store.add_and_publish("n", "forever", b"v", "news")  # no ttl
+    assert await store.get("n", "forever") == b"v"
+
+
 async def test_a_subscriber_on_another_loop_and_thread_is_woken(store: Store) -> None:
     ready, got = threading.Event(), []
 

@@ -112,6 +112,7 @@ class CallbackHub:
         info = TokenInfo(kind, min(time.time() + lifetime, LATEST))
         token = self._signing().issue(info.kind, info.expires_at)
         pending = self._adopt(token, info)
+        pending._held_throughout = True
         record = encode_registration(kind, info.expires_at)
         write = self.store.put(NAMESPACE, registration_key(token), record, ttl=lifetime)
         pending._saved = self._keeper.runner.spawn(write)

@@ -73,6 +73,9 @@ class PendingCallback(Generic[T]):
         self._rejection: str | None = None  # why the last delivery here was refused
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = []
         self._saved: Any = None  # the write of its registration (a concurrent Future)
+        # Held by this process since `expect()` made it: with a MemoryStore, every
+        # delivery has settled it directly, so a wait need not look in the store.
+        self._held_throughout = False
 
     def __repr__(self) -> str:
         return f"<PendingCallback kind={self.kind!r} done={self.done}>"
@@ -135,9 +138,13 @@ class PendingCallback(Generic[T]):
         keeper.listen()
         # Delivered before this wait began, perhaps elsewhere (or, resumed, long ago):
         # a look even when no time is left, but a look the store cannot stall.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(limit, _LOOK)):
-                await keeper.look(self)
+        if keeper.runner.inline:
+            if not self._held_throughout:
+                await keeper.look(self)  # a MemoryStore never stalls
+        else:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(limit, _LOOK)):
+                    await keeper.look(self)
         try:
             async with asyncio.timeout(max(limit - (time.monotonic() - started), 0.0)):
                 await future
@@ -161,7 +168,14 @@ class PendingCallback(Generic[T]):
     def _settle(self, result: Any, failure: DeepModeError | None) -> None:
         """Called with the registry's lock held: record the outcome, wake every waiter."""
         self._result, self._failure = result, failure
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
         for loop, future in self._waiters:
+            if loop is here:  # no need to wake this thread's own loop through its pipe
+                loop.call_soon(_set_outcome, future, result, failure)
+                continue
             with contextlib.suppress(RuntimeError):  # that loop has closed meanwhile
                 loop.call_soon_threadsafe(_set_outcome, future, result, failure)
 
@@ -201,31 +215,28 @@ class Keeper:
         self, info: TokenInfo, token: str, body: bytes, result: Any, keep: float
     ) -> tuple[int, str]:
         """Store a delivery that passed every check (`result` is its body parsed); the
-        first one, in any process, wins."""
+        first one, in any process, wins. A shared store announces it in the same step,
+        so that the waiter in another process wakes without a lookup."""
         outcome = Outcome("delivered", info.kind, token, body)
-        key, run, store = outcome_key(token), self.runner.run, self.store
-        if not await run(self._add_and_announce(key, outcome, keep)):
+        key, record, run, store = outcome_key(token), outcome.encode(), self.runner.run, self.store
+        if self.runner.inline:
+            added = await store.add(NAMESPACE, key, record, ttl=keep)
+        else:
+            added = await run(store.add_and_publish(NAMESPACE, key, record, CHANNEL, ttl=keep))
+        if not added:
             earlier = await run(store.get(NAMESPACE, key))
             found = Outcome.decode(earlier) if earlier is not None else None
             if found is not None and found.state == "discarded":
                 return UNKNOWN
+            if found is not None:  # stored by a try whose answer was lost (a 503), perhaps
+                self.settle_from(found)
             return 200, "already received"
-        for keeper in list(self.neighbours):
-            keeper._settle_token(token, result, outcome)
+        if len(self.neighbours) == 1:
+            self._settle_token(token, result, outcome)
+        else:
+            for keeper in list(self.neighbours):
+                keeper._settle_token(token, result, outcome)
         return 200, "received"
-
-    async def _add_and_announce(self, key: str, outcome: Outcome, keep: float) -> bool:
-        """Store the first delivery and tell the other processes, in one trip to the
-        store's thread."""
-        record = outcome.encode()
-        if not await self.store.add(NAMESPACE, key, record, ttl=keep):
-            return False
-        if not self.runner.inline:
-            try:
-                await self.store.publish(CHANNEL, record)
-            except StoreError as error:  # stored all the same: waiters find it on a look
-                log.warning("callback stored but not announced: %s", error)
-        return True
 
     async def refuse(self, token: str, status: int, detail: str) -> tuple[int, str]:
         """Answer a delivery that is refused, noting why for the waiter's timeout; a
@@ -248,6 +259,7 @@ class Keeper:
     def release(self, pending: PendingCallback[Any]) -> None:
         with self.registry.lock:
             self.registry.drop(pending.token, pending)
+            pending._held_throughout = False
 
     def known_done(self, token: str) -> bool:
         local = self.registry.get(token)
@@ -305,8 +317,11 @@ class Keeper:
         handed = Outcome("handed_out", outcome.kind, outcome.token, outcome.body)
         keep = max(pending._deadline - time.monotonic(), 1.0)
         try:
-            async with asyncio.timeout(_MARK):  # the caller has its result: no stalling
-                await self.runner.run(self._mark(outcome, handed, keep))
+            if self.runner.inline:
+                await self._mark(outcome, handed, keep)  # a MemoryStore never stalls
+            else:
+                async with asyncio.timeout(_MARK):  # the caller has its result: no stall
+                    await self.runner.run(self._mark(outcome, handed, keep))
         except (StoreError, TimeoutError) as error:  # the result is handed out all the same
             reason = error if isinstance(error, StoreError) else "the store is too slow"
             log.warning("callback result handed out but not marked so in the store: %s", reason)
@@ -326,7 +341,8 @@ class Keeper:
             if keeper is not self:
                 keeper.settle_from(gone)
         keep = max(pending._deadline - time.monotonic(), 1.0)
-        self.runner.spawn(self._forget(gone, keep)).add_done_callback(log_failure)
+        if (writing := self.runner.spawn(self._forget(gone, keep))) is not None:
+            writing.add_done_callback(log_failure)
 
     async def _forget(self, gone: Outcome, keep: float) -> None:
         await self.store.put(NAMESPACE, outcome_key(gone.token), gone.encode(), ttl=keep)
@@ -342,7 +358,9 @@ class Keeper:
             if self._listener_pid == os.getpid():  # a forked child's is its parent's
                 return
             self._listener_pid = os.getpid()
-        self.runner.spawn(self._listener()).add_done_callback(log_failure)
+        listener = self.runner.spawn(self._listener())
+        assert listener is not None  # a shared store's: on the hub's thread
+        listener.add_done_callback(log_failure)
 
     async def _listener(self) -> None:
         try:

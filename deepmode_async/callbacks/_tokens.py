@@ -40,7 +40,7 @@ class Signer:
     """Issues and checks tokens under one key."""
 
     def __init__(self, key: bytes) -> None:
-        self._key = key
+        self._hmac = hmac.new(key, digestmod=hashlib.sha256)  # copied: the key set up once
 
     def __repr__(self) -> str:
         return "<Signer>"  # the key stays out
@@ -72,4 +72,6 @@ class Signer:
         return TokenInfo(KINDS[payload[0]], int.from_bytes(payload[1:7], "big") / 1000)
 
     def _mac(self, payload: bytes) -> bytes:
-        return hmac.new(self._key, payload, hashlib.sha256).digest()[:_MAC]
+        mac = self._hmac.copy()
+        mac.update(payload)
+        return mac.digest()[:_MAC]

@@ -76,6 +76,20 @@ class Store(abc.ABC):
         one key, exactly one returns True.
         """
 
+    async def add_and_publish(
+        self, ns: str, key: str, value: bytes, channel: str, *, ttl: float | None = None
+    ) -> bool:
+        """`add`, and when this call set `key`, `publish` `value` on `channel`: a record
+        and the news of it in one step (one round trip with Redis).
+
+        When it raises `StoreError` the record may or may not have been set (the answer
+        was lost): a repeat of the same `add` says which.
+        """
+        if not await self.add(ns, key, value, ttl=ttl):
+            return False
+        await self.publish(channel, value)
+        return True
+
     @abc.abstractmethod
     async def replace(
         self, ns: str, key: str, expected: bytes, value: bytes, *, ttl: float | None = None

@@ -43,6 +43,14 @@ if ARGV[3] == '' then redis.call('SET', KEYS[1], ARGV[2])
 else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
 return 1
 """
+_ADD_AND_PUBLISH: Final = """
+local set
+if ARGV[2] == '' then set = redis.call('SET', KEYS[1], ARGV[1], 'NX')
+else set = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) end
+if not set then return 0 end
+redis.call('PUBLISH', ARGV[3], ARGV[1])
+return 1
+"""
 _GLOB: Final = re.compile(rb"([*?\[\]\\])")
 #: Connection options the store sets unless the URL or your client says otherwise: a
 #: store that cannot be reached fails within seconds instead of hanging a request.
@@ -65,6 +73,7 @@ class _OnLoop:
     def __init__(self, store: RedisStore) -> None:
         self.client: Redis = store._make_client()
         self.replace = self.client.register_script(_REPLACE)
+        self.add_and_publish = self.client.register_script(_ADD_AND_PUBLISH)
         self.pubsub = LoopPubSub(self.client, store._failures, store._describe)
         self._done = asyncio.Event()
         # A task that outlives nothing: asyncio.run() (and anyio) cancel it when the
@@ -232,6 +241,18 @@ class RedisStore(Store):
         ms = _ms(ttl)
         with self._translated():
             done = await script(keys=[self._key(ns, key)], args=[expected, value, ms or ""])
+        return bool(done)
+
+    async def add_and_publish(
+        self, ns: str, key: str, value: bytes, channel: str, *, ttl: float | None = None
+    ) -> bool:
+        check_address(ns, key)
+        check_channel(channel)
+        value, ttl = check_value(value), check_ttl(ttl)
+        script = self._on_loop().add_and_publish
+        args = [value, _ms(ttl) or "", f"{self._prefix}{channel}".encode()]
+        with self._translated():
+            done = await script(keys=[self._key(ns, key)], args=args)
         return bool(done)
 
     async def delete(self, ns: str, key: str) -> bool:
