@@ -79,7 +79,7 @@ async def collect_into(
 
 def batch_tasks() -> list[asyncio.Task[Any]]:
     """Tasks of a batch still alive on this loop: its requests and its input pulls."""
-    names = {"_run_one", "_Input.next_later"}
+    names = {"_Call.run", "_Call.resume", "_Input.next_later"}
     return [
         task
         for task in asyncio.all_tasks()
@@ -199,6 +199,7 @@ async def test_failures_stay_with_their_request(
     ]
     mock.fail("generate", 500, times=2)  # taken by the first two calls to arrive
     results: list[BatchResult] = []
+    result: BatchResult  # the loop below rebinds it to any result
     async for result in dm.images.generate_many(requests, concurrency=3):
         results.append(result)  # nothing escapes the loop
 
@@ -553,6 +554,7 @@ async def test_downloads_are_pipelined_with_generation(
     requests = requests_for(model_id, 6, num_images=2)
     generates_at_first_result: int | None = None
     results: list[BatchResult] = []
+    result: BatchResult  # the loops below rebind it to any result
     async for result in dm.images.generate_many(requests, concurrency=2, download_to=tmp_path):
         if generates_at_first_result is None:
             generates_at_first_result = len(sent(mock, "generate"))
