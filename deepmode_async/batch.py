@@ -198,6 +198,9 @@ class _Input:
         """The next request without waiting (`_END` when there are no more)."""
         if self.ahead:
             return self.ahead.popleft()
+        return self.next_of_iterable()
+
+    def next_of_iterable(self) -> object:
         assert self.sync is not None
         try:
             return self.accept(next(self.sync))
@@ -225,7 +228,7 @@ class _Input:
     async def pull(self) -> object:
         """The next request of the input itself (`_END` when it has no more)."""
         if self.stream is None:
-            return self.next_now() if self.sync is not None else _END
+            return self.next_of_iterable() if self.sync is not None else _END
         try:
             return self.accept(await anext(self.stream))
         except StopAsyncIteration:

@@ -10,7 +10,7 @@ import itertools
 import pathlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator
-from typing import Any, cast
+from typing import Any, assert_type, cast
 
 import anyio
 import attrs
@@ -20,9 +20,13 @@ from conftest import eventually, make_client, wait_until
 from deepmode_async import (
     APIConnectionError,
     AsyncClient,
+    BatchDownloaded,
+    BatchFailure,
     BatchProgress,
     BatchResult,
+    BatchSuccess,
     Client,
+    DeepModeError,
     DownloadError,
     GenerateRequest,
     Generation,
@@ -867,3 +871,40 @@ async def test_a_request_refused_for_good_does_not_stall_the_batch() -> None:
     assert type(result.error).__name__ == "RateLimitError"
     # Forgiven tries are bounded (8) on top of the 1 + 2 counted ones.
     assert 3 <= tries["refused"] <= 3 + 8
+
+
+async def test_results_narrow_for_type_checkers(
+    dm: AsyncClient, model_id: str, tmp_path: pathlib.Path
+) -> None:
+    """`if result.ok:` (or `result.error is None`) gives `generation`, and with
+    `download_to` `paths`, without Optional; mypy --strict checks the assert_types."""
+    requests = [GenerateRequest(model_id=model_id, prompt="p"), *requests_for(UNKNOWN_MODEL, 1)]
+    seen = []
+    async for result in dm.images.generate_many(requests):
+        assert_type(result, BatchSuccess | BatchFailure)
+        assert isinstance(result, BatchResult)
+        if result.ok:
+            assert_type(result.generation, Generation)
+            seen.append(len(result.generation.images))
+        else:
+            assert_type(result.error, DeepModeError)
+            seen.append(-1)
+    assert sorted(seen) == [-1, 1]
+    async for downloaded in dm.images.generate_many(requests[:1], download_to=tmp_path):
+        assert_type(downloaded, BatchDownloaded | BatchFailure)
+        assert downloaded.error is None
+        assert_type(downloaded, BatchDownloaded)
+        assert_type(downloaded.paths, tuple[pathlib.Path, ...])
+        assert [path.parent for path in downloaded.paths] == [tmp_path]
+
+
+def test_blocking_results_narrow_too(tmp_path: pathlib.Path) -> None:
+    with MockDeepMode() as mock, Client(mock.api_key, base_url=mock.base_url) as client:
+        model_id = mock.add_model().id
+        for result in client.images.generate_many(
+            [GenerateRequest(model_id=model_id, prompt="p")], download_to=tmp_path
+        ):
+            assert_type(result, BatchDownloaded | BatchFailure)
+            assert result.ok
+            assert_type(result.paths, tuple[pathlib.Path, ...])
+            assert len(result.paths) == 1
