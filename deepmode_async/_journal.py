@@ -40,12 +40,16 @@ NAMESPACE: Final = "journal"
 #: it against them (only where the journal has records).
 WINDOW: Final = 512
 
+#: How long a write waits for others to go with it (seconds).
+_GATHER: Final = 0.001
+
 #: What `journal=` accepts: a path (an SQLite file), a store, or a store URL.
 JournalTarget: TypeAlias = "str | os.PathLike[str] | Store"
 #: A fresh `Image` by id (`images.retrieve`): free, for files to be downloaded again.
 Refresh: TypeAlias = Callable[[str], Awaitable[Image]]
 
 _log = logging.getLogger("deepmode_async")
+_dumps: Final = json.JSONEncoder(separators=(",", ":")).encode  # made once: a record a call
 
 
 @attrs.frozen
@@ -67,7 +71,7 @@ class Entry:
             record["p"] = list(self.paths)
         if self.error is not None:
             record["e"], record["a"] = self.error, self.acted
-        return json.dumps(record, separators=(",", ":")).encode()
+        return _dumps(record).encode()
 
     @classmethod
     def decode(cls, index: int, value: bytes) -> Entry:
@@ -245,6 +249,9 @@ class BatchJournal:
     async def _write_pending(self) -> None:
         try:
             while self._pending:
+                # Let the writes of requests finishing about now join this one: a
+                # store trip costs far more than this wait, and fewer trips are made.
+                await asyncio.sleep(_GATHER)
                 group, self._pending = self._pending, []
                 latest = {key: value for key, value, _ in group}  # one write per key
                 try:
