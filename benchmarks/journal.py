@@ -44,9 +44,7 @@ def requests_of(model_id: str, tag: str, calls: int) -> list[GenerateRequest]:
     ]
 
 
-async def one_run(
-    dm: AsyncClient, model_id: str, calls: int, tag: str, journal: Any
-) -> float:
+async def one_run(dm: AsyncClient, model_id: str, calls: int, tag: str, journal: Any) -> float:
     started = time.perf_counter()
     ok = 0
     async for result in dm.images.generate_many(
