@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import os
 import pathlib
 import signal
 import sqlite3
 import sys
+import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,16 +29,23 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from deepmode_async import (
+    APIConnectionError,
     AsyncClient,
     BatchResult,
     GenerateRequest,
+    Generation,
+    Image,
     InternalServerError,
     NotFoundError,
     OutcomeUnknownError,
+    RateLimitError,
     StoreError,
     ValidationError,
 )
-from deepmode_async._journal import Entry
+from deepmode_async._convert import converter
+from deepmode_async._journal import NAMESPACE, Entry
+from deepmode_async._requests import generate_body
+from deepmode_async.stores import SQLiteStore
 from deepmode_async.testing import MockDeepMode
 
 pytestmark = pytest.mark.anyio
@@ -398,3 +407,70 @@ async def test_the_cli_resumes_and_says_how_it_went(
     again = await deepmode("--journal", journal, "--out", str(tmp_path / "out"))
     assert again == (0, "journal: 3 resumed, 0 sent, 0 unknown, 0 failed\n")
     assert charges(served, model) == {"a": 1, "b": 1, "c": 1}
+
+
+async def test_chaos_with_interrupted_reruns_never_charges_twice(tmp_path: pathlib.Path) -> None:
+    """20 % 429s and 5 % connections dropped after the call was charged, three runs
+    broken off part way and a last one to the end: every prompt charged at most once."""
+    journal = tmp_path / "run.db"
+    async with MockDeepMode() as mock, make_client(mock) as dm:
+        model_id = mock.add_model().id
+        mock.chaos("generate", rate_limited=0.2, dropped=0.05, seed=18)
+        requests = requests_for(model_id, 120)
+        for stop_after in (15, 40, 70):
+            async with contextlib.aclosing(
+                dm.images.generate_many(requests, concurrency=CONCURRENCY, journal=journal)
+            ) as stream:
+                seen = 0
+                async for _ in stream:
+                    seen += 1
+                    if seen == stop_after:
+                        break
+        results = await run_all(dm, requests, journal=journal)
+        charged = charges(mock, model_id)
+    assert sorted(result.index for result in results) == list(range(120))
+    assert max(charged.values()) == 1
+    assert sum(charged.values()) == len(mock.ledger)
+    for result in results:
+        if result.ok:
+            assert charged[result.request.prompt] == 1
+        elif result.resumed:  # dropped in an earlier run: its outcome cannot be known
+            assert isinstance(result.error, OutcomeUnknownError), result.error
+        else:  # dropped (or refused with 429s too often) in this one
+            assert isinstance(result.error, APIConnectionError | RateLimitError), result.error
+    assert any(isinstance(result.error, OutcomeUnknownError) for result in results)
+
+
+async def fill_journal(path: pathlib.Path, count: int) -> list[GenerateRequest]:
+    """A journal of `count` recorded results, as a finished batch leaves it."""
+    requests = requests_for("model-1", count)
+    image = Image("img", "a.jpg", "model-1", "https://blob.example/a.jpg?sig=x", "p", None)
+    generation = converter.unstructure(Generation((image,)))
+    async with SQLiteStore(path) as store:
+        await store.put_many(
+            NAMESPACE,
+            [
+                (str(i), Entry(generate_body(r), 1.0, generation).encode())
+                for i, r in enumerate(requests)
+            ],
+        )
+    return requests
+
+
+async def test_resuming_a_long_journal_keeps_memory_flat(tmp_path: pathlib.Path) -> None:
+    peaks = []
+    for count in (1_000, 10_000):
+        path = tmp_path / f"{count}.db"
+        requests = await fill_journal(path, count)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            resumed = 0
+            async with AsyncClient("k", base_url="http://127.0.0.1:9") as dm:  # no call
+                async for result in dm.images.generate_many(iter(requests), journal=path):
+                    resumed += result.resumed and result.ok
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        assert resumed == count
+    assert peaks[1] < peaks[0] * 1.3 + 256 * 1024, peaks  # ten times the records
