@@ -32,6 +32,7 @@ from deepmode_async import (
     APIConnectionError,
     AsyncClient,
     BatchResult,
+    Client,
     GenerateRequest,
     Generation,
     Image,
@@ -474,3 +475,17 @@ async def test_resuming_a_long_journal_keeps_memory_flat(tmp_path: pathlib.Path)
             tracemalloc.stop()
         assert resumed == count
     assert peaks[1] < peaks[0] * 1.3 + 256 * 1024, peaks  # ten times the records
+
+
+def test_the_blocking_client_resumes_too(
+    served: MockDeepMode, model: str, tmp_path: pathlib.Path
+) -> None:
+    journal = tmp_path / "run.db"
+    requests = requests_for(model, 5)
+    with Client(served.api_key, base_url=served.base_url) as dm:
+        first = list(dm.images.generate_many(requests, journal=journal))
+        again = list(dm.images.generate_many(requests, journal=journal))
+    assert all(result.ok and not result.resumed for result in first)
+    assert all(result.ok and result.resumed for result in again)
+    assert {r.index: r.generation for r in again} == {r.index: r.generation for r in first}
+    assert max(charges(served, model).values()) == 1
