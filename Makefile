@@ -43,7 +43,7 @@ demo: $(STAMP)
 	$(BIN)/deepmode demo
 
 # Every benchmark (each starts the mock in its own process), then the targets table
-# into benchmarks/RESULTS.md and README.md. About 4 minutes on 2 cores.
+# into benchmarks/RESULTS.md and README.md. About 5 minutes on 2 cores.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/batch.py
 	$(BIN)/python benchmarks/scaling.py
@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/mock_throughput.py
 	$(BIN)/python benchmarks/hub.py
 	$(BIN)/python benchmarks/shared_backoff.py
+	$(BIN)/python benchmarks/journal.py
 	$(BIN)/python benchmarks/report.py
 
 # Client's static types, generated from the async resources (a test says when to rerun).

@@ -44,6 +44,7 @@ def targets(results: dict[str, Any]) -> list[Row]:
     add("scaling", _scaling)
     add("hub", _hub)
     add("shared_backoff", _shared_backoff)
+    add("journal", _journal)
     return rows
 
 
@@ -87,6 +88,17 @@ def _hub(hub: dict[str, Any]) -> list[Row]:
         ("B7 hub", ">= 2000 deliveries/s a process (Redis)",
          f"{redis['deliveries_per_s']:,}/s (SQLite {sqlite['deliveries_per_s']:,}/s,"
          f" memory {memory['deliveries_per_s']:,}/s)", redis["deliveries_per_s"] >= 2000),
+    ]  # fmt: skip
+
+
+def _journal(journal: dict[str, Any]) -> list[Row]:
+    ratio, added = journal["wall_ratio"], journal["cpu_us_added"]
+    resume = journal["resume"][-1]
+    return [
+        ("B8 journal", "<= 1.10 x the wall time of B1 without", f"{ratio:.2f} x", ratio <= 1.10),
+        ("B8 journal", "<= +40 us CPU a call", f"+{added:.0f} us", added <= 40),
+        ("B8 journal", f"resume rate ({resume['count']} recorded)",
+         f"{resume['per_s']}/s, peak {resume['peak_traced_mib']} MiB traced", None),
     ]  # fmt: skip
 
 

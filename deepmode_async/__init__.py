@@ -17,7 +17,7 @@ one above, and no import comes back round (tests/test_layering.py checks it):
 1. vocabulary: _version, _formats, _errors, _validate, _types, _convert, _encoding
 2. values and state between calls: _tasks, _timeout, _requests, stores
 3. one request: _retry, _pacing, _shared_backoff, _transport, _uploads, _downloads
-4. built on requests, not on a client: batch, callbacks, prep
+4. built on requests, not on a client: _journal, batch, callbacks, prep
 5. the endpoints: resources
 6. the clients and this public face: _client, _sync, __init__
 7. the mock server and its command-line options: testing, _mock_options
@@ -43,6 +43,7 @@ from ._errors import (
     InsufficientCreditsError,
     InternalServerError,
     NotFoundError,
+    OutcomeUnknownError,
     PayloadTooLargeError,
     PermissionDeniedError,
     ProgressCallbackError,
@@ -73,7 +74,7 @@ from ._types import (
 )
 from ._uploads import UploadProgress
 from ._version import __version__
-from .batch import BatchProgress, BatchResult
+from .batch import BatchDownloaded, BatchFailure, BatchProgress, BatchResult, BatchSuccess
 
 __all__ = [
     "APIConnectionError",
@@ -85,8 +86,11 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "Balance",
+    "BatchDownloaded",
+    "BatchFailure",
     "BatchProgress",
     "BatchResult",
+    "BatchSuccess",
     "CallbackNotFoundError",
     "CallbackTimeoutError",
     "Client",
@@ -105,6 +109,7 @@ __all__ = [
     "ModelExtension",
     "ModelType",
     "NotFoundError",
+    "OutcomeUnknownError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "ProgressCallbackError",

@@ -138,6 +138,24 @@ class CallbackNotFoundError(DeepModeError):
     past its expiry."""
 
 
+class OutcomeUnknownError(DeepModeError):
+    """A journalled request was sent by an earlier run and its answer never recorded.
+
+    The server may have acted on it (and charged for it): the run stopped while it was
+    in flight, or it failed in a way that does not say (a timeout, a 5xx). It is not
+    sent again unless the batch is run with `resend_unknown=True`. `.index` and
+    `.request` say which request, `.sent_at` (an aware datetime) when it was sent and
+    `.reason` why it may have been charged.
+    """
+
+    def __init__(self, message: str, *, index: int, request: Any, sent_at: Any, reason: str):
+        super().__init__(message)
+        self.index = index
+        self.request = request
+        self.sent_at = sent_at
+        self.reason = reason
+
+
 class StoreError(DeepModeError):
     """A store (`deepmode_async.stores`) could not be reached or failed.
 

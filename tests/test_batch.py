@@ -10,7 +10,7 @@ import itertools
 import pathlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator
-from typing import Any, cast
+from typing import Any, assert_type, cast
 
 import anyio
 import attrs
@@ -20,9 +20,13 @@ from conftest import eventually, make_client, wait_until
 from deepmode_async import (
     APIConnectionError,
     AsyncClient,
+    BatchDownloaded,
+    BatchFailure,
     BatchProgress,
     BatchResult,
+    BatchSuccess,
     Client,
+    DeepModeError,
     DownloadError,
     GenerateRequest,
     Generation,
@@ -79,7 +83,7 @@ async def collect_into(
 
 def batch_tasks() -> list[asyncio.Task[Any]]:
     """Tasks of a batch still alive on this loop: its requests and its input pulls."""
-    names = {"_run_one", "_Input.next_later"}
+    names = {"_Call.run", "_Call.resume", "_Input.next_later"}
     return [
         task
         for task in asyncio.all_tasks()
@@ -199,6 +203,7 @@ async def test_failures_stay_with_their_request(
     ]
     mock.fail("generate", 500, times=2)  # taken by the first two calls to arrive
     results: list[BatchResult] = []
+    result: BatchResult  # the loop below rebinds it to any result
     async for result in dm.images.generate_many(requests, concurrency=3):
         results.append(result)  # nothing escapes the loop
 
@@ -553,6 +558,7 @@ async def test_downloads_are_pipelined_with_generation(
     requests = requests_for(model_id, 6, num_images=2)
     generates_at_first_result: int | None = None
     results: list[BatchResult] = []
+    result: BatchResult  # the loops below rebind it to any result
     async for result in dm.images.generate_many(requests, concurrency=2, download_to=tmp_path):
         if generates_at_first_result is None:
             generates_at_first_result = len(sent(mock, "generate"))
@@ -865,3 +871,40 @@ async def test_a_request_refused_for_good_does_not_stall_the_batch() -> None:
     assert type(result.error).__name__ == "RateLimitError"
     # Forgiven tries are bounded (8) on top of the 1 + 2 counted ones.
     assert 3 <= tries["refused"] <= 3 + 8
+
+
+async def test_results_narrow_for_type_checkers(
+    dm: AsyncClient, model_id: str, tmp_path: pathlib.Path
+) -> None:
+    """`if result.ok:` (or `result.error is None`) gives `generation`, and with
+    `download_to` `paths`, without Optional; mypy --strict checks the assert_types."""
+    requests = [GenerateRequest(model_id=model_id, prompt="p"), *requests_for(UNKNOWN_MODEL, 1)]
+    seen = []
+    async for result in dm.images.generate_many(requests):
+        assert_type(result, BatchSuccess | BatchFailure)
+        assert isinstance(result, BatchResult)
+        if result.ok:
+            assert_type(result.generation, Generation)
+            seen.append(len(result.generation.images))
+        else:
+            assert_type(result.error, DeepModeError)
+            seen.append(-1)
+    assert sorted(seen) == [-1, 1]
+    async for downloaded in dm.images.generate_many(requests[:1], download_to=tmp_path):
+        assert_type(downloaded, BatchDownloaded | BatchFailure)
+        assert downloaded.error is None
+        assert_type(downloaded, BatchDownloaded)
+        assert_type(downloaded.paths, tuple[pathlib.Path, ...])
+        assert [path.parent for path in downloaded.paths] == [tmp_path]
+
+
+def test_blocking_results_narrow_too(tmp_path: pathlib.Path) -> None:
+    with MockDeepMode() as mock, Client(mock.api_key, base_url=mock.base_url) as client:
+        model_id = mock.add_model().id
+        for result in client.images.generate_many(
+            [GenerateRequest(model_id=model_id, prompt="p")], download_to=tmp_path
+        ):
+            assert_type(result, BatchDownloaded | BatchFailure)
+            assert result.ok
+            assert_type(result.paths, tuple[pathlib.Path, ...])
+            assert len(result.paths) == 1

@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
     {"_version", "_formats", "_errors", "_validate", "_types", "_convert", "_encoding"},
     {"_tasks", "_timeout", "_requests", "stores"},
     {"_retry", "_pacing", "_shared_backoff", "_transport", "_uploads", "_downloads"},
-    {"batch", "callbacks", "prep"},
+    {"_journal", "batch", "callbacks", "prep"},
     {"resources"},
     {"_client", "_sync", "__init__"},
     {"testing", "_mock_options"},

@@ -82,6 +82,34 @@ async def test_get_many_keeps_order_and_gaps(store: Store) -> None:
     assert await store.get_many("many", []) == []
 
 
+async def test_put_many_writes_them_all(store: Store) -> None:
+    await store.put("batch", "0", b"old")
+    await store.put_many("batch", [(str(i), f"v{i}".encode()) for i in range(700)])
+    values = await store.get_many("batch", [str(i) for i in range(701)])
+    assert values == [f"v{i}".encode() for i in range(700)] + [None]  # "0" overwritten
+    await store.put_many("batch", [])  # nothing to do, and no error
+    await store.put_many("short", [("a", b"1"), ("b", b"2")], ttl=0.2)
+    assert await store.get_many("short", ["a", "b"]) == [b"1", b"2"]
+    await asyncio.sleep(0.3)
+    assert await store.get_many("short", ["a", "b"]) == [None, None]
+    with pytest.raises(ValidationError):
+        await store.put_many("batch", [("k", "not bytes")])  # type: ignore[list-item]
+    with pytest.raises(ValidationError):
+        await store.put_many("bad:ns", [("k", b"v")])
+
+
+class _PlainStore(MemoryStore):
+    """A store of one's own that has no `put_many`: the interface's default serves."""
+
+    put_many = Store.put_many
+
+
+async def test_put_many_default_puts_one_by_one() -> None:
+    async with _PlainStore() as store:
+        await store.put_many("ns", [("a", b"1"), ("b", b"2")])
+        assert await store.get_many("ns", ["a", "b"]) == [b"1", b"2"]
+
+
 async def test_add_sets_only_the_first_time(store: Store) -> None:
     assert await store.add("ns", "k", b"first") is True
     assert await store.add("ns", "k", b"second") is False

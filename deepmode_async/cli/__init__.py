@@ -179,6 +179,16 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--concurrency", type=int, default=8, help="calls in flight")
     generate.add_argument("--out", help="download the images into this directory")
     generate.add_argument("--callback", metavar="URL", help="callback mode: one call only")
+    generate.add_argument(
+        "--journal",
+        metavar="FILE",
+        help="record the batch in this SQLite file (or store URL); run again to resume",
+    )
+    generate.add_argument(
+        "--resend-unknown",
+        action="store_true",
+        help="with --journal: send again requests whose outcome was never recorded",
+    )
 
     upscale = command(commands, "upscale", _commands.upscale, "upscale an image x4 (3 credits)")
     upscale.add_argument("image_id", metavar="IMAGE_ID")

@@ -13,7 +13,7 @@ import attrs
 from .. import _validate as check
 from .._client import AsyncClient
 from .._downloads import DownloadProgress, check_destination
-from .._errors import DeepModeError, ValidationError
+from .._errors import DeepModeError, OutcomeUnknownError, ValidationError
 from .._pacing import Pacer, pacing
 from .._requests import GenerateRequest
 from .._tasks import map_bounded
@@ -170,7 +170,11 @@ def generate(options: argparse.Namespace) -> None:
         )
         for prompt in _prompts(options)
     ]
+    if options.resend_unknown and options.journal is None:
+        raise ValidationError("--resend-unknown needs --journal")
     if options.callback is not None:
+        if options.journal is not None:
+            raise ValidationError("--journal is for batches in sync mode: drop --callback")
         if len(requests) > 1:
             raise ValidationError("--callback takes one --prompt, not a batch")
         if options.out is not None:
@@ -193,23 +197,49 @@ def generate(options: argparse.Namespace) -> None:
 async def generate_batch(
     options: argparse.Namespace, dm: AsyncClient, requests: list[GenerateRequest]
 ) -> list[BatchResult]:
-    """Run `requests` through `generate_many`, a line (or a bar) per result; in order."""
+    """Run `requests` through `generate_many`, a line (or a bar) per result; in order.
+
+    With `--journal`, a summary (resumed, sent, unknown, failed) goes to stderr at the
+    end, also when the batch is interrupted, saying how to resume it.
+    """
     results = []
-    with progress_bar(options, "generating", len(requests)) as bar:
-        report = None if bar is None else lambda p: bar.update(p.completed)
-        async with contextlib.aclosing(
-            dm.images.generate_many(
-                requests,
-                concurrency=options.concurrency,
-                download_to=options.out,
-                progress=report,
-            )
-        ) as stream:
-            async for result in stream:
-                results.append(result)
-                if not options.json:
-                    print(describe(result), flush=True)
+    journal = getattr(options, "journal", None)
+    try:
+        with progress_bar(options, "generating", len(requests)) as bar:
+            report = None if bar is None else lambda p: bar.update(p.completed)
+            async with contextlib.aclosing(
+                dm.images.generate_many(
+                    requests,
+                    concurrency=options.concurrency,
+                    download_to=options.out,
+                    progress=report,
+                    journal=journal,
+                    resend_unknown=getattr(options, "resend_unknown", False),
+                )
+            ) as stream:
+                async for result in stream:
+                    results.append(result)
+                    if not options.json:
+                        print(describe(result), flush=True)
+    except BaseException:
+        if journal is not None:
+            say(f"{journal_summary(results)}; interrupted: run the same command to resume")
+        raise
+    if journal is not None:
+        say(journal_summary(results))
     return sorted(results, key=lambda result: result.index)
+
+
+def journal_summary(results: list[BatchResult]) -> str:
+    """How a journalled batch went: results resumed, calls sent, unknown and failed."""
+    unknown = sum(isinstance(result.error, OutcomeUnknownError) for result in results)
+    resumed = sum(result.resumed for result in results) - unknown
+    sent = len(results) - resumed - unknown
+    failed = sum(not result.ok for result in results) - unknown
+    text = f"journal: {resumed} resumed, {sent} sent, {unknown} unknown, {failed} failed"
+    if unknown:
+        text += " (unknown: sent earlier, may have been charged; --resend-unknown sends them)"
+    return text
 
 
 def upscale(options: argparse.Namespace) -> None:

@@ -30,8 +30,9 @@ from .._types import (
     RemixResult,
 )
 from .._uploads import ImageInput, UploadProgressCallback
-from ..batch import BatchProgressCallback, BatchResult
+from ..batch import BatchDownloaded, BatchFailure, BatchProgressCallback, BatchSuccess
 from ..callbacks import CallbackHub
+from ..stores import Store
 
 
 class BlockingModels(Protocol):
@@ -106,6 +107,83 @@ class BlockingModels(Protocol):
 
 class BlockingImages(Protocol):
     """The blocking `Images` of `Client`: each method waits for its result."""
+
+    @overload
+    def generate_many(
+        self,
+        requests: Iterable[GenerateRequest] | AsyncIterable[GenerateRequest],
+        *,
+        concurrency: int = 8,
+        download_to: None = None,
+        progress: BatchProgressCallback | None = None,
+        timeout: Timeout | float | None = None,
+        journal: str | os.PathLike[str] | Store | None = None,
+        resend_unknown: bool = False,
+    ) -> Iterator[BatchSuccess | BatchFailure]: ...
+    @overload
+    def generate_many(
+        self,
+        requests: Iterable[GenerateRequest] | AsyncIterable[GenerateRequest],
+        *,
+        concurrency: int = 8,
+        download_to: str | os.PathLike[str],
+        progress: BatchProgressCallback | None = None,
+        timeout: Timeout | float | None = None,
+        journal: str | os.PathLike[str] | Store | None = None,
+        resend_unknown: bool = False,
+    ) -> Iterator[BatchDownloaded | BatchFailure]: ...
+    def generate_many(
+        self,
+        requests: Iterable[GenerateRequest] | AsyncIterable[GenerateRequest],
+        *,
+        concurrency: int = 8,
+        download_to: str | os.PathLike[str] | None = None,
+        progress: BatchProgressCallback | None = None,
+        timeout: Timeout | float | None = None,
+        journal: str | os.PathLike[str] | Store | None = None,
+        resend_unknown: bool = False,
+    ) -> Iterator[BatchSuccess | BatchDownloaded | BatchFailure]:
+        """Generate for many requests at once; yield a `BatchResult` as each completes.
+
+        `requests` (`GenerateRequest`s, from an iterable or an async iterable) are taken
+        one by one as slots free up, so an endless generator works, and at most
+        `concurrency` are in flight. Every request yields exactly one result: a failure
+        is its result's `.error` and never stops the others. A 429 slows the whole
+        batch down (it waits as the server asks, and fewer requests go at once for a
+        while) instead of every request retrying on its own. Results are
+        `BatchSuccess` (`BatchDownloaded` with `download_to`) or `BatchFailure`, so
+        `if result.ok:` narrows `result.generation` (and `result.paths`) for a type
+        checker.
+
+        With `download_to`, each generation's images are downloaded into that directory
+        as soon as it completes (`.paths`), atomically, as `download` does. `progress`
+        is called with a `BatchProgress` as requests start and finish; if it raises, no
+        more requests start, those in flight are yielded, and then it raises
+        `ProgressCallbackError`.
+
+        `journal` (a path: an SQLite file; or a `Store`, or a store URL such as
+        `redis://...`) makes the batch resumable: each request is recorded before it is
+        sent and its outcome when it ends, yielded or not. Run the batch again with the
+        same input and journal after a crash, a kill or Ctrl+C: recorded results are
+        yielded again without a call (`resumed=True`; with `download_to`, missing files
+        are downloaded again through `retrieve`, free); a request sent with no recorded
+        answer (it may have been charged) yields `OutcomeUnknownError` and is not sent
+        again unless `resend_unknown=True`; one that failed where the server surely did
+        not act is sent again. An input that differs from the journal's records raises
+        `ValidationError` naming the first index that differs, before any call of that
+        stretch of the input (the first `512` requests: before any call at all). A
+        journal holds one batch: use a new file (or store) for a new batch. Resumed
+        images carry the URLs recorded with them, which expire: `retrieve` signs anew.
+
+        Breaking out of the loop, or cancelling it, cancels what is in flight and waits
+        for it to clean up; use `contextlib.aclosing` around the iterator for this to
+        happen at the `break` itself rather than when the iterator is collected (the
+        blocking `Client` does it at the `break`). An input that fails (or holds
+        something other than a `GenerateRequest`) starts no more requests; those in
+        flight still yield, then its error is raised. A plain iterable is read on the
+        event loop, so it should not block; arguments are checked when iteration starts.
+        """
+        ...
 
     def remix(
         self,
@@ -186,40 +264,6 @@ class BlockingImages(Protocol):
 
         Spending credits, this call is never sent twice when the server may have acted on
         it: a timeout or a 5xx is raised, not retried (see the README's retry table).
-        """
-        ...
-
-    def generate_many(
-        self,
-        requests: Iterable[GenerateRequest] | AsyncIterable[GenerateRequest],
-        *,
-        concurrency: int = 8,
-        download_to: str | os.PathLike[str] | None = None,
-        progress: BatchProgressCallback | None = None,
-        timeout: Timeout | float | None = None,
-    ) -> Iterator[BatchResult]:
-        """Generate for many requests at once; yield a `BatchResult` as each completes.
-
-        `requests` (`GenerateRequest`s, from an iterable or an async iterable) are taken
-        one by one as slots free up, so an endless generator works, and at most
-        `concurrency` are in flight. Every request yields exactly one result: a failure
-        is its result's `.error` and never stops the others. A 429 slows the whole
-        batch down (it waits as the server asks, and fewer requests go at once for a
-        while) instead of every request retrying on its own.
-
-        With `download_to`, each generation's images are downloaded into that directory
-        as soon as it completes (`.paths`), atomically, as `download` does. `progress`
-        is called with a `BatchProgress` as requests start and finish; if it raises, no
-        more requests start, those in flight are yielded, and then it raises
-        `ProgressCallbackError`.
-
-        Breaking out of the loop, or cancelling it, cancels what is in flight and waits
-        for it to clean up; use `contextlib.aclosing` around the iterator for this to
-        happen at the `break` itself rather than when the iterator is collected (the
-        blocking `Client` does it at the `break`). An input that fails (or holds
-        something other than a `GenerateRequest`) starts no more requests; those in
-        flight still yield, then its error is raised. A plain iterable is read on the
-        event loop, so it should not block; arguments are checked when iteration starts.
         """
         ...
 

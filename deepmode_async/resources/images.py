@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
-from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Sequence
+from collections.abc import Iterable
 from typing import overload
 
 from .. import _validate as check
@@ -22,13 +21,13 @@ from .._requests import GenerateRequest, generate_body
 from .._timeout import Timeout
 from .._transport import Transport, json_body
 from .._types import Accepted, Generation, Image, Ratio
-from ..batch import BatchProgressCallback, BatchResult, run_batch
 from ..callbacks import CallbackHub
+from ._batching import Batching
 from ._callbacks import submit_and_wait
 from ._remix import Remixing
 
 
-class Images(Remixing):
+class Images(Batching, Remixing):
     """Images from a trained model, and what can be done with them."""
 
     def __init__(self, transport: Transport) -> None:
@@ -120,72 +119,6 @@ class Images(Remixing):
         return await self._call(
             Accepted, "POST", "/api/images/generate", body=json_body(body), timeout=timeout
         )
-
-    async def generate_many(
-        self,
-        requests: Iterable[GenerateRequest] | AsyncIterable[GenerateRequest],
-        *,
-        concurrency: int = 8,
-        download_to: str | os.PathLike[str] | None = None,
-        progress: BatchProgressCallback | None = None,
-        timeout: Timeout | float | None = None,
-    ) -> AsyncGenerator[BatchResult, None]:
-        """Generate for many requests at once; yield a `BatchResult` as each completes.
-
-        `requests` (`GenerateRequest`s, from an iterable or an async iterable) are taken
-        one by one as slots free up, so an endless generator works, and at most
-        `concurrency` are in flight. Every request yields exactly one result: a failure
-        is its result's `.error` and never stops the others. A 429 slows the whole
-        batch down (it waits as the server asks, and fewer requests go at once for a
-        while) instead of every request retrying on its own.
-
-        With `download_to`, each generation's images are downloaded into that directory
-        as soon as it completes (`.paths`), atomically, as `download` does. `progress`
-        is called with a `BatchProgress` as requests start and finish; if it raises, no
-        more requests start, those in flight are yielded, and then it raises
-        `ProgressCallbackError`.
-
-        Breaking out of the loop, or cancelling it, cancels what is in flight and waits
-        for it to clean up; use `contextlib.aclosing` around the iterator for this to
-        happen at the `break` itself rather than when the iterator is collected (the
-        blocking `Client` does it at the `break`). An input that fails (or holds
-        something other than a `GenerateRequest`) starts no more requests; those in
-        flight still yield, then its error is raised. A plain iterable is read on the
-        event loop, so it should not block; arguments are checked when iteration starts.
-        """
-        concurrency = check.positive("concurrency", concurrency)
-        if progress is not None and not callable(progress):
-            raise ValidationError("progress must be a callable or None")
-        directory = check_destination(download_to) if download_to is not None else None
-        call_timeout = self._timeout(timeout)
-
-        async def generate(request: GenerateRequest) -> Generation:
-            return await self._generate(request, call_timeout)
-
-        async def download(images: Sequence[Image]) -> list[pathlib.Path]:
-            assert directory is not None
-            # `directory` was checked once for the batch; should it go away later,
-            # writing into it fails as a `DownloadError` ("cannot write"), the
-            # generation kept.
-            return await self._downloader.download(
-                images,
-                directory,
-                concurrency=DOWNLOAD_CONCURRENCY,
-                overwrite=False,
-                progress=None,
-                timeout=call_timeout,
-            )
-
-        results = run_batch(
-            requests,
-            generate=generate,
-            download=download if directory is not None else None,
-            concurrency=concurrency,
-            progress=progress,
-        )
-        async with contextlib.aclosing(results):
-            async for result in results:
-                yield result
 
     async def retrieve(self, image_id: str, *, timeout: Timeout | float | None = None) -> Image:
         """An image by id, with a freshly signed `image_url` (free)."""

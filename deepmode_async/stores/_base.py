@@ -68,6 +68,18 @@ class Store(abc.ABC):
     async def put(self, ns: str, key: str, value: bytes, *, ttl: float | None = None) -> None:
         """Set `key` to `value`, whatever was there."""
 
+    async def put_many(
+        self, ns: str, items: Sequence[tuple[str, bytes]], *, ttl: float | None = None
+    ) -> None:
+        """`put` of every `(key, value)` of `items`, in one trip where the store can.
+
+        When it returns, all are written. Not atomic: a failure part way may leave
+        some written. The stores of this package write them in one transaction (SQLite)
+        or one pipelined round trip (Redis); this default puts them one by one.
+        """
+        for key, value in items:
+            await self.put(ns, key, value, ttl=ttl)
+
     @abc.abstractmethod
     async def add(self, ns: str, key: str, value: bytes, *, ttl: float | None = None) -> bool:
         """Set `key` only if it has no live value; True when this call set it.

@@ -101,6 +101,18 @@ class MemoryStore(Store):
             self._check_open()
             self._set(ns, key, value, ttl, time.monotonic())
 
+    async def put_many(
+        self, ns: str, items: Sequence[tuple[str, bytes]], *, ttl: float | None = None
+    ) -> None:
+        check_ns(ns)
+        checked = [(check_key(key), check_value(value)) for key, value in items]
+        ttl = check_ttl(ttl)
+        with self._lock:
+            self._check_open()
+            now = time.monotonic()
+            for key, value in checked:
+                self._set(ns, key, value, ttl, now)
+
     async def add(self, ns: str, key: str, value: bytes, *, ttl: float | None = None) -> bool:
         check_address(ns, key)
         value, ttl = check_value(value), check_ttl(ttl)

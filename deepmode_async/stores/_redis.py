@@ -219,6 +219,19 @@ class RedisStore(Store):
     async def put(self, ns: str, key: str, value: bytes, *, ttl: float | None = None) -> None:
         await self._set(ns, key, value, ttl, only_new=False)
 
+    async def put_many(
+        self, ns: str, items: Sequence[tuple[str, bytes]], *, ttl: float | None = None
+    ) -> None:
+        check_ns(ns)
+        checked = [(check_key(key), check_value(value)) for key, value in items]
+        ms = _ms(check_ttl(ttl))
+        # MULTI/EXEC: one round trip, and no other client sees half of it.
+        async with self._on_loop().client.pipeline(transaction=True) as pipe:
+            for key, value in checked:
+                pipe.set(self._key(ns, key), value, px=ms)
+            with self._translated():
+                await pipe.execute()
+
     async def add(self, ns: str, key: str, value: bytes, *, ttl: float | None = None) -> bool:
         return await self._set(ns, key, value, ttl, only_new=True)
 

@@ -105,6 +105,35 @@ class SQLiteStore(Store):
     async def put(self, ns: str, key: str, value: bytes, *, ttl: float | None = None) -> None:
         await self._write(ns, key, value, ttl, "")
 
+    async def put_many(
+        self, ns: str, items: Sequence[tuple[str, bytes]], *, ttl: float | None = None
+    ) -> None:
+        check_ns(ns)
+        checked = [(check_key(key), check_value(value)) for key, value in items]
+        ttl = check_ttl(ttl)
+        if not checked:
+            return
+        sql = (
+            "INSERT INTO records (ns, key, value, expires) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value,"
+            " expires = excluded.expires"
+        )
+
+        def work(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            expires = None if ttl is None else now + ttl
+            # One transaction: one commit (and one WAL append) for them all.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(sql, [(ns, key, value, expires) for key, value in checked])
+                self._wrote(conn, now)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+        await self._file.run(work)
+
     async def add(self, ns: str, key: str, value: bytes, *, ttl: float | None = None) -> bool:
         # One statement, so atomic: it overwrites only a record that has expired.
         return await self._write(

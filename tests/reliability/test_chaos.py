@@ -24,7 +24,7 @@ import gc
 import logging
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import attrs
 import pytest
@@ -87,7 +87,7 @@ class Tally:
 
 
 def check_batch(
-    mock: MockDeepMode, requests: list[GenerateRequest], results: list[BatchResult]
+    mock: MockDeepMode, requests: list[GenerateRequest], results: Sequence[BatchResult]
 ) -> Tally:
     """Assert every promise of the chaos batch; return the numbers.
 

@@ -194,6 +194,7 @@ async def test_urls_that_expire_again_after_their_refresh_fail_each_request_once
         model_id = mock.add_model().id
         requests = [GenerateRequest(model_id=model_id, prompt=f"p{i}") for i in range(10)]
         results: list[BatchResult] = []
+        result: BatchResult  # the loops below rebind it to any result
         async for result in dm.images.generate_many(requests, concurrency=5, download_to=tmp_path):
             results.append(result)
 

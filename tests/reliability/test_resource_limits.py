@@ -465,6 +465,7 @@ async def test_a_disk_that_refuses_writes_mid_download_fails_each_request_and_ke
         model_id = mock.add_model().id
         requests = [GenerateRequest(model_id=model_id, prompt=f"p{i}") for i in range(4)]
         results: list[BatchResult] = []
+        result: BatchResult  # the loop below rebinds it to any result
         with file_size_limit(MB):
             async for result in dm.images.generate_many(requests, download_to=tmp_path):
                 results.append(result)
@@ -523,6 +524,7 @@ async def test_a_dest_replaced_by_a_file_mid_batch_fails_the_later_requests_only
     model_id = mock.add_model().id
     requests = [GenerateRequest(model_id=model_id, prompt=f"p{i}") for i in range(4)]
     results: list[BatchResult] = []
+    result: BatchResult  # the loops below rebind it to any result
     async for result in dm.images.generate_many(requests, concurrency=1, download_to=dest):
         results.append(result)
         if len(results) == 2:

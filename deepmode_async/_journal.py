@@ -1,0 +1,276 @@
+"""The journal of a resumable batch (`generate_many(..., journal=...)`, DESIGN §5).
+
+One record per request, under its index in the input, in a store (§8): written before
+the request is sent (so a crash after sending is never taken for "not sent"), and again
+with its outcome when it ends, whether or not the consumer ever sees it. A rerun with
+the same input reads the records a window at a time as the input advances (a journal
+of a million requests is never loaded whole), and for each request decides: yield the
+recorded result again, send it (never recorded, or failed where the server surely did
+not act), or report that its outcome is unknown.
+
+Writes from concurrent requests are grouped: whatever is waiting while one write is
+in flight goes in the next, as one `put_many` (one SQLite transaction, one Redis round
+trip), so a batch of any concurrency costs about one store trip per completion wave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import pathlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, TypeAlias
+
+import attrs
+
+from ._convert import converter
+from ._errors import DeepModeError, OutcomeUnknownError, StoreError, ValidationError
+from ._requests import GenerateRequest, generate_body
+from ._retry import server_may_have_acted
+from ._types import Generation, Image
+from .stores import SQLiteStore, Store, as_store
+
+#: The store namespace of a batch's records.
+NAMESPACE: Final = "journal"
+#: Records read in one trip; also how far ahead of the batch the input is read to check
+#: it against them (only where the journal has records).
+WINDOW: Final = 512
+
+#: How long a write waits for others to go with it (seconds).
+_GATHER: Final = 0.001
+
+#: What `journal=` accepts: a path (an SQLite file), a store, or a store URL.
+JournalTarget: TypeAlias = "str | os.PathLike[str] | Store"
+#: A fresh `Image` by id (`images.retrieve`): free, for files to be downloaded again.
+Refresh: TypeAlias = Callable[[str], Awaitable[Image]]
+
+_log = logging.getLogger("deepmode_async")
+_dumps: Final = json.JSONEncoder(separators=(",", ":")).encode  # made once: a record a call
+
+
+@attrs.frozen
+class Entry:
+    """One request's record: what was sent and when, and its outcome once it ended."""
+
+    request: dict[str, Any]
+    sent_at: float
+    generation: dict[str, Any] | None = None
+    paths: tuple[str, ...] | None = None
+    error: str | None = None
+    acted: bool | None = None
+
+    def encode(self) -> bytes:
+        record: dict[str, Any] = {"q": self.request, "t": self.sent_at}
+        if self.generation is not None:
+            record["g"] = self.generation
+        if self.paths is not None:
+            record["p"] = list(self.paths)
+        if self.error is not None:
+            record["e"], record["a"] = self.error, self.acted
+        return _dumps(record).encode()
+
+    @classmethod
+    def decode(cls, index: int, value: bytes) -> Entry:
+        try:
+            record = json.loads(value)
+            paths = record.get("p")
+            return cls(
+                request=dict(record["q"]),
+                sent_at=float(record["t"]),
+                generation=record.get("g"),
+                paths=None if paths is None else tuple(str(path) for path in paths),
+                error=record.get("e"),
+                acted=record.get("a"),
+            )
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise StoreError(
+                f"the journal's record of requests[{index}] is not readable: the journal "
+                "was written by something else, or damaged"
+            ) from None
+
+    def unknown_reason(self) -> str | None:
+        """Why the server may have acted on this request with no recorded answer (None:
+        the answer is recorded, or the server surely did not act)."""
+        if self.generation is not None:
+            return None
+        if self.error is None:
+            return "the run that sent it stopped before its answer was recorded"
+        if self.acted:
+            return f"it failed in a way that does not say whether it was carried out ({self.error})"
+        return None
+
+
+def open_journal(journal: object) -> tuple[Store, bool]:
+    """The store of `journal=`, and whether the batch owns it (and so closes it)."""
+    if isinstance(journal, Store):
+        return journal, False
+    if isinstance(journal, str) and "://" in journal:
+        return as_store(journal), True
+    if isinstance(journal, str | os.PathLike):
+        return SQLiteStore(journal), True
+    raise ValidationError(
+        "journal must be a path (an SQLite file), a Store or a store URL, not "
+        f"{type(journal).__name__}"
+    )
+
+
+class BatchJournal:
+    """A batch's journal: its records by index, grouped writes, and the resume rules."""
+
+    def __init__(
+        self, store: Store, *, owned: bool, resend_unknown: bool, refresh: Refresh
+    ) -> None:
+        self.store = store
+        self.owned = owned
+        self.resend_unknown = resend_unknown
+        self.refresh = refresh
+        self._pending: list[tuple[str, bytes, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ reading
+
+    async def window(self, start: int) -> dict[int, Entry]:
+        """The records of requests `start` to `start + WINDOW - 1`, by index."""
+        values = await self.store.get_many(
+            NAMESPACE, [str(index) for index in range(start, start + WINDOW)]
+        )
+        return {
+            start + offset: Entry.decode(start + offset, value)
+            for offset, value in enumerate(values)
+            if value is not None
+        }
+
+    @staticmethod
+    def check(index: int, request: GenerateRequest, entry: Entry) -> None:
+        """Refuse an input whose request `index` is not the one recorded there."""
+        given = generate_body(request)
+        if given != entry.request:
+            differs = sorted(
+                name
+                for name in given.keys() | entry.request.keys()
+                if given.get(name) != entry.request.get(name)
+            )
+            raise ValidationError(
+                f"requests[{index}] is not the request this journal recorded at index "
+                f"{index} (different {', '.join(differs)}): resume with the same input in "
+                "the same order, or use a new journal for a new batch"
+            )
+
+    def unknown(self, index: int, request: GenerateRequest, entry: Entry) -> DeepModeError | None:
+        """The `OutcomeUnknownError` to yield instead of sending again, if any."""
+        reason = entry.unknown_reason()
+        if reason is None or self.resend_unknown:
+            return None
+        sent_at = dt.datetime.fromtimestamp(entry.sent_at, dt.UTC)
+        return OutcomeUnknownError(
+            f"requests[{index}] (prompt {request.prompt!r}) was sent at "
+            f"{sent_at.isoformat(timespec='seconds')} and may have been charged: {reason}; "
+            "it is not sent again unless the batch runs with resend_unknown=True",
+            index=index,
+            request=request,
+            sent_at=sent_at,
+            reason=reason,
+        )
+
+    @staticmethod
+    def recorded(entry: Entry) -> Generation | None:
+        """The generation recorded for a request, if it has one."""
+        if entry.generation is None:
+            return None
+        return converter.structure(entry.generation, Generation)
+
+    async def missing_files(
+        self,
+        generation: Generation,
+        paths: tuple[str, ...] | None,
+        download: Callable[[Sequence[Image]], Awaitable[list[pathlib.Path]]],
+    ) -> tuple[pathlib.Path, ...]:
+        """The files of a recorded generation, those missing downloaded again (with
+        fresh URLs from `refresh`: no charge)."""
+        known = [pathlib.Path(path) for path in paths] if paths is not None else []
+        if len(known) != len(generation.images):
+            known = []
+        wanted = [
+            position
+            for position in range(len(generation.images))
+            if not known or not known[position].is_file()
+        ]
+        if not wanted:
+            return tuple(known)
+        fresh = [await self.refresh(generation.images[position].id) for position in wanted]
+        fetched = iter(await download(fresh))
+        result = known or [pathlib.Path()] * len(generation.images)
+        for position in wanted:
+            result[position] = next(fetched)
+        return tuple(result)
+
+    # ------------------------------------------------------------------ writing
+
+    async def sent(self, index: int, request: GenerateRequest) -> Entry:
+        """Record that request `index` is about to be sent; returns once it is durable."""
+        entry = Entry(generate_body(request), time.time())
+        await self._write(index, entry)
+        return entry
+
+    async def ended(self, index: int, entry: Entry) -> None:
+        """Record a request's outcome. A store that fails is logged, not raised: the
+        result is paid for and is yielded all the same (a rerun reports it unknown)."""
+        try:
+            await self._write(index, entry)
+        except StoreError as error:
+            _log.warning("journal: the outcome of requests[%d] was not recorded: %s", index, error)
+
+    @staticmethod
+    def succeeded(entry: Entry, generation: Generation) -> Entry:
+        return attrs.evolve(entry, generation=converter.unstructure(generation))
+
+    @staticmethod
+    def failed(entry: Entry, error: DeepModeError) -> Entry:
+        text = f"{type(error).__name__}: {error}"
+        return attrs.evolve(entry, error=text, acted=server_may_have_acted(error))
+
+    @staticmethod
+    def downloaded(entry: Entry, paths: tuple[pathlib.Path, ...]) -> Entry:
+        return attrs.evolve(entry, paths=tuple(str(path) for path in paths))
+
+    async def _write(self, index: int, entry: Entry) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._pending.append((str(index), entry.encode(), done))
+        if self._writer is None:
+            self._writer = loop.create_task(self._write_pending())
+        # A waiter cancelled here cancels only its future: the record is written anyway.
+        await done
+
+    async def _write_pending(self) -> None:
+        try:
+            while self._pending:
+                # Let the writes of requests finishing about now join this one: a
+                # store trip costs far more than this wait, and fewer trips are made.
+                await asyncio.sleep(_GATHER)
+                group, self._pending = self._pending, []
+                latest = {key: value for key, value, _ in group}  # one write per key
+                try:
+                    await self.store.put_many(NAMESPACE, list(latest.items()))
+                except Exception as error:
+                    for *_, done in group:
+                        if not done.done():
+                            done.set_exception(error)
+                    continue
+                for *_, done in group:
+                    if not done.done():
+                        done.set_result(None)
+        finally:
+            self._writer = None
+
+    async def aclose(self) -> None:
+        """Wait for the writes under way, then close the store if the batch opened it."""
+        writer = self._writer
+        if writer is not None:
+            await asyncio.gather(writer, return_exceptions=True)
+        if self.owned:
+            await self.store.aclose()
