@@ -93,6 +93,44 @@ class _OnLoop:
         await asyncio.gather(self.keeper, return_exceptions=True)
 
 
+def _connection_settings(url_or_client: object) -> tuple[dict[str, Any], str, int]:
+    """The connection settings of a URL or a client (not its pool), its name without a
+    password, and the most connections the store may open."""
+    redis = _redis()
+    if isinstance(url_or_client, str):
+        name = redact_url(url_or_client)
+        try:
+            kwargs = {**_DEFAULTS, **redis.asyncio.connection.parse_url(url_or_client)}
+        except (ValueError, TypeError) as exc:
+            raise ValidationError(
+                f"not a Redis URL: {name} ({_scrub(str(exc), url_or_client)}); "
+                "use redis://[[user]:password@]host[:port][/db], rediss://... or "
+                "unix:///path/to/redis.sock"
+            ) from None
+        kwargs.setdefault(
+            "retry", redis.asyncio.retry.Retry(redis.backoff.ExponentialBackoff(0.2, 0.02), 2)
+        )
+        max_connections = _MAX_CONNECTIONS
+    elif isinstance(url_or_client, redis.asyncio.Redis):
+        pool = url_or_client.connection_pool
+        # The settings, not the pool's own machinery (handlers bound to that pool).
+        kwargs = {
+            setting: value
+            for setting, value in pool.connection_kwargs.items()
+            if not setting.startswith(_POOL_INTERNALS)
+        }
+        kwargs["connection_class"] = pool.connection_class
+        max_connections = min(pool.max_connections, _MAX_CONNECTIONS)
+        tls = issubclass(pool.connection_class, redis.asyncio.SSLConnection)
+        name = _describe_kwargs(kwargs, "rediss" if tls else "redis")
+    else:
+        raise ValidationError(
+            "RedisStore takes a redis:// URL or a redis.asyncio.Redis, not "
+            f"{type(url_or_client).__name__}"
+        )
+    return kwargs, name, max_connections
+
+
 class RedisStore(Store):
     """A store in Redis, shared by every process on every machine that uses it.
 
@@ -107,41 +145,10 @@ class RedisStore(Store):
     """
 
     def __init__(self, url_or_client: str | Redis, *, prefix: str = "deepmode:") -> None:
-        redis = _redis()
         if not isinstance(prefix, str):
             raise ValidationError(f"prefix must be a str, not {type(prefix).__name__}")
         self._prefix = prefix
-        if isinstance(url_or_client, str):
-            self._name = redact_url(url_or_client)
-            try:
-                kwargs = {**_DEFAULTS, **redis.asyncio.connection.parse_url(url_or_client)}
-            except (ValueError, TypeError) as exc:
-                raise ValidationError(
-                    f"not a Redis URL: {self._name} ({_scrub(str(exc), url_or_client)}); "
-                    "use redis://[[user]:password@]host[:port][/db], rediss://... or "
-                    "unix:///path/to/redis.sock"
-                ) from None
-            kwargs.setdefault(
-                "retry", redis.asyncio.retry.Retry(redis.backoff.ExponentialBackoff(0.2, 0.02), 2)
-            )
-            max_connections = _MAX_CONNECTIONS
-        elif isinstance(url_or_client, redis.asyncio.Redis):
-            pool = url_or_client.connection_pool
-            # The settings, not the pool's own machinery (handlers bound to that pool).
-            kwargs = {
-                name: value
-                for name, value in pool.connection_kwargs.items()
-                if not name.startswith(_POOL_INTERNALS)
-            }
-            kwargs["connection_class"] = pool.connection_class
-            max_connections = min(pool.max_connections, _MAX_CONNECTIONS)
-            tls = issubclass(pool.connection_class, redis.asyncio.SSLConnection)
-            self._name = _describe_kwargs(kwargs, "rediss" if tls else "redis")
-        else:
-            raise ValidationError(
-                "RedisStore takes a redis:// URL or a redis.asyncio.Redis, not "
-                f"{type(url_or_client).__name__}"
-            )
+        kwargs, self._name, max_connections = _connection_settings(url_or_client)
         kwargs["decode_responses"] = False  # values are bytes
         # Blocking: past `max_connections` a call waits for a free connection rather
         # than failing as if Redis were down.
@@ -149,7 +156,7 @@ class RedisStore(Store):
         kwargs["timeout"] = kwargs.get("socket_timeout") or _DEFAULTS["socket_timeout"]
         self._kwargs = kwargs
         self._password = kwargs.get("password")
-        self._failures: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._failures: tuple[type[BaseException], ...] = (_redis().RedisError, OSError)
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _OnLoop] = (
             weakref.WeakKeyDictionary()
         )
