@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import copy
 import functools
 import inspect
 import os
@@ -23,13 +24,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Self, TypeVar, Unpack, cast
 
 import aiohttp
 import anyio
 import attrs
 
-from ._client import AsyncClient, forget_session
+from ._client import AsyncClient, ClientOptions, forget_session
 from ._errors import DeepModeError, ValidationError
 from ._retry import RetryPolicy
 from ._timeout import Timeout
@@ -93,9 +94,23 @@ class Client:
         # Nothing the loop or the resources hold points back to the client, so that
         # dropping the last reference is enough.
         self._finalizer = weakref.finalize(self, self._loop.close, forgotten=repr(self))
+        self._origin: Client | None = None  # the client this one was derived from
+        self._resources()
+
+    def _resources(self) -> None:
         self.models = cast(BlockingModels, _Blocking(self._async.models, self._loop))
         self.images = cast(BlockingImages, _Blocking(self._async.images, self._loop))
         self.account = cast(BlockingAccount, _Blocking(self._async.account, self._loop))
+
+    def with_options(self, **options: Unpack[ClientOptions]) -> Self:
+        derived = copy.copy(self)
+        derived._async = self._async.with_options(**options)
+        # It runs on this client's loop, which must outlive it: it keeps this client.
+        derived._origin = self
+        derived._resources()
+        return derived
+
+    with_options.__doc__ = AsyncClient.with_options.__doc__
 
     @property
     def base_url(self) -> str:
@@ -120,7 +135,7 @@ class Client:
     @property
     def closed(self) -> bool:
         """True once `close()` was called; calls then raise `DeepModeError`."""
-        return self._loop.closed
+        return self._loop.closed or self._async.closed
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
@@ -128,8 +143,11 @@ class Client:
     def close(self) -> None:
         """Close the connections and stop the helper thread; calls still in flight (in
         other threads) end with a `DeepModeError`. Closing twice is harmless."""
-        self._finalizer.detach()
-        self._loop.close()
+        if self._origin is None:
+            self._finalizer.detach()
+            self._loop.close()
+        elif not self._loop.closed:
+            self._loop.run(self._async.aclose)
 
     def __enter__(self) -> Self:
         return self

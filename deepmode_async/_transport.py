@@ -9,18 +9,21 @@ per attempt with secrets and signed query strings left out.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import json
 import logging
 import platform
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
 import aiohttp
 import attrs
 from yarl import URL
 
+from ._connection import MIDDLEWARES, NotResent, Pool
 from ._convert import parse_json
 from ._encoding import ACCEPTED, decoded_prefix
 from ._errors import (
@@ -124,24 +127,38 @@ class Transport:
         self.base_url = base_url
         self.timeout = timeout
         self.retry = retry
-        self._max_connections = max_connections
-        self._session = session
-        self._owns_session = session is None
-        self._closed = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        user_agent = _user_agent()
-        # Default headers go to the API only, like the key: they may carry secrets too.
-        self._api_headers: Final = {
-            "User-Agent": user_agent,
-            **default_headers,
-            "Authorization": f"Bearer {api_key}",
-        }
-        self._plain_headers: Final = {"User-Agent": user_agent, "Accept-Encoding": ACCEPTED}
+        self._pool = Pool(max_connections, session)
+        self._owns_pool = True
+        self._plain_headers: Final = {"User-Agent": _user_agent(), "Accept-Encoding": ACCEPTED}
         self._key: Final = api_key.encode()
+        self._start(default_headers)
+
+    def _start(self, default_headers: Mapping[str, str]) -> None:
+        """The state of this transport alone (not its pool's), fresh."""
+        self._closed = False
+        # Default headers go to the API only, like the key: they may carry secrets too.
+        self._api_headers = {
+            "User-Agent": _user_agent(),
+            **default_headers,
+            "Authorization": f"Bearer {self._key.decode()}",
+        }
+        self.default_headers = MappingProxyType(dict(default_headers))
         # The tasks of `send`s in flight, and those that `aclose` cancelled.
         self._calls: set[asyncio.Task[Any]] = set()
         self._closed_calls: set[asyncio.Task[Any]] = set()
         self._with_content_type: dict[str, dict[str, str]] = {}  # built once per type
+
+    def derive(
+        self, *, timeout: Timeout, retry: RetryPolicy, default_headers: Mapping[str, str]
+    ) -> Transport:
+        """A transport on the same pool (and everything else this one was given), with
+        these options; closing it leaves this one and the pool open."""
+        derived = copy.copy(self)  # whatever else a transport holds comes along as it is
+        derived.timeout = timeout
+        derived.retry = retry
+        derived._owns_pool = False
+        derived._start(default_headers)
+        return derived
 
     def _api_headers_for(self, content_type: str | None) -> dict[str, str]:
         if content_type is None:
@@ -163,48 +180,27 @@ class Transport:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._closed or self._pool.closed
 
     async def aclose(self) -> None:
         """End the calls in flight, close the session if this transport created it; later
         calls raise."""
         self._closed = True
-        # Closing the session alone would leave a call reading a body waiting forever:
-        # aiohttp drops the reader's wake-up and its read timeout with the connection.
+        if self._owns_pool:
+            await self._pool.aclose()  # which ends the calls of derived transports too
+            return
         for task in self._calls:
             self._closed_calls.add(task)
             task.cancel()
-        session, self._session = self._session, None
-        if session is not None and self._owns_session:
-            await session.close()
 
     def forget_session(self) -> aiohttp.ClientSession | None:
-        """Let go of the session without closing it (after a fork its loop is not ours);
-        the caller keeps it referenced, as collecting it would warn about it."""
-        session = self._session
-        if self._owns_session:
-            self._session = None
-            self._loop = None
-        return session
+        """Let go of the session without closing it (after a fork its loop is not ours)."""
+        return self._pool.forget()
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._closed:
             raise DeepModeError("This client is closed; create a new one to make more calls")
-        loop = asyncio.get_running_loop()
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=None),
-                cookie_jar=aiohttp.DummyCookieJar(),  # a stateless API; no cookies to leak
-            )
-            self._loop = loop
-        elif self._owns_session and self._loop is not loop:
-            raise DeepModeError(
-                "This AsyncClient belongs to the event loop it was first used in; "
-                "create one client per event loop (or use the blocking Client)"
-            )
-        return self._session
+        return self._pool.get()
 
     async def call(
         self,
@@ -248,17 +244,20 @@ class Transport:
         task = asyncio.current_task()
         assert task is not None
         self._calls.add(task)
+        self._pool.calls.add(task)
         try:
             return await self._send(request, consume, timeout)
         except asyncio.CancelledError:
             # Swallowed only when `aclose` alone cancelled the task, as asyncio.timeout
             # does (an anyio cancel scope per call measured 15-20 us of CPU more).
-            if task in self._closed_calls and task.uncancel() == 0:
+            closed = task in self._closed_calls or task in self._pool.closed_calls
+            if closed and task.uncancel() == 0:
                 raise DeepModeError("This client was closed during the call") from None
             raise
         finally:
-            self._calls.discard(task)
-            self._closed_calls.discard(task)
+            for calls in (self._calls, self._closed_calls, self._pool.calls):
+                calls.discard(task)
+            self._pool.closed_calls.discard(task)
 
     async def _send(
         self,
@@ -272,7 +271,7 @@ class Transport:
         state = self.retry.start(idempotent=request.idempotent)
         while True:
             await pace.enter()
-            if self._closed or session.closed:  # closed meanwhile, e.g. during a backoff
+            if self.closed or session.closed:  # closed meanwhile, e.g. during a backoff
                 pace.failed()
                 raise DeepModeError("This client (or its aiohttp session) is closed")
             try:
@@ -327,6 +326,7 @@ class Transport:
                 allow_redirects=False,
                 raise_for_status=False,  # whatever the session was told: errors are ours
                 auto_decompress=request.decompress,
+                middlewares=MIDDLEWARES,
             ) as response:
                 status = response.status
                 if not 200 <= status < 300:
@@ -340,7 +340,7 @@ class Transport:
         except DeepModeError:
             raise
         except Exception as exc:
-            mapped = _failure(exc, request, payload, closed=self._closed)
+            mapped = _failure(exc, request, payload, closed=self.closed)
             if mapped is None:
                 raise
             status, failure, cause = mapped
@@ -364,6 +364,8 @@ def _failure(
     """What a failed attempt raises instead of `exc` (status for the log line, error,
     cause), or None when `exc` is not an attempt's failure and goes up as it is."""
     info = request.info
+    if isinstance(exc, NotResent):
+        exc = exc.original
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
         failure = APITimeoutError(f"{info} timed out: {_timeout_cause(exc)}", request=info)
         return "timeout", failure, _without_frames(exc)
