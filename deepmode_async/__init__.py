@@ -14,9 +14,9 @@ async with AsyncClient() as dm:  # the key comes from $DEEPMODE_API_KEY
 Layers, lowest first. A module imports from its own layer and those below, never from
 one above, and no import comes back round (tests/test_layering.py checks it):
 
-1. vocabulary: _version, _formats, _errors, _validate, _types, _convert, _encoding
+1. vocabulary: _version, _public, _formats, _errors, _validate, _types, _convert, _encoding
 2. values and state between calls: _tasks, _timeout, _requests, stores
-3. one request: _retry, _pacing, _shared_backoff, _transport, _uploads, _downloads
+3. calls: _connection, _failures, _retry, _pacing, _shared_backoff, _transport, _uploads, _downloads
 4. built on requests, not on a client: _journal, batch, callbacks, prep
 5. the endpoints: resources
 6. the clients and this public face: _client, _sync, __init__
@@ -54,6 +54,7 @@ from ._errors import (
     UnprocessableEntityError,
     ValidationError,
 )
+from ._public import publish
 from ._requests import GenerateRequest
 from ._retry import RetryPolicy
 from ._sync import Client
@@ -127,3 +128,5 @@ __all__ = [
     "ValidationError",
     "__version__",
 ]
+
+__dir__ = publish(__name__, globals())

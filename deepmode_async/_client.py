@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
 import sys
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Self, TypedDict, Unpack
 
 import aiohttp
 from yarl import URL
@@ -29,6 +30,14 @@ _OWN_HEADERS: Final = frozenset(
 )
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 _LOG_LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+
+
+class ClientOptions(TypedDict, total=False):
+    """What `with_options` may change; each left out stays as the client has it."""
+
+    timeout: Timeout | float
+    max_retries: int | RetryPolicy
+    default_headers: Mapping[str, str]
 
 
 class AsyncClient:
@@ -55,6 +64,10 @@ class AsyncClient:
     its own (logged once). None: this client backs off alone.
     """
 
+    models: Models
+    images: Images
+    account: Account
+
     def __init__(
         self,
         api_key: str | None = None,
@@ -72,7 +85,6 @@ class AsyncClient:
         if base_url is None:
             base_url = os.environ.get("DEEPMODE_BASE_URL") or DEFAULT_BASE_URL
         url = _base_url(base_url)
-        retry = max_retries if isinstance(max_retries, RetryPolicy) else RetryPolicy(max_retries)
         if (
             not isinstance(max_connections, int)
             or isinstance(max_connections, bool)
@@ -83,6 +95,7 @@ class AsyncClient:
             )
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             raise ValidationError("session must be an aiohttp.ClientSession or None")
+        retry = _retry_policy(max_retries)
         self._transport = Transport(
             api_key=key,
             base_url=url,
@@ -100,9 +113,34 @@ class AsyncClient:
                 owns_store=isinstance(store, str),
             ),
         )
-        self.models: Final = Models(self._transport)
-        self.images: Final = Images(self._transport)
-        self.account: Final = Account(self._transport)
+        self._resources()
+
+    def with_options(self, **options: Unpack[ClientOptions]) -> Self:
+        """A client with some options changed, on this client's session, connection pool
+        and everything else it was given (as openai's `with_options`):
+
+        ```python
+        patient = dm.with_options(timeout=Timeout(read=1200), max_retries=5)
+        ```
+
+        `timeout`, `max_retries` and `default_headers` take what the constructor takes
+        (`default_headers` replaces the client's, it does not add to them). Closing the
+        new client ends its own calls only; closing this one closes both.
+        """
+        transport = self._transport
+        derived = copy.copy(self)
+        derived._transport = transport.derive(
+            timeout=coerce_timeout(options.get("timeout", transport.timeout), Timeout()),
+            retry=_retry_policy(options.get("max_retries", transport.retry)),
+            default_headers=_headers(options.get("default_headers", transport.default_headers)),
+        )
+        derived._resources()
+        return derived
+
+    def _resources(self) -> None:
+        self.models = Models(self._transport)
+        self.images = Images(self._transport)
+        self.account = Account(self._transport)
 
     @property
     def base_url(self) -> str:
@@ -140,8 +178,6 @@ class AsyncClient:
         call that is reading a body waiting forever when its session closes under it.
         """
         await self._transport.aclose()
-        if self._transport.backoff is not None:
-            await self._transport.backoff.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -161,6 +197,10 @@ def forget_session(client: AsyncClient) -> aiohttp.ClientSession | None:
     if client._transport.backoff is not None:
         client._transport.backoff.forget()
     return client._transport.forget_session()
+
+
+def _retry_policy(max_retries: int | RetryPolicy) -> RetryPolicy:
+    return max_retries if isinstance(max_retries, RetryPolicy) else RetryPolicy(max_retries)
 
 
 def _api_key(key: object) -> str:

@@ -37,9 +37,10 @@ from ._errors import (
     ValidationError,
     report_progress,
 )
+from ._failures import CutShort
 from ._tasks import map_bounded
 from ._timeout import Timeout
-from ._transport import CutShort, Transport
+from ._transport import Transport
 from ._types import Generation, Image, RemixResult
 
 #: What `images.download` accepts: one of these or an iterable of them.

@@ -31,10 +31,19 @@ _TRANSIENT: Final = frozenset({408, 429, 500, 502, 503, 504})
 
 
 def request_was_sent(error: APIConnectionError) -> bool:
-    """False only when the connection failed before any byte of the request left."""
-    return not isinstance(
-        error.__cause__, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError
-    )
+    """False only when the server never had the request: the connection failed before
+    any byte of it left, or was already closing when the request was written to it (a
+    pooled connection the server had closed while it was idle)."""
+    cause = error.__cause__
+    if isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return False
+    while cause is not None:
+        # aiohttp raises it instead of writing to a transport that is closing; as the
+        # cause of the body writer's `ClientOSError` when a body was being written.
+        if isinstance(cause, aiohttp.ClientConnectionResetError):
+            return False
+        cause = cause.__cause__
+    return True
 
 
 def server_may_have_acted(error: BaseException) -> bool:

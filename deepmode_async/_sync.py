@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import copy
 import functools
 import inspect
 import os
@@ -23,13 +24,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Self, TypeVar, Unpack, cast
 
 import aiohttp
 import anyio
 import attrs
 
-from ._client import AsyncClient, forget_session
+from ._client import AsyncClient, ClientOptions, forget_session
 from ._errors import DeepModeError, ValidationError
 from ._retry import RetryPolicy
 from ._timeout import Timeout
@@ -92,13 +93,25 @@ class Client:
             store=store,
         )
         self._loop = _LoopThread(self._async)
-        # Closes the loop if the app forgets to: when the client is collected, or at exit.
-        # Nothing the loop or the resources hold points back to the client, so that
-        # dropping the last reference is enough.
+        # Closes the loop if the app forgets to (collected, or at exit); nothing the loop
+        # or the resources hold points back to the client, so dropping it is enough.
         self._finalizer = weakref.finalize(self, self._loop.close, forgotten=repr(self))
+        self._origin: Client | None = None  # the client this one was derived from
+        self._resources()
+
+    def _resources(self) -> None:
         self.models = cast(BlockingModels, _Blocking(self._async.models, self._loop))
         self.images = cast(BlockingImages, _Blocking(self._async.images, self._loop))
         self.account = cast(BlockingAccount, _Blocking(self._async.account, self._loop))
+
+    def with_options(self, **options: Unpack[ClientOptions]) -> Self:
+        """`AsyncClient.with_options`, blocking: a client on this one's loop and session."""
+        derived = copy.copy(self)
+        derived._async = self._async.with_options(**options)
+        # It runs on this client's loop, which must outlive it: it keeps this client.
+        derived._origin = self
+        derived._resources()
+        return derived
 
     @property
     def base_url(self) -> str:
@@ -123,7 +136,7 @@ class Client:
     @property
     def closed(self) -> bool:
         """True once `close()` was called; calls then raise `DeepModeError`."""
-        return self._loop.closed
+        return self._loop.closed or self._async.closed
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
@@ -131,8 +144,11 @@ class Client:
     def close(self) -> None:
         """Close the connections and stop the helper thread; calls still in flight (in
         other threads) end with a `DeepModeError`. Closing twice is harmless."""
-        self._finalizer.detach()
-        self._loop.close()
+        if self._origin is None:
+            self._finalizer.detach()
+            self._loop.close()
+        elif not self._loop.closed:
+            self._loop.run(self._async.aclose)
 
     def __enter__(self) -> Self:
         return self
@@ -394,8 +410,7 @@ class _Blocking:
     generator) of the target becomes a method that runs it through the client's loop."""
 
     def __init__(self, target: object, loop: _LoopThread) -> None:
-        self._target = target
-        self._loop = loop
+        self._target, self._loop = target, loop
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):  # also keeps a half-built instance from recursing

@@ -9,30 +9,32 @@ per attempt with secrets and signed query strings left out.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import json
 import logging
 import platform
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
 import aiohttp
 import attrs
 from yarl import URL
 
+from ._connection import MIDDLEWARES, Pool
 from ._convert import parse_json
 from ._encoding import ACCEPTED, decoded_prefix
 from ._errors import (
-    APIConnectionError,
     APIError,
     APIStatusError,
-    APITimeoutError,
     DeepModeError,
     RequestInfo,
     ResponseValidationError,
     status_error,
 )
+from ._failures import attempt_failure
 from ._pacing import paced_call
 from ._retry import RetryPolicy
 from ._shared_backoff import SharedBackoff
@@ -55,12 +57,6 @@ def _client_timeout(timeout: Timeout) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(
         total=timeout.total, sock_connect=timeout.connect, sock_read=timeout.read
     )
-
-
-class CutShort(Exception):
-    """Raised by a `consume` function when the answer ended before its end (fewer bytes
-    than announced, a compressed stream unfinished): the attempt fails as a connection
-    lost mid-answer does, and is tried again as one."""
 
 
 @attrs.frozen
@@ -126,24 +122,38 @@ class Transport:
         self.base_url, self.backoff = base_url, backoff
         self.timeout = timeout
         self.retry = retry
-        self._max_connections = max_connections
-        self._session = session
-        self._owns_session = session is None
-        self._closed = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        user_agent = _user_agent()
-        # Default headers go to the API only, like the key: they may carry secrets too.
-        self._api_headers: Final = {
-            "User-Agent": user_agent,
-            **default_headers,
-            "Authorization": f"Bearer {api_key}",
-        }
-        self._plain_headers: Final = {"User-Agent": user_agent, "Accept-Encoding": ACCEPTED}
+        self._pool = Pool(max_connections, session)
+        self._owns_pool = True
+        self._plain_headers: Final = {"User-Agent": _user_agent(), "Accept-Encoding": ACCEPTED}
         self._key: Final = api_key.encode()
+        self._start(default_headers)
+
+    def _start(self, default_headers: Mapping[str, str]) -> None:
+        """The state of this transport alone (not its pool's), fresh."""
+        self._closed = False
+        # Default headers go to the API only, like the key: they may carry secrets too.
+        self._api_headers = {
+            "User-Agent": _user_agent(),
+            **default_headers,
+            "Authorization": f"Bearer {self._key.decode()}",
+        }
+        self.default_headers = MappingProxyType(dict(default_headers))
         # The tasks of `send`s in flight, and those that `aclose` cancelled.
         self._calls: set[asyncio.Task[Any]] = set()
         self._closed_calls: set[asyncio.Task[Any]] = set()
         self._with_content_type: dict[str, dict[str, str]] = {}  # built once per type
+
+    def derive(
+        self, *, timeout: Timeout, retry: RetryPolicy, default_headers: Mapping[str, str]
+    ) -> Transport:
+        """A transport on the same pool (and everything else this one was given), with
+        these options; closing it leaves this one and the pool open."""
+        derived = copy.copy(self)  # whatever else a transport holds comes along as it is
+        derived.timeout = timeout
+        derived.retry = retry
+        derived._owns_pool = False
+        derived._start(default_headers)
+        return derived
 
     def _api_headers_for(self, content_type: str | None) -> dict[str, str]:
         if content_type is None:
@@ -165,48 +175,29 @@ class Transport:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._closed or self._pool.closed
 
     async def aclose(self) -> None:
         """End the calls in flight, close the session if this transport created it; later
         calls raise."""
         self._closed = True
-        # Closing the session alone would leave a call reading a body waiting forever:
-        # aiohttp drops the reader's wake-up and its read timeout with the connection.
+        if self._owns_pool:  # the pool and the back-off are the original's, not derived
+            await self._pool.aclose()  # which ends the calls of derived transports too
+            if self.backoff is not None:
+                await self.backoff.aclose()
+            return
         for task in self._calls:
             self._closed_calls.add(task)
             task.cancel()
-        session, self._session = self._session, None
-        if session is not None and self._owns_session:
-            await session.close()
 
     def forget_session(self) -> aiohttp.ClientSession | None:
-        """Let go of the session without closing it (after a fork its loop is not ours);
-        the caller keeps it referenced, as collecting it would warn about it."""
-        session = self._session
-        if self._owns_session:
-            self._session = None
-            self._loop = None
-        return session
+        """Let go of the session without closing it (after a fork its loop is not ours)."""
+        return self._pool.forget()
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._closed:
             raise DeepModeError("This client is closed; create a new one to make more calls")
-        loop = asyncio.get_running_loop()
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=None),
-                cookie_jar=aiohttp.DummyCookieJar(),  # a stateless API; no cookies to leak
-            )
-            self._loop = loop
-        elif self._owns_session and self._loop is not loop:
-            raise DeepModeError(
-                "This AsyncClient belongs to the event loop it was first used in; "
-                "create one client per event loop (or use the blocking Client)"
-            )
-        return self._session
+        return self._pool.get()
 
     async def call(
         self,
@@ -250,17 +241,20 @@ class Transport:
         task = asyncio.current_task()
         assert task is not None
         self._calls.add(task)
+        self._pool.calls.add(task)
         try:
             return await self._send(request, consume, timeout)
         except asyncio.CancelledError:
             # Swallowed only when `aclose` alone cancelled the task, as asyncio.timeout
             # does (an anyio cancel scope per call measured 15-20 us of CPU more).
-            if task in self._closed_calls and task.uncancel() == 0:
+            closed = task in self._closed_calls or task in self._pool.closed_calls
+            if closed and task.uncancel() == 0:
                 raise DeepModeError("This client was closed during the call") from None
             raise
         finally:
-            self._calls.discard(task)
-            self._closed_calls.discard(task)
+            for calls in (self._calls, self._closed_calls, self._pool.calls):
+                calls.discard(task)
+            self._pool.closed_calls.discard(task)
 
     async def _send(
         self,
@@ -274,7 +268,7 @@ class Transport:
         state = self.retry.start(idempotent=request.idempotent)
         while True:
             await pace.enter()
-            if self._closed or session.closed:  # closed meanwhile, e.g. during a backoff
+            if self.closed or session.closed:  # closed meanwhile, e.g. during a backoff
                 pace.failed()
                 raise DeepModeError("This client (or its aiohttp session) is closed")
             try:
@@ -329,6 +323,7 @@ class Transport:
                 allow_redirects=False,
                 raise_for_status=False,  # whatever the session was told: errors are ours
                 auto_decompress=request.decompress,
+                middlewares=MIDDLEWARES,
             ) as response:
                 status = response.status
                 if not 200 <= status < 300:
@@ -342,7 +337,7 @@ class Transport:
         except DeepModeError:
             raise
         except Exception as exc:
-            mapped = _failure(exc, request, payload, closed=self._closed)
+            mapped = attempt_failure(exc, request.info, payload, closed=self.closed)
             if mapped is None:
                 raise
             status, failure, cause = mapped
@@ -358,46 +353,6 @@ class Transport:
         # Raised out here, not in the handlers, so that no `__context__` keeps aiohttp's
         # exception: the request's headers, and with them the key, would come along.
         raise failure from cause
-
-
-def _failure(
-    exc: Exception, request: Request, payload: object, *, closed: bool
-) -> tuple[str, DeepModeError, BaseException | None] | None:
-    """What a failed attempt raises instead of `exc` (status for the log line, error,
-    cause), or None when `exc` is not an attempt's failure and goes up as it is."""
-    info = request.info
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
-        failure = APITimeoutError(f"{info} timed out: {_timeout_cause(exc)}", request=info)
-        return "timeout", failure, _without_frames(exc)
-    if isinstance(exc, CutShort):
-        message = f"{info} failed: the answer was cut off before its end ({exc})"
-        return "cut short", APIConnectionError(message, request=info), _without_frames(exc)
-    status = type(exc).__name__
-    if isinstance(exc, aiohttp.ClientError):
-        own: DeepModeError | None = getattr(payload, "failure", None)
-        if own is not None:  # why our own body stopped, which aiohttp wraps
-            return status, own, own.__cause__  # without the wrapper
-        message = f"{info} failed: {_describe_client_error(exc)}"
-        # aiohttp's response errors carry the request's headers in their repr.
-        response_error = isinstance(exc, aiohttp.ClientResponseError)
-        cause = None if response_error else _without_frames(exc)
-        return status, APIConnectionError(message, request=info), cause
-    if isinstance(exc, RuntimeError):
-        if not closed:
-            return None
-        # aiohttp's "Connection closed." when the session closed under a read
-        return status, DeepModeError("This client was closed during the call"), None
-    if isinstance(exc, ValueError):  # e.g. a host name the resolver cannot encode
-        message = f"{info} failed: {type(exc).__name__}: {exc}"
-        return status, APIConnectionError(message, request=info), _without_frames(exc)
-    return None
-
-
-def _without_frames(error: BaseException) -> BaseException:
-    """`error` without its own traceback: aiohttp's frames there hold the request's
-    headers in their locals, which error reporters (Sentry, by default) capture and send.
-    (Exceptions further down its chain keep theirs; none of their frames holds them.)"""
-    return error.with_traceback(None)
 
 
 async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -420,26 +375,6 @@ async def _read_json(response: aiohttp.ClientResponse) -> Any:
             f"{what} answered with {response.content_length} bytes, too many for JSON"
         )
     return parse_json(await _read_capped(response, _JSON_BODY_LIMIT), what)
-
-
-def _timeout_cause(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return "could not connect in time"
-    if isinstance(exc, aiohttp.SocketTimeoutError):
-        return "no data from the server within the read timeout"
-    return "the whole attempt took longer than the total timeout"
-
-
-def _describe_client_error(exc: aiohttp.ClientError) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect to {exc.host}:{exc.port} ({exc.os_error.strerror or exc})"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the server closed the connection without answering"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return "the answer was cut off before its end"
-    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.InvalidURL):
-        return type(exc).__name__  # their text repeats the URL, signed query and all
-    return str(exc) or type(exc).__name__
 
 
 def _short(error: APIError) -> str:

@@ -86,7 +86,7 @@ def test_a_timeout_of_the_wrong_kind_is_refused() -> None:
 def test_the_session_is_created_lazily(clean_env: pytest.MonkeyPatch) -> None:
     # Constructing outside any event loop is fine: nothing touches aiohttp yet.
     dm = AsyncClient("k")
-    assert dm._transport._session is None
+    assert dm._transport._pool._session is None
 
 
 async def test_closing_twice_is_harmless_and_later_calls_say_closed(
@@ -94,7 +94,7 @@ async def test_closing_twice_is_harmless_and_later_calls_say_closed(
 ) -> None:
     dm = AsyncClient(mock.api_key, base_url=mock.base_url)
     await dm.account.balance()
-    session = dm._transport._session
+    session = dm._transport._pool._session
     await dm.aclose()
     await dm.aclose()
     assert dm.closed

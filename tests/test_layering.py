@@ -28,9 +28,18 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / PACKAGE
 #: The layers, lowest first, by the name of the top-level module or package under
 #: `deepmode_async` (`__init__` is the package itself).
 LAYERS: list[set[str]] = [
-    {"_version", "_formats", "_errors", "_validate", "_types", "_convert", "_encoding"},
+    {"_version", "_public", "_formats", "_errors", "_validate", "_types", "_convert", "_encoding"},
     {"_tasks", "_timeout", "_requests", "stores"},
-    {"_retry", "_pacing", "_shared_backoff", "_transport", "_uploads", "_downloads"},
+    {
+        "_connection",
+        "_failures",
+        "_retry",
+        "_pacing",
+        "_shared_backoff",
+        "_transport",
+        "_uploads",
+        "_downloads",
+    },
     {"_journal", "batch", "callbacks", "prep"},
     {"resources"},
     {"_client", "_sync", "__init__"},

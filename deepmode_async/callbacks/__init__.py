@@ -27,6 +27,7 @@ in callback mode and waits for it; the hub knows nothing of them.
 
 from __future__ import annotations
 
+from .._public import publish
 from ._adapters import AsgiReceive as Receive
 from ._adapters import AsgiSend as Send
 from ._adapters import Scope
@@ -55,3 +56,5 @@ __all__ = [
     "parse_model_callback",
     "parse_upscale_callback",
 ]
+
+__dir__ = publish(__name__, globals())

@@ -44,6 +44,7 @@ import attrs
 
 from .. import _validate as check
 from .._errors import ValidationError
+from .._public import publish
 from .._uploads import ImageInput
 from .._validate import MAX_TRAINING_IMAGES
 from . import _photo
@@ -364,3 +365,6 @@ def _check_count(training_set: TrainingSet) -> None:
             f"leave out {count - MAX_TRAINING_IMAGES}"
         )
     raise TrainingSetError(message, training_set)
+
+
+__dir__ = publish(__name__, globals())

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Final
 
 from .._errors import StoreError, ValidationError
+from .._public import publish
 from ._base import Store, Subscription, redact_url
 from ._memory import MemoryStore
 from ._redis import RedisStore
@@ -75,3 +76,6 @@ def as_store(store: Store | str) -> Store:
     raise ValidationError(
         f"a store must be a Store or a store URL ({_FORMS}), not {type(store).__name__}"
     )
+
+
+__dir__ = publish(__name__, globals())

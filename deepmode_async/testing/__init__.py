@@ -15,6 +15,7 @@ and `deepmode_env` (the same, with `DEEPMODE_API_KEY` and `DEEPMODE_BASE_URL` se
 
 from __future__ import annotations
 
+from .._public import publish
 from ._mock import MockDeepMode
 from ._process import MockProcess, mock_process
 from ._records import (
@@ -50,3 +51,5 @@ __all__ = [
     "mock_process",
     "sample_image",
 ]
+
+__dir__ = publish(__name__, globals())

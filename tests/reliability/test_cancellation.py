@@ -44,6 +44,7 @@ from _support import leftovers, open_fds
 from aiohttp import web
 from conftest import eventually, make_client, wait_until, write_photos
 
+import deepmode_async._connection
 from deepmode_async import (
     APITimeoutError,
     AsyncClient,
@@ -62,6 +63,15 @@ from deepmode_async.callbacks import CallbackHub
 from deepmode_async.testing import CallbackDelivery, MockDeepMode, RecordedRequest
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def _keep_idle_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests count the descriptors of pooled connections before and after a cut:
+    the client's short keep-alive (0.5 s) would close idle ones in between, and an idle
+    connection expiring is not what they are about."""
+    monkeypatch.setattr(deepmode_async._connection, "KEEPALIVE_SECONDS", 60.0)
+
 
 T = TypeVar("T")
 How = Literal["move_on_after", "scope.cancel", "task.cancel"]

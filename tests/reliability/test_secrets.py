@@ -235,7 +235,7 @@ async def test_a_client_and_everything_reachable_from_it_show_no_key(
                 api_request,
                 transport.retry,
                 transport.timeout,
-                transport._session,
+                transport._pool._session,
                 plain,
                 plain.info,
                 RequestInfo("GET", "x"),
