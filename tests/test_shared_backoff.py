@@ -208,3 +208,20 @@ async def test_a_store_down_from_the_start_does_not_stop_the_first_call(
     backoff_warnings = [line for line in store_warnings(caplog) if "shared back-off" in line]
     assert len(backoff_warnings) == 1
     assert "pw-never-shown" not in caplog.text
+
+
+async def test_a_client_from_with_options_shares_the_pause_and_leaves_it_open(
+    mock: MockDeepMode, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"sqlite:///{tmp_path}/pause.db"  # opened, and so closed, by `first`
+    async with client(mock, url) as first, client(mock, url) as other:
+        await asyncio.gather(first.account.balance(), other.account.balance())  # listening
+        async with first.with_options(max_retries=5) as derived:  # closed at the end
+            await derived.account.balance()
+        call = await told_to_wait(mock, first)  # the original's back-off still works
+        told = time.monotonic()
+        await asyncio.sleep(SLACK)
+        await other.account.balance()
+        assert time.monotonic() - told >= PAUSE - SLACK
+        await call
+    assert "unreachable" not in caplog.text
