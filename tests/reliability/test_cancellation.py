@@ -768,10 +768,16 @@ async def test_cancelling_callback_hub_waits_at_random_points(tmp_path: pathlib.
                     else:
                         phase = "waiting-for-callback"
                         assert calls[0].status == 200
-                        # The result still comes, to a URL the hub no longer knows: refused.
-                        delivery = await finished_delivery(mock, calls[0].json["callback"])
-                        assert not delivery.delivered
-                        assert set(delivery.attempts) == {"404"}
+                        # The result still comes (it was paid for): the hub keeps it, and
+                        # `outstanding()` lists it, while this process holds nothing.
+                        url = calls[0].json["callback"]
+                        delivery = await finished_delivery(mock, url)
+                        assert delivery.delivered
+                        assert delivery.attempts == ["200"]
+                        token = url.rsplit("/", 1)[1]
+                        [kept] = [p for p in await hub.outstanding() if p.token == token]
+                        assert kept.done
+                        assert isinstance(await kept.wait(timeout=1), Generation)
                     if phase in ("before-send", "submitting"):
                         assert len(mock.callbacks) == deliveries
                     assert repr(hub).endswith("pending=0)")
