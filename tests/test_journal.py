@@ -354,6 +354,45 @@ async def test_a_damaged_record_is_refused_before_any_call(
     assert generate_calls(served, model) == calls
 
 
+async def test_a_locked_journal_sends_nothing_and_says_why(
+    served: MockDeepMode, model: str, tmp_path: pathlib.Path
+) -> None:
+    path = tmp_path / "run.db"
+    async with make_client(served) as dm:
+        await run_all(dm, requests_for(model, 2), journal=path)  # the file and its table
+        calls = generate_calls(served, model)
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")  # another process writing, and taking its time
+        try:
+            async with SQLiteStore(path, timeout=0.3) as journal:
+                outcome = await run_all(dm, requests_for(model, 4), journal=journal)
+        finally:
+            holder.rollback()
+            holder.close()
+        assert generate_calls(served, model) == calls  # not one request went out unrecorded
+        assert sorted(result.index for result in outcome) == [0, 1, 2, 3]
+        for result in outcome:  # the recorded ones can still be read (WAL): resumed
+            if result.index < 2:
+                assert result.resumed
+                assert result.ok
+            else:
+                assert isinstance(result.error, StoreError), result
+                assert "locked" in str(result.error)
+        # Nothing lost: once the lock is gone the batch resumes where it was.
+        results = await run_all(dm, requests_for(model, 4), journal=path)
+    assert sum(result.resumed for result in results) == 2
+    assert all(result.ok for result in results)
+
+
+async def test_a_journal_where_nothing_can_be_written_is_refused_before_any_call(
+    served: MockDeepMode, model: str
+) -> None:
+    async with make_client(served) as dm:
+        with pytest.raises(StoreError, match="writable"):
+            await run_all(dm, requests_for(model, 3), journal="/proc/deepmode-journal.db")
+    assert generate_calls(served, model) == 0
+
+
 async def test_bad_journal_arguments() -> None:
     async with AsyncClient("k", base_url="http://127.0.0.1:9") as dm:
         with pytest.raises(ValidationError, match="journal must be"):
