@@ -1,4 +1,4 @@
-"""The latest results as markdown: every DESIGN §7 target with its measured value.
+"""The latest results as markdown: every benchmark target with its measured value.
 
 Reads benchmarks/results.json (written by the benchmark scripts), writes
 benchmarks/RESULTS.md, and puts the targets table into README.md between the

@@ -1,6 +1,6 @@
-"""The journal of a resumable batch (`generate_many(..., journal=...)`, DESIGN §5).
+"""The journal of a resumable batch (`generate_many(..., journal=...)`).
 
-One record per request, under its index in the input, in a store (§8): written before
+One record per request, under its index in the input, in a store: written before
 the request is sent (so a crash after sending is never taken for "not sent"), and again
 with its outcome when it ends, whether or not the consumer ever sees it. A rerun with
 the same input reads the records a window at a time as the input advances (a journal

@@ -19,8 +19,18 @@ def _ratio(value: Ratio | str) -> Ratio:
 class GenerateRequest:
     """The arguments of one `images.generate` call, checked when it is made.
 
-    Invalid arguments raise `ValidationError` here, before anything is sent; `ratio` is
-    kept as a `Ratio`.
+    `GenerateRequest(model_id, prompt, negative_prompt=None, num_images=1,
+    upscale=False, ratio="portrait")` takes the arguments of `images.generate` but
+    `callback`:
+
+    - `model_id`: a trained model's id (non-empty);
+    - `prompt`: what to paint (non-empty); `negative_prompt`: what to keep out;
+    - `num_images`: 1 to 8 images from the one call (1 credit a call);
+    - `upscale`: upscale the images too;
+    - `ratio`: a `Ratio` or its value (`"portrait"` or `"square"`), kept as a `Ratio`.
+
+    Invalid arguments raise `ValidationError` here, before anything is sent. The batch
+    calls (`images.generate_many`) take an iterable of them.
     """
 
     model_id: str

@@ -1,5 +1,5 @@
 """The shared back-off: a wait the server asks one client for holds the new calls of
-every client sharing a store (DESIGN §8), so N processes of one account make one pause.
+every client sharing a store, so N processes of one account make one pause.
 
 A pause is a deadline on the wall clock (`time.time()`), the one clock that machines
 share (through NTP); a monotonic clock means nothing to another machine. A deadline

@@ -117,7 +117,7 @@ class Transport:
         max_connections: int,
         session: aiohttp.ClientSession | None,
         default_headers: Mapping[str, str],
-        backoff: SharedBackoff | None = None,  # shared with a store's clients (DESIGN §8)
+        backoff: SharedBackoff | None = None,  # shared with a store's clients
     ) -> None:
         self.base_url, self.backoff = base_url, backoff
         self.timeout = timeout

@@ -272,10 +272,12 @@ def test_generate_unknown_model_fails(mock: MockDeepMode, env: dict[str, str]) -
         env, command(*args), command(*args, "--json"), command(*args, "--debug")
     )
     assert plain.returncode == 1
-    assert_one_error_line(plain.stderr)
-    lines = plain.stdout.splitlines()
-    assert len(lines) == 1
-    assert lines[0].startswith("[0] failed: ")
+    # The failure's detail and the summary, both on stderr; no result on stdout.
+    assert plain.stdout == ""
+    detail, summary = plain.stderr.splitlines()
+    assert detail.startswith("[0] failed: "), detail
+    assert "404" in detail, detail
+    assert summary == "error: 1 of 1 requests failed"
 
     assert as_json.returncode == 1
     assert_one_error_line(as_json.stderr)
@@ -346,8 +348,55 @@ def test_no_key_at_all(mock: MockDeepMode, env: dict[str, str]) -> None:
     del env["DEEPMODE_API_KEY"]
     result = run(env, "balance")
     assert result.returncode in (1, 2)
-    assert "DEEPMODE_API_KEY" in assert_one_error_line(result.stderr)
+    line = assert_one_error_line(result.stderr)
+    assert "DEEPMODE_API_KEY" in line, line
+    assert "--api-key" in line, line
+    assert "AsyncClient" not in line, line
+    assert "api_key=" not in line, line
     assert mock.requests == []
+
+
+def test_common_options_before_or_after_the_command(
+    mock: MockDeepMode, env: dict[str, str]
+) -> None:
+    clean = {k: v for k, v in env.items() if not k.startswith("DEEPMODE_")}
+    where = ("--api-key", mock.api_key, "--base-url", mock.base_url)
+    before, after, both = run_all(
+        clean,
+        command(*where, "--json", "balance"),
+        command("balance", *where, "--json"),
+        # Given twice: the one after the command wins.
+        command("--api-key", "wrong-key", *where[2:], "balance", "--api-key", mock.api_key),
+    )
+    for done in (before, after):
+        assert (done.returncode, json.loads(done.stdout)) == (
+            0,
+            {"remaining_balance": 10_000},
+        ), done.stderr
+    assert (both.returncode, both.stdout) == (0, "10000 credits\n"), both.stderr
+    assert [r.status for r in mock.requests] == [200, 200, 200]
+
+
+def test_version_and_help_with_defaults(env: dict[str, str]) -> None:
+    version, top, generate, serve = run_all(
+        env,
+        command("--version"),
+        command("--help"),
+        command("generate", "--help"),
+        command("mock", "serve", "--help"),
+    )
+    assert (version.returncode, version.stdout) == (0, "deepmode 0.1.0.dev0\n")
+    assert top.returncode == 0
+    assert "--api-key" in top.stdout
+    assert "--version" in top.stdout
+    flat = " ".join(generate.stdout.split())
+    for shown in ("(default: 8)", "(default: portrait)", "(default: 1)"):
+        assert shown in flat, generate.stdout
+    assert "(default: None)" not in flat
+    assert "(default: False)" not in flat
+    flat = " ".join(serve.stdout.split())
+    for shown in ("(default: 8765)", "(default: 10000)", "(default: mock-key)"):
+        assert shown in flat, serve.stdout
 
 
 def test_no_command_prints_usage(env: dict[str, str]) -> None:
@@ -999,7 +1048,12 @@ def test_demo_live_exits_1_when_a_generate_call_fails(
     result = run(env, "demo", "--live", "--yes", "--photo", photos[0], "--out", str(tmp_path))
     assert result.returncode == 1, result.stderr
     assert result.stdout.splitlines()[-1].endswith("55 credits spent")  # 50 + 5 of 6 calls
-    assert assert_one_error_line(result.stderr) == "error: 1 of 6 generate calls failed"
+    detail, summary = result.stderr.splitlines()
+    assert detail.startswith("["), detail
+    assert "failed: " in detail, detail
+    assert "500" in detail, detail
+    assert summary == "error: 1 of 6 generate calls failed"
+    assert "failed" not in result.stdout
     assert len(list(tmp_path.glob("*.jp*g"))) == 10
 
 

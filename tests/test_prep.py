@@ -37,7 +37,7 @@ from deepmode_async.prep import (
     prepare_photo,
     prepare_training_set,
 )
-from deepmode_async.testing import MockDeepMode
+from deepmode_async.testing import MockDeepMode, sample_image
 
 pytestmark = pytest.mark.anyio
 
@@ -808,3 +808,17 @@ async def test_the_loop_keeps_ticking_while_thirty_large_photos_are_prepared(
     assert max(gaps) < 0.25, f"longest gap {max(gaps) * 1000:.0f} ms"
     assert len(gaps) >= elapsed / 0.01 / 4
     print(f"30 photos in {elapsed:.2f} s, longest gap {max(gaps) * 1000:.1f} ms")
+
+
+async def test_sample_images_of_any_side_are_photos_prep_takes() -> None:
+    inputs = [sample_image("png", side=side) for side in (256, 300, 640)]
+    result = await prepare_training_set([*inputs, sample_image("png")])
+    # Three distinct pictures, each big enough; the 16 px sample is too small.
+    assert len(result.photos) == 3
+    (small,) = result.skipped
+    assert "256" in small.reason
+    assert Image.open(io.BytesIO(inputs[2])).size == (640, 640)
+    with pytest.raises(ValueError, match="PNG samples only"):
+        sample_image("jpeg", side=640)
+    with pytest.raises(ValueError, match="1 to 8192"):
+        sample_image("png", side=0)

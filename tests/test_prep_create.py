@@ -116,6 +116,9 @@ def test_the_cli_prepares_with_prepare(tmp_path: pathlib.Path) -> None:
         requests = list(mock.requests)
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.startswith("error: 1 of 3 photos cannot be used, so nothing was sent")
+    # In CLI terms: no Python call to make instead.
+    assert refused.stderr.rstrip().endswith("Leave them out of the command"), refused.stderr
+    assert "deepmode_async" not in refused.stderr
     assert done.returncode == 0, done.stderr
     (request,) = requests
     assert [f.size for f in request.files] == [len(prepare_photo(path)) for path in paths]

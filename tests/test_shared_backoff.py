@@ -1,4 +1,4 @@
-"""The shared back-off (DESIGN §8): a wait the server asks one client for (429, or 503
+"""The shared back-off: a wait the server asks one client for (429, or 503
 with `Retry-After`) holds the new calls of every client sharing its store, through
 each kind of store; a store that is down leaves the calls going, with one warning."""
 

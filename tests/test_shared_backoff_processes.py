@@ -1,7 +1,7 @@
 """The shared back-off across real processes: 4 workers on one account against the mock
 in a process of its own, which answers 429 with `Retry-After` at random (as a server
 pacing an account does). Sharing a Redis store, they knock during a pause a quarter as
-often, at most, as each on its own (DESIGN §8; issue 19's figures)."""
+often, at most, as each on its own (issue 19's figures)."""
 
 from __future__ import annotations
 

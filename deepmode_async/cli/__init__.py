@@ -20,15 +20,19 @@ from typing import Final, NoReturn
 from .._errors import DeepModeError, ValidationError
 from .._mock_options import add_mock_options
 from .._types import Gender, ModelType, Ratio, RemixMode
+from .._version import __version__
 from . import _commands, _demo
 from ._hub import add_hub_options
 from ._signals import Terminated
-from ._terminal import one_line
+from ._terminal import in_cli_terms, one_line
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_USAGE", "add_mock_options", "main"]
 
 #: Exit codes: an API or network failure, arguments refused before any request, Ctrl+C.
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+#: `deepmode mock serve`'s port: not 8000, which uvicorn (and so the FastAPI example) takes.
+MOCK_SERVE_PORT: Final = 8765
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -46,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         # breaking the one-line error; DEEPMODE_LOG or --debug show them.
         log.addHandler(logging.NullHandler())
     try:
-        if "timeout" in options:  # the commands that make a client
+        if options.makes_client:
             _commands.check_client_options(options)
         options.run(options)
     except KeyboardInterrupt:
@@ -68,9 +72,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         if options.debug:
             raise
         if isinstance(error, ValidationError):
-            print(f"error: {_as_option(one_line(error), options.parser)}", file=sys.stderr)
+            print(f"error: {_as_option(in_cli_terms(error), options.parser)}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
-        print(f"error: {one_line(error)}", file=sys.stderr)
+        print(f"error: {in_cli_terms(error)}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
     sys.exit(0)
 
@@ -96,26 +100,77 @@ def _as_option(message: str, parser: argparse.ArgumentParser) -> str:
     return message
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--api-key", help="API key (default: $DEEPMODE_API_KEY)")
-    common.add_argument("--base-url", help="API base URL (default: $DEEPMODE_BASE_URL)")
-    common.add_argument(
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each option's default, unless its help says it already or there is
+    none worth showing (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if (
+            "(default" in (action.help or "")
+            or default is None
+            or default is False
+            or default == []
+            or default is argparse.SUPPRESS
+        ):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _common_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The client's options. The top-level parser holds their defaults; a command's copy
+    has none (SUPPRESS), so that `deepmode --api-key K balance` is not undone by the
+    command's own default, and the one given after the command wins."""
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--api-key", default=default(None), help="API key (default: $DEEPMODE_API_KEY)"
+    )
+    parser.add_argument(
+        "--base-url",
+        default=default(None),
+        help="API base URL (default: $DEEPMODE_BASE_URL, else https://api.deepmode.ai)",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
+        default=default(None),
         metavar="SECONDS",
         help="longest wait for each piece of an answer (default: 600)",
     )
-    common.add_argument(
-        "--max-retries", type=int, metavar="N", help="tries after the first (default: 2)"
+    parser.add_argument(
+        "--max-retries",
+        type=int,
+        default=default(None),
+        metavar="N",
+        help="tries after the first (default: 2)",
     )
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    common.add_argument("--debug", action="store_true", help="show tracebacks and requests")
+    parser.add_argument(
+        "--json", action="store_true", default=default(False), help="machine-readable output"
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=default(False),
+        help="show tracebacks and requests",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    _common_options(common, defaults=False)
 
     parser = argparse.ArgumentParser(
-        prog="deepmode", description="The DeepMode image API from the command line."
+        prog="deepmode",
+        description="The DeepMode image API from the command line. The options above the "
+        "commands go before or after the command.",
+        formatter_class=_HelpFormatter,
     )
-    parser.set_defaults(run=None, debug=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _common_options(parser, defaults=True)
+    parser.set_defaults(run=None, makes_client=False)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     def command(
@@ -126,13 +181,21 @@ def _parser() -> argparse.ArgumentParser:
         *,
         with_common: bool = True,
     ) -> argparse.ArgumentParser:
-        sub = parent.add_parser(name, parents=[common] if with_common else [], help=help)
-        sub.set_defaults(run=run, parser=sub)
+        sub = parent.add_parser(
+            name,
+            parents=[common] if with_common else [],
+            help=help,
+            description=help,
+            formatter_class=_HelpFormatter,
+        )
+        sub.set_defaults(run=run, parser=sub, makes_client=with_common)
         return sub
 
     command(commands, "balance", _commands.balance, "remaining credits")
 
-    models = commands.add_parser("models", help="train and extend personal models")
+    models = commands.add_parser(
+        "models", help="train and extend personal models", formatter_class=_HelpFormatter
+    )
     models.set_defaults(run=None)
     model_commands = models.add_subparsers(title="models commands", metavar="COMMAND")
     create = command(
@@ -148,7 +211,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a public photo URL instead of files (repeat for each)",
     )
     _add_model_options(create, required=True)
-    create.add_argument("--name")
+    create.add_argument("--name", help="a name for the model")
     create.add_argument(
         "--prepare",
         action="store_true",
@@ -168,12 +231,17 @@ def _parser() -> argparse.ArgumentParser:
     generate = command(
         commands, "generate", _commands.generate, "generate images (one call, or a batch)"
     )
-    generate.add_argument("--model-id", required=True)
-    generate.add_argument("--prompt")
-    generate.add_argument("--negative-prompt")
+    generate.add_argument("--model-id", required=True, help="a trained model's id")
+    generate.add_argument("--prompt", help="what to paint")
+    generate.add_argument("--negative-prompt", help="what to keep out")
     generate.add_argument("--num-images", type=int, default=1, help="1-8 a call")
-    generate.add_argument("--upscale", action="store_true")
-    generate.add_argument("--ratio", choices=[ratio.value for ratio in Ratio], default="portrait")
+    generate.add_argument("--upscale", action="store_true", help="upscale the images too")
+    generate.add_argument(
+        "--ratio",
+        choices=[ratio.value for ratio in Ratio],
+        default="portrait",
+        help="the images' shape",
+    )
     generate.add_argument("--count", type=int, default=1, help="calls with --prompt")
     generate.add_argument("--prompts-file", help="one prompt a line, one call each")
     generate.add_argument("--concurrency", type=int, default=8, help="calls in flight")
@@ -205,9 +273,14 @@ def _parser() -> argparse.ArgumentParser:
     remix.add_argument("--identity-image", metavar="PHOTO", help="a face (face-id remix)")
     remix.add_argument("--artwork-image", required=True, metavar="IMAGE")
     remix.add_argument("--mask-image", required=True, metavar="IMAGE", help="white: repaint")
-    remix.add_argument("--prompt", default="")
-    remix.add_argument("--negative-prompt", default="")
-    remix.add_argument("--mode", choices=[mode.value for mode in RemixMode], default="sync")
+    remix.add_argument("--prompt", default="", help="what to paint")
+    remix.add_argument("--negative-prompt", default="", help="what to keep out")
+    remix.add_argument(
+        "--mode",
+        choices=[mode.value for mode in RemixMode],
+        default="sync",
+        help="async: answer before the image is ready",
+    )
     remix.add_argument("--out", help="download the result into this directory")
 
     download = command(
@@ -215,8 +288,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     download.add_argument("image_ids", nargs="+", metavar="IMAGE_ID")
     download.add_argument("--out", default=".", help="directory (default: here)")
-    download.add_argument("--concurrency", type=int, default=16)
-    download.add_argument("--overwrite", action="store_true")
+    download.add_argument("--concurrency", type=int, default=16, help="downloads at a time")
+    download.add_argument("--overwrite", action="store_true", help="replace files of the same name")
 
     demo = command(
         commands, "demo", _demo.demo, "the whole flow against the embedded mock (or --live)"
@@ -237,7 +310,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--yes", action="store_true", help="with --live: do not ask")
     add_hub_options(demo)
 
-    mock = commands.add_parser("mock", help="the embedded mock API")
+    mock = commands.add_parser("mock", help="the embedded mock API", formatter_class=_HelpFormatter)
     mock.set_defaults(run=None)
     mock_commands = mock.add_subparsers(title="mock commands", metavar="COMMAND")
     serve = command(
@@ -247,7 +320,11 @@ def _parser() -> argparse.ArgumentParser:
         "serve the mock on 127.0.0.1; prints the base URL and the key",
         with_common=False,
     )
-    add_mock_options(serve)
+    # Not uvicorn's 8000 (the FastAPI example's), so both can run side by side.
+    add_mock_options(serve, port=MOCK_SERVE_PORT)
+    # `deepmode --api-key K mock serve` sets the key too: the command's default must
+    # not undo the one given before it (mock_serve falls back to the mock's key).
+    serve.set_defaults(api_key=argparse.SUPPRESS)
     return parser
 
 
@@ -258,10 +335,12 @@ def _add_model_options(parser: argparse.ArgumentParser, *, required: bool) -> No
         required=required,
         choices=[gender.value for gender in Gender],
         default=defaults.get("gender"),
+        help="the subject's",
     )
     parser.add_argument(
         "--model-type",
         required=required,
         choices=[model_type.value for model_type in ModelType],
         default=defaults.get("model_type"),
+        help="the kind of photos the model makes",
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import pathlib
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -14,6 +16,7 @@ from .. import _validate as check
 from .._client import AsyncClient
 from .._downloads import DownloadProgress, check_destination
 from .._errors import DeepModeError, OutcomeUnknownError, ValidationError
+from .._mock_options import MOCK_API_KEY
 from .._pacing import Pacer, pacing
 from .._requests import GenerateRequest
 from .._tasks import map_bounded
@@ -32,7 +35,14 @@ class BatchFailed(DeepModeError):
 
 
 def check_client_options(options: argparse.Namespace) -> None:
-    """Refuse a bad `--timeout` or `--max-retries` before the command does anything."""
+    """Refuse a missing key, a bad `--timeout` or `--max-retries` before the command
+    does anything (the demo against its own mock needs no key)."""
+    needs_key = getattr(options, "live", True)
+    if needs_key and not options.api_key and not os.environ.get("DEEPMODE_API_KEY"):
+        raise ValidationError(
+            "no API key: give --api-key KEY or set DEEPMODE_API_KEY (keys are at "
+            "https://deepmode.ai, under API; `deepmode mock serve` prints a mock's)"
+        )
     if options.timeout is not None:
         check.seconds("--timeout", options.timeout)
     if options.max_retries is not None and options.max_retries < 0:
@@ -220,7 +230,9 @@ async def generate_batch(
                 async for result in stream:
                     results.append(result)
                     if not options.json:
-                        print(describe(result), flush=True)
+                        # A failure's detail goes with the other failure lines, on stderr.
+                        where = sys.stdout if result.ok else sys.stderr
+                        print(describe(result), file=where, flush=True)
     except BaseException:
         if journal is not None:
             say(f"{journal_summary(results)}; interrupted: run the same command to resume")
@@ -341,6 +353,8 @@ def _download_progress(bar: Bar | None) -> Callable[[DownloadProgress], None] | 
 def mock_serve(options: argparse.Namespace) -> None:
     from ..testing.__main__ import run as serve
 
+    if options.api_key is None:  # none given, before the command or after it
+        options = argparse.Namespace(**(vars(options) | {"api_key": MOCK_API_KEY}))
     try:
         serve(options)
     except (OSError, OverflowError) as exc:  # a port in use or out of range, a bad host

@@ -9,17 +9,49 @@ import json
 import pathlib
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
+from .._errors import OutcomeUnknownError
 from .._types import Image, RemixResult
+from .._validate import MAX_TRAINING_IMAGES
 from ..batch import BatchResult
 
 
 def one_line(error: BaseException) -> str:
     """An error as one line: what a person reads on stderr."""
     return " ".join(str(error).split()) or type(error).__name__
+
+
+#: Python phrasing left in SDK messages the CLI cannot say otherwise, and its CLI form.
+_IN_CLI_TERMS: Final = (("pass api_key= instead", "give --api-key instead"),)
+
+
+def in_cli_terms(error: BaseException) -> str:
+    """`one_line(error)` with the advice a Python caller gets (`resend_unknown=True`,
+    `prepare_training_set`...) given as the command's flags instead; the SDK's own
+    messages stay as library users need them."""
+    if isinstance(error, OutcomeUnknownError):
+        return (
+            f"sent at {error.sent_at.isoformat(timespec='seconds')} by an earlier run and "
+            f"may have been charged: {error.reason}; it is not sent again unless the "
+            "command runs with --resend-unknown"
+        )
+    prep = sys.modules.get("deepmode_async.prep")  # not loaded: not one of its errors
+    if prep is not None and isinstance(error, prep.TrainingSetError):
+        training_set = error.training_set
+        total = len(training_set.photos) + len(training_set.skipped)
+        if training_set.skipped and 1 <= len(training_set.photos) <= MAX_TRAINING_IMAGES:
+            reasons = "; ".join(f"{s.source}: {s.reason}" for s in training_set.skipped)
+            return (
+                f"{len(training_set.skipped)} of {total} photos cannot be used, so nothing "
+                f"was sent: {reasons}. Leave them out of the command"
+            )
+    text = one_line(error)
+    for python, cli in _IN_CLI_TERMS:
+        text = text.replace(python, cli)
+    return text
 
 
 def say(message: str) -> None:
@@ -47,7 +79,7 @@ def jsonable(value: Any) -> Any:
             "ok": value.ok,
             "generation": jsonable(value.generation) if value.generation else None,
             "paths": jsonable(value.paths) if value.paths is not None else None,
-            "error": one_line(value.error) if value.error is not None else None,
+            "error": in_cli_terms(value.error) if value.error is not None else None,
             "error_type": type(value.error).__name__ if value.error is not None else None,
         }
     if isinstance(value, pathlib.Path):
@@ -70,7 +102,7 @@ def image_line(image: Image | RemixResult) -> str:
 def describe(result: BatchResult) -> str:
     """One batch result as a line: its paths, its images, or why it failed."""
     if result.error is not None:
-        return f"[{result.index}] failed: {one_line(result.error)}"
+        return f"[{result.index}] failed: {in_cli_terms(result.error)}"
     assert result.generation is not None
     if result.paths is not None:
         return f"[{result.index}] " + " ".join(str(path) for path in result.paths)

@@ -1,4 +1,4 @@
-"""Where the SDK keeps what must outlive a call, shared between processes (DESIGN §8).
+"""Where the SDK keeps what must outlive a call, shared between processes.
 
 ```python
 from deepmode_async.stores import open_store

@@ -14,7 +14,9 @@ from ._mock import MockDeepMode
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m deepmode_async.testing", description="Serve the mock DeepMode API."
+        prog="python -m deepmode_async.testing",
+        description="Serve the mock DeepMode API.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_mock_options(parser)
     run(parser.parse_args(argv))

@@ -19,6 +19,7 @@ import anyio.from_thread
 from aiohttp import web
 from yarl import URL
 
+from .._mock_options import MOCK_API_KEY
 from ._api import DeepModeApi
 from ._blob import BlobHost
 from ._faults import Faults
@@ -118,7 +119,7 @@ class MockDeepMode:
     def __init__(
         self,
         *,
-        api_key: str = "mock-key",
+        api_key: str = MOCK_API_KEY,
         balance: int = 10_000,
         training_delay: float = 0.0,
         latency: float | Mapping[Endpoint, float] = 0.0,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import functools
+import struct
+import zlib
 from typing import Final, Literal
 
 SampleFormat = Literal["jpeg", "png", "webp"]
@@ -39,12 +41,21 @@ _JFIF_HEADER_END: Final = 20  # SOI (2 bytes) + APP0 marker (2) + APP0 segment (
 
 
 @functools.cache
-def sample_image(format: SampleFormat = "jpeg", *, size: int | None = None) -> bytes:
+def sample_image(
+    format: SampleFormat = "jpeg", *, size: int | None = None, side: int | None = None
+) -> bytes:
     """A real, decodable 16x16 image, padded with JPEG comments to exactly `size` bytes.
 
     `size` (JPEG only) lets benchmarks download multi-megabyte images that any decoder
-    still opens. The result is cached: calling it again is free.
+    still opens. `side` (PNG only) makes a `side` x `side` picture instead, a pattern
+    of its own for each side: `sample_image("png", side=640)` is a photo that
+    `deepmode_async.prep` accepts (it needs 256 px). The result is cached: calling it
+    again is free.
     """
+    if side is not None:
+        if format != "png" or size is not None:
+            raise ValueError("side= makes PNG samples only, without size=")
+        return _png(side)
     data = _SAMPLES[format]
     if size is None or size == len(data):
         return data
@@ -62,3 +73,29 @@ def sample_image(format: SampleFormat = "jpeg", *, size: int | None = None) -> b
         segments.append(_COM_MARKER + (chunk - 2).to_bytes(2, "big") + bytes(chunk - 4))
         padding -= chunk
     return data[:_JFIF_HEADER_END] + b"".join(segments) + data[_JFIF_HEADER_END:]
+
+
+def _png(side: int) -> bytes:
+    """An RGB PNG, side x side: a gradient under a grid whose pitch depends on the side,
+    so that two sides make two different pictures, also once scaled alike."""
+    if not 1 <= side <= 8192:
+        raise ValueError(f"side must be 1 to 8192 pixels, not {side}")
+    pitch = 8 + side % 23
+    rows = bytearray()
+    for y in range(side):
+        rows.append(0)  # filter: none
+        for x in range(side):
+            line = 255 if (x // pitch + y // pitch) % 2 else 0
+            rows += bytes((x * 255 // side, y * 255 // side, line))
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)  # 8-bit RGB
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(bytes(rows), 6))
+        + chunk(b"IEND", b"")
+    )

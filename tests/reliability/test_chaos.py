@@ -2,7 +2,7 @@
 
 500 requests meet 20% 429s and 5% 503s (both with `Retry-After`), 5% connections dropped
 after the server did the work (and charged for it), 3% 500s and 0-5 ms of latency. The
-promises of DESIGN.md §3 and §5 under that weather:
+promises of the README (Retries, Long batches) under that weather:
 
 - every request yields exactly one result;
 - the server acts on each prompt at most once (at most one charge per prompt);

@@ -1,6 +1,6 @@
 """Secrets: the API key never shows in a repr, in any error (its text, its attributes, its
 chain, its pickle), in the logs or in a request to another host; signed query strings are
-redacted in log lines, which still name the path (DESIGN §3 "Auth stays at home").
+redacted in log lines, which still name the path.
 
 Three keys are in play so a leak of any one is caught: the one passed as `api_key`, the
 one read from `$DEEPMODE_API_KEY`, and a wrong one (a 401 must not echo it either).
