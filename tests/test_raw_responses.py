@@ -21,6 +21,7 @@ from deepmode_async import (
     AsyncClient,
     Balance,
     Client,
+    ConflictError,
     Generation,
     Image,
     InternalServerError,
@@ -32,7 +33,7 @@ from deepmode_async import (
     ValidationError,
 )
 from deepmode_async.callbacks import CallbackHub
-from deepmode_async.testing import MockDeepMode, sample_image
+from deepmode_async.testing import Endpoint, MockDeepMode, sample_image
 
 pytestmark = pytest.mark.anyio
 
@@ -165,6 +166,15 @@ async def test_a_retried_call_counts_its_retries(dm: AsyncClient, mock: MockDeep
     assert response.request_id == mock.requests[-1].request_id
 
 
+@pytest.mark.parametrize("name", CALLS)
+async def test_every_method_raises_the_same_typed_errors(
+    dm: AsyncClient, mock: MockDeepMode, name: str
+) -> None:
+    mock.fail(ENDPOINTS[name], 409)
+    with pytest.raises(ConflictError):
+        await CALLS[name][0](dm, mock)
+
+
 async def test_errors_are_the_same_typed_errors(dm: AsyncClient, mock: MockDeepMode) -> None:
     with pytest.raises(NotFoundError):
         await dm.images.with_raw_response.retrieve("no-such-image")
@@ -217,6 +227,106 @@ async def test_a_derived_client_has_them_too(mock: MockDeepMode) -> None:
 def served() -> Iterator[MockDeepMode]:
     with MockDeepMode() as mock:
         yield mock
+
+
+@pytest.fixture(scope="module")
+def blocking(served: MockDeepMode) -> Iterator[Client]:
+    with Client(served.api_key, base_url=served.base_url) as dm:
+        yield dm
+
+
+Arguments = Callable[[Client, MockDeepMode], tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+def _image_id(dm: Client, mock: MockDeepMode) -> str:
+    return dm.images.generate(model_id=mock.add_model().id, prompt="x").images[0].id
+
+
+def _model(dm: Client, mock: MockDeepMode) -> dict[str, Any]:
+    return {"model_id": mock.add_model().id}
+
+
+PNG = sample_image("png")
+BLOCKING_CALLS: dict[str, tuple[str, str, Arguments, type]] = {
+    "generate": (
+        "images",
+        "generate",
+        lambda dm, mock: ((), {**_model(dm, mock), "prompt": "x"}),
+        Generation,
+    ),
+    "generate_later": (
+        "images",
+        "generate",
+        lambda dm, mock: ((), {**_model(dm, mock), "prompt": "x", "callback": "https://e.com"}),
+        Accepted,
+    ),
+    "retrieve": ("images", "retrieve", lambda dm, mock: ((_image_id(dm, mock),), {}), Image),
+    "upscale": ("images", "upscale", lambda dm, mock: ((_image_id(dm, mock),), {}), Image),
+    "remix": (
+        "images",
+        "remix",
+        lambda dm, mock: ((), {**_model(dm, mock), "artwork_image": JPEG, "mask_image": PNG}),
+        RemixResult,
+    ),
+    "face_id_remix": (
+        "images",
+        "face_id_remix",
+        lambda dm, mock: ((), {"identity_image": JPEG, "artwork_image": JPEG, "mask_image": PNG}),
+        RemixResult,
+    ),
+    "create": (
+        "models",
+        "create",
+        lambda dm, mock: ((), {"images": [JPEG], "gender": "man", "model_type": "amateur"}),
+        ModelCreated,
+    ),
+    "extend": ("models", "extend", lambda dm, mock: ((mock.add_model().id,), {}), ModelExtension),
+    "balance": ("account", "balance", lambda dm, mock: ((), {}), Balance),
+}
+
+
+ENDPOINTS: dict[str, Endpoint] = {
+    "generate": "generate",
+    "generate_later": "generate",
+    "retrieve": "retrieve_image",
+    "upscale": "upscale",
+    "remix": "remix",
+    "face_id_remix": "face_id_remix",
+    "create": "create_model",
+    "extend": "extend_model",
+    "balance": "balance",
+}
+
+
+def test_the_blocking_tables_cover_the_same_calls() -> None:
+    assert BLOCKING_CALLS.keys() == CALLS.keys() == ENDPOINTS.keys()
+
+
+@pytest.mark.parametrize("name", BLOCKING_CALLS)
+def test_every_blocking_method_answers_with_its_response(
+    blocking: Client, served: MockDeepMode, name: str
+) -> None:
+    resource, method, arguments, result = BLOCKING_CALLS[name]
+    args, kwargs = arguments(blocking, served)
+    response = getattr(getattr(blocking, resource).with_raw_response, method)(*args, **kwargs)
+    assert isinstance(response, APIResponse)
+    record = served.requests[-1]
+    assert response.status_code == 200
+    assert response.request_id == record.request_id
+    assert response.retries_taken == 0
+    assert response.http_request.url == f"{served.base_url.rstrip('/')}{record.path}"
+    assert isinstance(response.parse(), result)
+
+
+@pytest.mark.parametrize("name", BLOCKING_CALLS)
+def test_blocking_errors_are_the_same_typed_errors(
+    blocking: Client, served: MockDeepMode, name: str
+) -> None:
+    resource, method, arguments, _ = BLOCKING_CALLS[name]
+    args, kwargs = arguments(blocking, served)
+    served.fail(ENDPOINTS[name], 409)
+    with pytest.raises(ConflictError):
+        getattr(getattr(blocking, resource).with_raw_response, method)(*args, **kwargs)
 
 
 def test_the_blocking_client_has_them_too(served: MockDeepMode, tmp_path: pathlib.Path) -> None:
