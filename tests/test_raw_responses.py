@@ -157,6 +157,12 @@ async def test_the_covered_methods_are_all_that_make_one_request(dm: AsyncClient
             getattr(dm.images.with_raw_response, name)
 
 
+async def test_elapsed_is_the_final_attempts(dm: AsyncClient, mock: MockDeepMode) -> None:
+    mock.set_latency("balance", 0.15)
+    response = await dm.account.with_raw_response.balance()
+    assert datetime.timedelta(seconds=0.15) <= response.elapsed < datetime.timedelta(seconds=5)
+
+
 async def test_a_retried_call_counts_its_retries(dm: AsyncClient, mock: MockDeepMode) -> None:
     mock.fail("balance", 503, times=2)
     response = await dm.account.with_raw_response.balance()

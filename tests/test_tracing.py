@@ -57,6 +57,18 @@ async def test_one_span_per_attempt(mock: MockDeepMode, exporter: InMemorySpanEx
     assert len([r for r in mock.requests if r.endpoint == "balance"]) == 2
 
 
+async def test_a_lost_connection_is_a_span_of_its_own(
+    mock: MockDeepMode, exporter: InMemorySpanExporter
+) -> None:
+    mock.drop("balance")
+    async with make_client(mock) as dm:
+        await dm.account.balance()
+    spans = exporter.get_finished_spans()
+    assert [(span.name, _status(span)) for span in spans] == [("GET", None), ("GET", 200)]
+    assert not spans[0].status.is_ok
+    assert len([r for r in mock.requests if r.endpoint == "balance"]) == 2
+
+
 async def test_a_paid_call_that_is_not_retried_has_one_span(
     mock: MockDeepMode, exporter: InMemorySpanExporter
 ) -> None:
