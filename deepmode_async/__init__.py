@@ -16,7 +16,8 @@ one above, and no import comes back round (tests/test_layering.py checks it):
 
 1. vocabulary: _version, _public, _formats, _errors, _validate, _types, _convert, _encoding
 2. values and state between calls: _tasks, _timeout, _requests, stores
-3. calls: _connection, _failures, _retry, _pacing, _shared_backoff, _transport, _uploads, _downloads
+3. calls: _raw, _connection, _failures, _retry, _pacing, _shared_backoff, _transport, _uploads,
+   _downloads
 4. built on requests, not on a client: _journal, batch, callbacks, prep
 5. the endpoints: resources
 6. the clients and this public face: _client, _sync, __init__
@@ -55,6 +56,7 @@ from ._errors import (
     ValidationError,
 )
 from ._public import publish
+from ._raw import APIResponse
 from ._requests import GenerateRequest
 from ._retry import RetryPolicy
 from ._sync import Client
@@ -80,6 +82,7 @@ from .batch import BatchDownloaded, BatchFailure, BatchProgress, BatchResult, Ba
 __all__ = [
     "APIConnectionError",
     "APIError",
+    "APIResponse",
     "APIStatusError",
     "APITimeoutError",
     "Accepted",

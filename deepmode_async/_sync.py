@@ -32,6 +32,7 @@ import attrs
 
 from ._client import AsyncClient, ClientOptions, forget_session
 from ._errors import DeepModeError, ValidationError
+from ._raw import RawResponses
 from ._retry import RetryPolicy
 from ._timeout import Timeout
 from .resources._blocking import BlockingAccount, BlockingImages, BlockingModels
@@ -416,10 +417,12 @@ class _Blocking:
         if name.startswith("_"):  # also keeps a half-built instance from recursing
             raise AttributeError(name)
         attribute = getattr(self._target, name)
-        if inspect.iscoroutinefunction(attribute):
-            blocking = _blocking_call(self._loop, attribute)
+        if isinstance(attribute, RawResponses):  # `with_raw_response`: blocking in turn
+            blocking: Any = _Blocking(attribute, self._loop)
+        elif inspect.iscoroutinefunction(attribute):
+            blocking = _blocking(self._loop.run, attribute)
         elif inspect.isasyncgenfunction(attribute):
-            blocking = _blocking_iterator(self._loop, attribute)
+            blocking = _blocking(self._loop.iterate, attribute)
         else:
             return attribute
         setattr(self, name, blocking)  # made once; later lookups skip __getattr__
@@ -432,19 +435,12 @@ class _Blocking:
         return f"<blocking {type(self._target).__name__}>"
 
 
-def _blocking_call(loop: _LoopThread, method: Callable[..., Awaitable[T]]) -> Callable[..., T]:
+def _blocking(run: Callable[[Callable[[], Any]], Any], method: Callable[..., Any]) -> Any:
+    """`method` made blocking: each call hands it to `run` (a `_LoopThread`'s `run` for
+    a coroutine function, its `iterate` for an async generator function)."""
+
     @functools.wraps(method)  # the name, docstring and signature of the async method
-    def call(*args: Any, **kwargs: Any) -> T:
-        return loop.run(functools.partial(method, *args, **kwargs))
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return run(functools.partial(method, *args, **kwargs))
 
     return call
-
-
-def _blocking_iterator(
-    loop: _LoopThread, method: Callable[..., AsyncIterator[T]]
-) -> Callable[..., Iterator[T]]:
-    @functools.wraps(method)
-    def iterate(*args: Any, **kwargs: Any) -> Iterator[T]:
-        return loop.iterate(functools.partial(method, *args, **kwargs))
-
-    return iterate

@@ -36,6 +36,7 @@ from ._errors import (
 )
 from ._failures import attempt_failure
 from ._pacing import paced_call
+from ._raw import record_answer
 from ._retry import RetryPolicy
 from ._shared_backoff import SharedBackoff
 from ._timeout import Timeout
@@ -333,6 +334,7 @@ class Transport:
                         body = decoded_prefix(body, encoding, _ERROR_BODY_LIMIT)
                     body = self._redacted(body)
                     raise status_error(request.info, status, body, response.headers)
+                record_answer(request, status, response.headers, started, attempt)
                 return await consume(response)
         except DeepModeError:
             raise

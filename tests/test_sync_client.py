@@ -214,14 +214,21 @@ def test_every_method_has_the_signature_and_docs_of_its_async_twin(mock: MockDee
         sync_resource = getattr(sync_client, resource)
         names = {n for n in dir(async_resource) if not n.startswith("_")}
         assert names == set(dir(sync_resource))
-        for name in names:
-            async_method = getattr(async_resource, name)
-            sync_method = getattr(sync_resource, name)
+        assert "with_raw_response" in names
+        raw_async, raw_sync = async_resource.with_raw_response, sync_resource.with_raw_response
+        raw_names = set(dir(raw_async))
+        assert raw_names == set(dir(raw_sync))
+        assert raw_names < names
+        pairs = [(async_resource, sync_resource, n) for n in names - {"with_raw_response"}]
+        pairs += [(raw_async, raw_sync, n) for n in raw_names]
+        for async_side, sync_side, name in pairs:
+            async_method = getattr(async_side, name)
+            sync_method = getattr(sync_side, name)
             assert inspect.signature(sync_method) == inspect.signature(async_method), name
             assert sync_method.__doc__ == async_method.__doc__
             assert not inspect.iscoroutinefunction(sync_method)
             checked += 1
-    assert checked >= 9
+    assert checked >= 9 + 8
     sync_client.close()
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .._convert import structure
+from .._raw import RawResponses
 from .._timeout import Timeout, coerce_timeout
 from .._transport import Transport
 
@@ -17,6 +18,16 @@ class Resource:
 
     def __init__(self, transport: Transport) -> None:
         self._transport = transport
+        self._raw = RawResponses(self)
+
+    @property
+    def with_raw_response(self) -> Any:  # each resource names its view's type
+        """This resource's methods that make one HTTP request, each returning an
+        `APIResponse` (status, headers, request id, timing) whose `parse()` gives what
+        the method returns. Downloads, `generate_many` and calls with a `CallbackHub`
+        as `callback` are not one HTTP answer, and are not offered (a hub raises
+        `ValidationError` before anything is sent)."""
+        return self._raw
 
     async def _call(
         self,

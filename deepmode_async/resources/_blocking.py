@@ -13,6 +13,7 @@ from .._downloads import (
     Downloadable,
     ProgressCallback,
 )
+from .._raw import APIResponse
 from .._requests import GenerateRequest
 from .._timeout import Timeout
 from .._types import (
@@ -37,6 +38,10 @@ from ..stores import Store
 
 class BlockingModels(Protocol):
     """The blocking `Models` of `Client`: each method waits for its result."""
+
+    @property
+    def with_raw_response(self) -> BlockingModelsWithRawResponse:
+        """`Models.with_raw_response`, blocking."""
 
     @overload
     def create(
@@ -105,8 +110,61 @@ class BlockingModels(Protocol):
         ...
 
 
+class BlockingModelsWithRawResponse(Protocol):
+    """`Models.with_raw_response`: each method returns an `APIResponse` of its result."""
+
+    @overload
+    def create(
+        self,
+        *,
+        images: Iterable[ImageInput] | None = None,
+        image_urls: Iterable[str] | None = None,
+        gender: Gender | str,
+        model_type: ModelType | str,
+        name: str | None = None,
+        callback: str | None = None,
+        progress: UploadProgressCallback | None = None,
+        prepare: bool = False,
+        timeout: Timeout | float | None = None,
+    ) -> APIResponse[ModelCreated]: ...
+    @overload
+    def create(
+        self,
+        *,
+        images: Iterable[ImageInput] | None = None,
+        image_urls: Iterable[str] | None = None,
+        gender: Gender | str,
+        model_type: ModelType | str,
+        name: str | None = None,
+        callback: CallbackHub,
+        progress: UploadProgressCallback | None = None,
+        prepare: bool = False,
+        timeout: Timeout | float | None = None,
+    ) -> APIResponse[Model]: ...
+    def create(
+        self,
+        *,
+        images: Iterable[ImageInput] | None = None,
+        image_urls: Iterable[str] | None = None,
+        gender: Gender | str,
+        model_type: ModelType | str,
+        name: str | None = None,
+        callback: str | CallbackHub | None = None,
+        progress: UploadProgressCallback | None = None,
+        prepare: bool = False,
+        timeout: Timeout | float | None = None,
+    ) -> APIResponse[ModelCreated | Model]: ...
+    def extend(
+        self, model_id: str, *, timeout: Timeout | float | None = None
+    ) -> APIResponse[ModelExtension]: ...
+
+
 class BlockingImages(Protocol):
     """The blocking `Images` of `Client`: each method waits for its result."""
+
+    @property
+    def with_raw_response(self) -> BlockingImagesWithRawResponse:
+        """`Images.with_raw_response`, blocking."""
 
     @overload
     def generate_many(
@@ -318,9 +376,106 @@ class BlockingImages(Protocol):
         ...
 
 
+class BlockingImagesWithRawResponse(Protocol):
+    """`Images.with_raw_response`: each method returns an `APIResponse` of its result."""
+
+    def remix(
+        self,
+        *,
+        model_id: str,
+        artwork_image: ImageInput,
+        mask_image: ImageInput,
+        prompt: str = "",
+        negative_prompt: str = "",
+        mode: RemixMode | str = RemixMode.SYNC,
+        timeout: Timeout | float | None = None,
+    ) -> APIResponse[RemixResult]: ...
+    def face_id_remix(
+        self,
+        *,
+        identity_image: ImageInput,
+        artwork_image: ImageInput,
+        mask_image: ImageInput,
+        prompt: str = "",
+        negative_prompt: str = "",
+        mode: RemixMode | str = RemixMode.SYNC,
+        timeout: Timeout | float | None = None,
+    ) -> APIResponse[RemixResult]: ...
+    @overload
+    def generate(
+        self,
+        *,
+        model_id: str,
+        prompt: str,
+        negative_prompt: str | None = None,
+        num_images: int = 1,
+        upscale: bool = False,
+        ratio: Ratio | str = Ratio.PORTRAIT,
+        callback: CallbackHub | None = None,
+        timeout: Timeout | float | None = None,
+    ) -> APIResponse[Generation]: ...
+    @overload
+    def generate(
+        self,
+        *,
+        model_id: str,
+        prompt: str,
+        negative_prompt: str | None = None,
+        num_images: int = 1,
+        upscale: bool = False,
+        ratio: Ratio | str = Ratio.PORTRAIT,
+        callback: str,
+        timeout: Timeout | float | None = None,
+    ) -> APIResponse[Accepted]: ...
+    def generate(
+        self,
+        *,
+        model_id: str,
+        prompt: str,
+        negative_prompt: str | None = None,
+        num_images: int = 1,
+        upscale: bool = False,
+        ratio: Ratio | str = Ratio.PORTRAIT,
+        callback: str | CallbackHub | None = None,
+        timeout: Timeout | float | None = None,
+    ) -> APIResponse[Generation | Accepted]: ...
+    def retrieve(
+        self, image_id: str, *, timeout: Timeout | float | None = None
+    ) -> APIResponse[Image]: ...
+    @overload
+    def upscale(
+        self,
+        image_id: str,
+        *,
+        callback: CallbackHub | None = None,
+        timeout: Timeout | float | None = None,
+    ) -> APIResponse[Image]: ...
+    @overload
+    def upscale(
+        self, image_id: str, *, callback: str, timeout: Timeout | float | None = None
+    ) -> APIResponse[Accepted]: ...
+    def upscale(
+        self,
+        image_id: str,
+        *,
+        callback: str | CallbackHub | None = None,
+        timeout: Timeout | float | None = None,
+    ) -> APIResponse[Image | Accepted]: ...
+
+
 class BlockingAccount(Protocol):
     """The blocking `Account` of `Client`: each method waits for its result."""
+
+    @property
+    def with_raw_response(self) -> BlockingAccountWithRawResponse:
+        """`Account.with_raw_response`, blocking."""
 
     def balance(self, *, timeout: Timeout | float | None = None) -> Balance:
         """The credits left (free; retried like any read)."""
         ...
+
+
+class BlockingAccountWithRawResponse(Protocol):
+    """`Account.with_raw_response`: each method returns an `APIResponse` of its result."""
+
+    def balance(self, *, timeout: Timeout | float | None = None) -> APIResponse[Balance]: ...

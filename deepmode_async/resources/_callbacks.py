@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from .._errors import CallbackTimeoutError, DeepModeError
+from .._raw import refuse_raw
 from .._retry import server_may_have_acted
 from ..callbacks import PendingCallback
 
@@ -24,6 +25,7 @@ async def submit_and_wait(
     """
     submitting = False
     try:
+        refuse_raw("a call with a CallbackHub as callback")  # discarded below, nothing sent
         await pending.saved()  # so that a restart finds it: before any credit is spent
         submitting = True
         await submit(pending.url)

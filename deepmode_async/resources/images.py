@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 from collections.abc import Iterable
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
 from .. import _validate as check
 from .._downloads import (
@@ -17,6 +17,7 @@ from .._downloads import (
     flatten,
 )
 from .._errors import ValidationError
+from .._raw import not_raw
 from .._requests import GenerateRequest, generate_body
 from .._timeout import Timeout
 from .._transport import Transport, json_body
@@ -26,9 +27,14 @@ from ._batching import Batching
 from ._callbacks import submit_and_wait
 from ._remix import Remixing
 
+if TYPE_CHECKING:
+    from ._raw_types import ImagesWithRawResponse
+
 
 class Images(Batching, Remixing):
     """Images from a trained model, and what can be done with them."""
+
+    with_raw_response: ImagesWithRawResponse
 
     def __init__(self, transport: Transport) -> None:
         super().__init__(transport)
@@ -166,6 +172,7 @@ class Images(Batching, Remixing):
             Accepted, "POST", "/api/images/upscale", body=json_body(body), timeout=timeout
         )
 
+    @not_raw
     async def download(
         self,
         items: Downloadable | Iterable[Downloadable],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import anyio.to_thread
 
@@ -19,9 +19,14 @@ from ..callbacks import CallbackHub
 from ._base import Resource
 from ._callbacks import submit_and_wait
 
+if TYPE_CHECKING:
+    from ._raw_types import ModelsWithRawResponse
+
 
 class Models(Resource):
     """Personal models: trained from 1-30 photos, valid for 30 days, extendable."""
+
+    with_raw_response: ModelsWithRawResponse
 
     @overload
     async def create(
