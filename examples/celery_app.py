@@ -115,7 +115,10 @@ def generate_chunk(batch_id: str, chunk: int, model_id: str, prompts: list[str])
     been charged, not sent again) or "failed"; indexes are within the chunk.
     """
     if _client is None:
-        raise RuntimeError("no client: this task runs in a Celery worker process only")
+        raise RuntimeError(
+            "no client: this task runs in a worker process of the prefork pool, whose "
+            "worker_process_init makes it"
+        )
     requests = [GenerateRequest(model_id=model_id, prompt=prompt) for prompt in prompts]
     journal = RedisStore(REDIS_URL, prefix=journal_prefix(batch_id, chunk))
     results: list[dict[str, Any]] = []

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from types import ModuleType
 from typing import IO
@@ -214,3 +215,48 @@ def test_a_killed_worker_process_loses_its_chunk_which_the_driver_resumes(
     assert max(charged.values()) == 1, charged
     assert all(charged[prompts[index]] == 1 for index in done)
     assert set(charged) <= set(prompts)
+
+
+def test_a_429_met_by_one_worker_process_pauses_the_other(
+    served: MockDeepMode, worker: Worker, example: ModuleType
+) -> None:
+    """The workers' clients share the back-off through the Redis of the example: while
+    the server's Retry-After runs, no process sends a new call, not only the one told."""
+    served.set_latency("generate", 0.2)
+    model_id = served.add_model().id
+    prompts = [f"a quay at night, take {i}" for i in range(20)]  # one chunk per process
+    retry_after = 1.5
+    seen: dict[str, float] = {}  # request id: when it was first seen here
+    stop = threading.Event()
+
+    def watch() -> None:
+        injected = False
+        while not stop.is_set():
+            now = time.monotonic()
+            for request in served.requests:
+                seen.setdefault(request.request_id, now)
+            if not injected and len(charges(served, model_id)) >= 4:  # both chunks under way
+                served.fail("generate", 429, retry_after=retry_after, detail="slow down")
+                injected = True
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        summary = example.run_batch(prompts, model_id=model_id, chunk_size=10, timeout=40)
+    finally:
+        stop.set()
+        watcher.join(5)
+    assert len(summary.done) == 20, summary.text()
+
+    calls = [r for r in served.requests if r.endpoint == "generate" and r.request_id in seen]
+    (told,) = [r for r in calls if r.status == 429]  # answered before its body was read
+    paused_from = seen[told.request_id] + 0.3  # the push reaches the others within ms
+    paused_until = seen[told.request_id] + retry_after - 0.2
+    during = [r.json for r in calls if paused_from < seen[r.request_id] < paused_until]
+    assert during == [], during
+    # Both chunks were still under way: each sent calls after the pause, too.
+    after = {
+        prompts.index(r.json["prompt"]) // 10 for r in calls if seen[r.request_id] > paused_until
+    }
+    assert after == {0, 1}
