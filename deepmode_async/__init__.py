@@ -21,7 +21,7 @@ one above, and no import comes back round (tests/test_layering.py checks it):
 4. built on requests, not on a client: _journal, batch, callbacks, prep
 5. the endpoints: resources
 6. the clients and this public face: _client, _sync, __init__
-7. the mock server and its command-line options: testing, _mock_options
+7. the mock server, and the options and loop of the command line: testing, _mock_options, _loop
 8. the command line: cli, __main__
 """
 

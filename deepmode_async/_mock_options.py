@@ -14,15 +14,18 @@ from typing import Final
 MOCK_API_KEY: Final = "mock-key"
 
 
-def add_mock_options(parser: argparse.ArgumentParser, *, port: int = 0) -> None:
+def add_mock_options(
+    parser: argparse.ArgumentParser, *, port: int = 0, api_key: object = MOCK_API_KEY
+) -> None:
     """Add the options of `deepmode_async.testing.__main__.run` to `parser`; `port` is
-    the API port's default."""
+    the API port's default, `api_key` the key's (`argparse.SUPPRESS`: none, for a caller
+    that takes it from elsewhere first)."""
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=port, help="API port (0: any free port)")
     parser.add_argument("--blob-port", type=int, default=0, help="image host port")
     parser.add_argument(
         "--api-key",
-        default=MOCK_API_KEY,
+        default=api_key,
         help=f"the key the mock accepts (default: {MOCK_API_KEY})",
     )
     parser.add_argument("--balance", type=int, default=10_000, help="starting credits")

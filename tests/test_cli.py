@@ -20,6 +20,7 @@ from typing import Any, TypeAlias
 
 import conftest
 import pytest
+import uvloop
 from conftest import wait_until
 
 from deepmode_async import Client
@@ -490,6 +491,21 @@ def test_mock_serve_then_balance(tmp_path: pathlib.Path) -> None:
 
     assert server.returncode == 0, server.stderr
     assert "Traceback" not in server.stderr
+
+
+def test_the_cli_runs_on_uvloop_when_it_is_installed(
+    env: dict[str, str], tmp_path: pathlib.Path
+) -> None:
+    assert uvloop.Loop.__module__ == "uvloop"  # installed (the dev extra brings it)
+    done = run(env, "--debug", "balance")
+    assert (done.returncode, done.stdout) == (0, "10000 credits\n"), done.stderr
+    assert "event loop: uvloop.Loop" in done.stderr
+
+    (tmp_path / "uvloop.py").write_text("raise ImportError('not installed')\n")
+    done = run(env | {"PYTHONPATH": str(tmp_path)}, "--debug", "balance")
+    assert (done.returncode, done.stdout) == (0, "10000 credits\n"), done.stderr
+    assert "event loop: asyncio." in done.stderr
+    assert "uvloop" not in done.stderr
 
 
 def test_a_connection_failure_is_one_line_without_retry_warnings(

@@ -44,7 +44,7 @@ LAYERS: list[set[str]] = [
     {"_journal", "batch", "callbacks", "prep"},
     {"resources"},
     {"_client", "_sync", "__init__"},
-    {"testing", "_mock_options"},
+    {"testing", "_mock_options", "_loop"},
     {"cli", "__main__"},
 ]
 

@@ -321,10 +321,10 @@ def _parser() -> argparse.ArgumentParser:
         with_common=False,
     )
     # Not uvicorn's 8000 (the FastAPI example's), so both can run side by side.
-    add_mock_options(serve, port=MOCK_SERVE_PORT)
     # `deepmode --api-key K mock serve` sets the key too: the command's default must
-    # not undo the one given before it (mock_serve falls back to the mock's key).
-    serve.set_defaults(api_key=argparse.SUPPRESS)
+    # not undo the one given before it (mock_serve falls back to the mock's key). An
+    # action's SUPPRESS, not set_defaults', which would store the marker itself.
+    add_mock_options(serve, port=MOCK_SERVE_PORT, api_key=argparse.SUPPRESS)
     return parser
 
 

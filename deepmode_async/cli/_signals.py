@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import Coroutine
 from typing import Any, TypeVar
+
+from .. import _loop
 
 T = TypeVar("T")
 
@@ -26,17 +29,22 @@ class Terminated(Exception):
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
-    """`asyncio.run(coroutine)`, with SIGTERM and SIGHUP cancelling it.
+    """`asyncio.run(coroutine)`, with SIGTERM and SIGHUP cancelling it, on uvloop when it
+    is installed.
 
     Python's default for those signals ends the process on the spot: a download's
     temporary files and the demo's sample photos would stay behind. Cancelling runs
     every `finally` and cancel scope on the way out instead.
     """
-    return asyncio.run(_cancelled_by_signals(coroutine))
+    return _loop.run(_cancelled_by_signals(coroutine))
 
 
 async def _cancelled_by_signals(coroutine: Coroutine[Any, Any, T]) -> T:
     loop = asyncio.get_running_loop()
+    kind = type(loop)
+    logging.getLogger("deepmode_async.cli").debug(
+        "event loop: %s.%s", kind.__module__, kind.__qualname__
+    )
     task = asyncio.current_task()
     assert task is not None
     received: list[int] = []
