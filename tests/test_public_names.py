@@ -32,7 +32,7 @@ def test_exported_classes_name_their_public_module(name: str) -> None:
 @pytest.mark.parametrize("name", PUBLIC)
 def test_dir_shows_public_names_only(name: str) -> None:
     module = importlib.import_module(name)
-    for submodule in ("batch", "callbacks", "prep", "resources", "stores", "testing"):
+    for submodule in ("batch", "callbacks", "cli", "prep", "resources", "stores", "testing"):
         # dir() lists the public submodules imported so far: import them all, whatever
         # other tests of this process imported before.
         importlib.import_module(f"deepmode_async.{submodule}")
@@ -40,7 +40,7 @@ def test_dir_shows_public_names_only(name: str) -> None:
     assert "annotations" not in dir(module)
     assert all(not n.startswith("_") for n in dir(module) if n != "__version__")
     if name == "deepmode_async":
-        assert stray == ["batch", "callbacks", "prep", "resources", "stores", "testing"]
+        assert stray == ["batch", "callbacks", "cli", "prep", "resources", "stores", "testing"]
     else:
         assert stray == []
 
