@@ -131,7 +131,7 @@ class CallbackHub:
             raise CallbackNotFoundError(
                 "no callback with this token: unknown to this hub's store, or expired"
             )
-        return self._state.get(token) or PendingCallback(self._keeper, info, token)
+        return self._handle(token, info)
 
     async def outstanding(self, kind: CallbackKind | None = None) -> list[PendingCallback[Any]]:
         """Every expectation (of `kind`, if given) in the store whose result no `wait()`
@@ -155,7 +155,7 @@ class CallbackHub:
                 continue
             if outcome is not None and outcome.state != "delivered":
                 continue
-            pending = self._state.get(token) or PendingCallback(self._keeper, info, token)
+            pending = self._handle(token, info)
             if outcome is not None:
                 self._keeper.settle(pending, outcome)
             found.append(pending)
@@ -172,6 +172,10 @@ class CallbackHub:
             elif what == "d" and (outcome := Outcome.decode(value)) is not None:
                 outcomes[token] = outcome
         return registered, outcomes
+
+    def _handle(self, token: str, info: TokenInfo) -> PendingCallback[Any]:
+        """The handle this process holds for `token`, or a new one it does not hold."""
+        return self._state.get(token) or PendingCallback(self._keeper, info, token)
 
     def _adopt(self, token: str, info: TokenInfo) -> PendingCallback[Any]:
         deadline = time.monotonic() + (info.expires_at - time.time())

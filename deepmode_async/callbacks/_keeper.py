@@ -267,11 +267,8 @@ class Keeper:
 
     def _settle_token(self, token: str, result: Any, outcome: Outcome) -> None:
         """Settle the expectation held here for `token` with a delivery received here."""
-        with self.registry.lock:
-            pending = self.registry.get(token)
-            if pending is not None and not pending.done and pending._failure is None:
-                pending._outcome = outcome
-                pending._settle(result, None)
+        if (pending := self.registry.get(token)) is not None:
+            self._settle_with(pending, result, outcome)
 
     def settle_from(self, outcome: Outcome) -> None:
         """Settle this process's expectation from a stored or announced outcome."""
@@ -293,7 +290,10 @@ class Keeper:
             result = PARSERS[outcome.kind](outcome.body)
         except ResponseValidationError:  # not one this hub stored; nothing to hand out
             return
-        with self.registry.lock:
+        self._settle_with(pending, result, outcome)
+
+    def _settle_with(self, pending: PendingCallback[Any], result: Any, outcome: Outcome) -> None:
+        with self.registry.lock:  # first one wins: a delivery here, or the store's news
             if not pending.done and pending._failure is None:
                 pending._outcome = outcome
                 pending._settle(result, None)

@@ -171,6 +171,14 @@ def check_ns(ns: object) -> str:
     return check.text("a store namespace", ns)
 
 
+def check_items(
+    ns: object, items: Sequence[tuple[str, bytes]], ttl: object
+) -> tuple[list[tuple[str, bytes]], float | None]:
+    """`put_many`'s arguments: the namespace, every `(key, value)`, and the ttl."""
+    check_ns(ns)
+    return [(check_key(key), check_value(value)) for key, value in items], check_ttl(ttl)
+
+
 def check_address(ns: object, key: object) -> None:
     """A record's namespace and key (see `check_ns`, `check_key`)."""
     check_ns(ns)

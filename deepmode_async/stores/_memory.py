@@ -19,6 +19,7 @@ from ._base import (
     Subscription,
     check_address,
     check_channel,
+    check_items,
     check_key,
     check_ns,
     check_ttl,
@@ -104,9 +105,7 @@ class MemoryStore(Store):
     async def put_many(
         self, ns: str, items: Sequence[tuple[str, bytes]], *, ttl: float | None = None
     ) -> None:
-        check_ns(ns)
-        checked = [(check_key(key), check_value(value)) for key, value in items]
-        ttl = check_ttl(ttl)
+        checked, ttl = check_items(ns, items, ttl)
         with self._lock:
             self._check_open()
             now = time.monotonic()

@@ -20,6 +20,7 @@ from ._base import (
     Subscription,
     check_address,
     check_channel,
+    check_items,
     check_key,
     check_ns,
     check_ttl,
@@ -229,9 +230,8 @@ class RedisStore(Store):
     async def put_many(
         self, ns: str, items: Sequence[tuple[str, bytes]], *, ttl: float | None = None
     ) -> None:
-        check_ns(ns)
-        checked = [(check_key(key), check_value(value)) for key, value in items]
-        ms = _ms(check_ttl(ttl))
+        checked, checked_ttl = check_items(ns, items, ttl)
+        ms = _ms(checked_ttl)
         # MULTI/EXEC: one round trip, and no other client sees half of it.
         async with self._on_loop().client.pipeline(transaction=True) as pipe:
             for key, value in checked:

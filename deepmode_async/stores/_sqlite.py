@@ -18,6 +18,7 @@ from ._base import (
     Subscription,
     check_address,
     check_channel,
+    check_items,
     check_key,
     check_ns,
     check_ttl,
@@ -108,9 +109,7 @@ class SQLiteStore(Store):
     async def put_many(
         self, ns: str, items: Sequence[tuple[str, bytes]], *, ttl: float | None = None
     ) -> None:
-        check_ns(ns)
-        checked = [(check_key(key), check_value(value)) for key, value in items]
-        ttl = check_ttl(ttl)
+        checked, ttl = check_items(ns, items, ttl)
         if not checked:
             return
         sql = (
