@@ -6,6 +6,7 @@ connection turns out to be lost. That hidden attempt doubles what the server see
 what the retry table allows (`max_retries=0` reached the server twice), so `no_resend`,
 a client middleware on every request, turns the failure aiohttp would have re-sent into
 one aiohttp does not re-send; the retry table then decides as for any lost connection.
+Requests aiohttp never re-sends (a POST) go without it (`middlewares_for`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ async def no_resend(
 #: Every request's middlewares: passed per request, so that a session the user passed
 #: in gets them too (they take the place of that session's own middlewares).
 MIDDLEWARES: Final = (no_resend,)
+#: The methods aiohttp re-sends by itself (its `IDEMPOTENT_METHODS`). Other requests get
+#: no middleware at all, which still replaces the session's: `no_resend` would change
+#: nothing for them, and its two extra coroutines cost CPU on every request.
+_RESENT_BY_AIOHTTP: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+def middlewares_for(method: str) -> tuple[aiohttp.ClientMiddlewareType, ...]:
+    """The middlewares of a request with `method`."""
+    return MIDDLEWARES if method in _RESENT_BY_AIOHTTP else ()
 
 
 def new_session(max_connections: int) -> aiohttp.ClientSession:

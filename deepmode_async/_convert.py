@@ -12,6 +12,7 @@ import enum
 import json
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
 import cattrs
@@ -45,22 +46,34 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+# Each primitive hook first takes the exact type `json.loads` makes as it is: the checks
+# below it are for everything else, and would run for every field of every answer.
+
+
 def _structure_str(value: Any, _: type) -> str:
+    if value.__class__ is str:
+        return value
     _expect(str, value, "a string")
     return str(value)
 
 
 def _structure_int(value: Any, _: type) -> int:
+    if value.__class__ is int:
+        return value
     _expect(int, value, "an integer")
     return int(value)
 
 
 def _structure_bool(value: Any, _: type) -> bool:
+    if value.__class__ is bool:
+        return value
     _expect(bool, value, "a boolean")
     return bool(value)
 
 
 def _structure_float(value: Any, _: type) -> float:
+    if value.__class__ is float:
+        return value
     _expect((int, float), value, "a number")
     return float(value)
 
@@ -87,13 +100,14 @@ def _is_open_enum(cls: Any) -> bool:
     )
 
 
-def _structure_open_enum(value: Any, cls: Any) -> Any:
-    _expect(str, value, "a string")
-    enum_cls = typing.get_args(cls)[0]
-    try:
-        return enum_cls(value)
-    except ValueError:
-        return value
+def _open_enum_hook(cls: Any) -> Callable[[Any, Any], Any]:
+    members = typing.get_args(cls)[0]._value2member_map_  # value -> member, as Enum(value)
+
+    def structure_open_enum(value: Any, _: Any) -> Any:
+        _expect(str, value, "a string")
+        return members.get(value, value)
+
+    return structure_open_enum
 
 
 converter.register_structure_hook(str, _structure_str)
@@ -101,7 +115,7 @@ converter.register_structure_hook(int, _structure_int)
 converter.register_structure_hook(bool, _structure_bool)
 converter.register_structure_hook(float, _structure_float)
 converter.register_structure_hook(dt.datetime, _structure_datetime)
-converter.register_structure_hook_func(_is_open_enum, _structure_open_enum)
+converter.register_structure_hook_factory(_is_open_enum, _open_enum_hook)
 
 _images_hook = converter.get_structure_hook(tuple[Image, ...])
 

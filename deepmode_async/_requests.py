@@ -12,6 +12,8 @@ from ._validate import MAX_NUM_IMAGES
 
 
 def _ratio(value: Ratio | str) -> Ratio:
+    if value.__class__ is Ratio:  # the default, or a member passed: nothing to check
+        return value
     return Ratio(check.choice("ratio", value, Ratio))
 
 

@@ -23,7 +23,7 @@ import aiohttp
 import attrs
 from yarl import URL
 
-from ._connection import MIDDLEWARES, Pool
+from ._connection import Pool, middlewares_for
 from ._convert import parse_json
 from ._encoding import ACCEPTED, decoded_prefix
 from ._errors import (
@@ -50,6 +50,10 @@ log: Final = logging.getLogger("deepmode_async")
 _ERROR_BODY_LIMIT: Final = 64 * 1024
 #: A JSON answer larger than this is not one the API sends.
 _JSON_BODY_LIMIT: Final = 32 * 1024 * 1024
+#: At most this many API paths keep their URL built (`Transport.api_url`): the fixed ones.
+_KNOWN_URLS: Final = 64
+#: `json.dumps` with these options would build a new encoder on every call.
+_JSON: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 @functools.lru_cache(maxsize=64)
@@ -93,8 +97,23 @@ def redact_url(url: URL) -> str:
 
 def json_body(payload: Mapping[str, Any]) -> Callable[[], bytes]:
     """A body factory for a JSON object, encoded once however often it is sent."""
-    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    data = _JSON.encode(payload).encode()
     return lambda: data
+
+
+class _ApiUrls:
+    """The URLs of API paths under one base URL, each fixed path's built once."""
+
+    def __init__(self, base_url: URL) -> None:
+        self._base = str(base_url).rstrip("/")
+        self._known: dict[str, URL] = {}
+
+    def url(self, path: str) -> URL:
+        if (url := self._known.get(path)) is None:
+            url = URL(self._base + path, encoded=True)
+            if len(self._known) < _KNOWN_URLS:  # paths with ids in them are not worth keeping
+                self._known[path] = url
+        return url
 
 
 @functools.cache
@@ -120,7 +139,7 @@ class Transport:
         default_headers: Mapping[str, str],
         backoff: SharedBackoff | None = None,  # shared with a store's clients
     ) -> None:
-        self.base_url, self.backoff = base_url, backoff
+        self.base_url, self.backoff, self._urls = base_url, backoff, _ApiUrls(base_url)
         self.timeout = timeout
         self.retry = retry
         self._pool = Pool(max_connections, session)
@@ -172,7 +191,7 @@ class Transport:
 
     def api_url(self, path: str) -> URL:
         """The URL of an API path whose variable segments are already percent-encoded."""
-        return URL(str(self.base_url).rstrip("/") + path, encoded=True)
+        return self._urls.url(path)
 
     @property
     def closed(self) -> bool:
@@ -324,7 +343,7 @@ class Transport:
                 allow_redirects=False,
                 raise_for_status=False,  # whatever the session was told: errors are ours
                 auto_decompress=request.decompress,
-                middlewares=MIDDLEWARES,
+                middlewares=middlewares_for(request.method),
             ) as response:
                 status = response.status
                 if not 200 <= status < 300:
@@ -359,23 +378,25 @@ class Transport:
 
 async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """At most `limit` bytes of a body: an error page does not get to fill memory."""
+    content = response.content
     chunks: list[bytes] = []
     size = 0
     while size < limit:
-        chunk = await response.content.read(limit - size)
+        chunk = await content.read(limit - size)
         if not chunk:
             break
         chunks.append(chunk)
         size += len(chunk)
-    return b"".join(chunks)
+        if content.at_eof():  # a read more would only say so
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def _read_json(response: aiohttp.ClientResponse) -> Any:
     what = f"{response.method} {response.url.path}"
-    if response.content_length is not None and response.content_length > _JSON_BODY_LIMIT:
-        raise ResponseValidationError(
-            f"{what} answered with {response.content_length} bytes, too many for JSON"
-        )
+    length = response.content_length
+    if length is not None and length > _JSON_BODY_LIMIT:
+        raise ResponseValidationError(f"{what} answered with {length} bytes, too many for JSON")
     return parse_json(await _read_capped(response, _JSON_BODY_LIMIT), what)
 
 

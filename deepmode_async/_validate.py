@@ -39,6 +39,8 @@ def text(name: str, value: Any) -> str:
     """Any string that can be sent as UTF-8, including an empty one."""
     if not isinstance(value, str):
         raise ValidationError(f"{name} must be a str, not {type(value).__name__}")
+    if value.isascii():  # no surrogate then, and no copy made to find out
+        return value
     try:
         value.encode()
     except UnicodeEncodeError:
