@@ -10,7 +10,8 @@ not act), or report that its outcome is unknown.
 
 Writes from concurrent requests are grouped: whatever is waiting while one write is
 in flight goes in the next, as one `put_many` (one SQLite transaction, one Redis round
-trip), so a batch of any concurrency costs about one store trip per completion wave.
+trip), so a batch of any concurrency costs about one store trip per completion wave; a
+request waits for the group commit it is in.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import math
 import os
 import pathlib
 import time
@@ -40,9 +42,6 @@ NAMESPACE: Final = "journal"
 #: it against them (only where the journal has records).
 WINDOW: Final = 512
 
-#: How long a write waits for others to go with it (seconds).
-_GATHER: Final = 0.001
-
 #: What `journal=` accepts: a path (an SQLite file), a store, or a store URL.
 JournalTarget: TypeAlias = "str | os.PathLike[str] | Store"
 #: A fresh `Image` by id (`images.retrieve`): free, for files to be downloaded again.
@@ -62,16 +61,43 @@ class Entry:
     paths: tuple[str, ...] | None = None
     error: str | None = None
     acted: bool | None = None
+    #: `request` and `sent_at` encoded: every record of a request starts with them, so
+    #: they are encoded once, with the first.
+    head: bytes = attrs.field(default=b"", eq=False, repr=False, kw_only=True)
 
     def encode(self) -> bytes:
-        record: dict[str, Any] = {"q": self.request, "t": self.sent_at}
+        record = [self.head or self.encoded_head()]
         if self.generation is not None:
-            record["g"] = self.generation
+            record += b',"g":', _dumps(self.generation).encode()
         if self.paths is not None:
-            record["p"] = list(self.paths)
+            record += b',"p":', _dumps(list(self.paths)).encode()
         if self.error is not None:
-            record["e"], record["a"] = self.error, self.acted
-        return _dumps(record).encode()
+            record += b',"e":', _dumps(self.error).encode(), b',"a":', _dumps(self.acted).encode()
+        record.append(b"}")
+        return b"".join(record)
+
+    def encoded_head(self) -> bytes:
+        return _head(self.request, self.sent_at)
+
+    def evolve(
+        self,
+        *,
+        generation: dict[str, Any] | None = None,
+        paths: tuple[str, ...] | None = None,
+        error: str | None = None,
+        acted: bool | None = None,
+    ) -> Entry:
+        """This record with those fields set (the others kept); cheaper than
+        `attrs.evolve`, on every request's path."""
+        return Entry(
+            self.request,
+            self.sent_at,
+            self.generation if generation is None else generation,
+            self.paths if paths is None else paths,
+            self.error if error is None else error,
+            self.acted if acted is None else acted,
+            head=self.head or self.encoded_head(),
+        )
 
     @classmethod
     def decode(cls, index: int, value: bytes) -> Entry:
@@ -102,6 +128,13 @@ class Entry:
         if self.acted:
             return f"it failed in a way that does not say whether it was carried out ({self.error})"
         return None
+
+
+def _head(request: dict[str, Any], sent_at: float) -> bytes:
+    # A finite float is written as its repr by `json` too; that spares the encoder's
+    # slow path for a number.
+    when = repr(sent_at) if math.isfinite(sent_at) else _dumps(sent_at)
+    return b'{"q":%s,"t":%s' % (_dumps(request).encode(), when.encode())
 
 
 def open_journal(journal: object) -> tuple[Store, bool]:
@@ -212,7 +245,8 @@ class BatchJournal:
 
     async def sent(self, index: int, request: GenerateRequest) -> Entry:
         """Record that request `index` is about to be sent; returns once it is durable."""
-        entry = Entry(generate_body(request), time.time())
+        body, now = generate_body(request), time.time()
+        entry = Entry(body, now, head=_head(body, now))
         await self._write(index, entry)
         return entry
 
@@ -226,16 +260,16 @@ class BatchJournal:
 
     @staticmethod
     def succeeded(entry: Entry, generation: Generation) -> Entry:
-        return attrs.evolve(entry, generation=converter.unstructure(generation))
+        return entry.evolve(generation=converter.unstructure(generation))
 
     @staticmethod
     def failed(entry: Entry, error: DeepModeError) -> Entry:
         text = f"{type(error).__name__}: {error}"
-        return attrs.evolve(entry, error=text, acted=server_may_have_acted(error))
+        return entry.evolve(error=text, acted=server_may_have_acted(error))
 
     @staticmethod
     def downloaded(entry: Entry, paths: tuple[pathlib.Path, ...]) -> Entry:
-        return attrs.evolve(entry, paths=tuple(str(path) for path in paths))
+        return entry.evolve(paths=tuple(str(path) for path in paths))
 
     async def _write(self, index: int, entry: Entry) -> None:
         loop = asyncio.get_running_loop()
@@ -249,9 +283,11 @@ class BatchJournal:
     async def _write_pending(self) -> None:
         try:
             while self._pending:
-                # Let the writes of requests finishing about now join this one: a
-                # store trip costs far more than this wait, and fewer trips are made.
-                await asyncio.sleep(_GATHER)
+                # The writes made in this turn of the loop join this one; those made
+                # while it is in flight go in the next. A timed wait to gather more
+                # would delay every request by as much, for fewer trips only when few
+                # requests are in flight, where a trip costs little.
+                await asyncio.sleep(0)
                 group, self._pending = self._pending, []
                 latest = {key: value for key, value, _ in group}  # one write per key
                 try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import secrets
 import sqlite3
@@ -31,8 +32,20 @@ from ._sqlite_file import SQLiteFile
 _LIVE: Final = "(expires IS NULL OR expires > ?)"
 #: Keys per statement (SQLite allows at least 999 parameters) and records per page.
 _PAGE: Final = 500
+#: The rows of one `put_many` statement: as many of the largest as fit, then smaller.
+_ROWS_PER_STATEMENT: Final = (64, 16, 4, 1)
 #: Every this many writes, expired records and old events are removed (a few at a time).
 _CLEAN_EVERY: Final = 256
+
+
+@functools.cache
+def _upsert(rows: int) -> str:
+    return (
+        "INSERT INTO records (ns, key, value, expires) VALUES "
+        + ",".join(["(?, ?, ?, ?)"] * rows)
+        + " ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value,"
+        " expires = excluded.expires"
+    )
 
 
 class SQLiteStore(Store):
@@ -44,8 +57,10 @@ class SQLiteStore(Store):
     process (only a power cut or OS crash may lose the last ones). Waiting for a lock
     held by another process is bounded by `timeout` seconds, then `StoreError`.
     All file I/O runs in the store's own worker threads, off the event loop, except
-    `secret()`'s first call. Pub/sub needs no server: subscribers are woken within
-    about 10 ms of a publish in any process. For several machines, use `RedisStore`.
+    `secret()`'s first call; writes run on one thread of their own, and those queued
+    while one commits are committed together in the next transaction. Pub/sub needs
+    no server: subscribers are woken within about 10 ms of a publish in any process.
+    For several machines, use `RedisStore`.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, timeout: float = 10.0) -> None:
@@ -112,26 +127,23 @@ class SQLiteStore(Store):
         checked, ttl = check_items(ns, items, ttl)
         if not checked:
             return
-        sql = (
-            "INSERT INTO records (ns, key, value, expires) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value,"
-            " expires = excluded.expires"
-        )
 
         def work(conn: sqlite3.Connection) -> None:
             now = time.time()
             expires = None if ttl is None else now + ttl
-            # One transaction: one commit (and one WAL append) for them all.
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany(sql, [(ns, key, value, expires) for key, value in checked])
-                self._wrote(conn, now)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            rows = [(ns, key, value, expires) for key, value in checked]
+            start = 0
+            # Rows go many to a statement: each statement run releases and takes back
+            # the GIL, which costs more than the row when the event loop is busy. A
+            # few fixed sizes keep the statements in sqlite3's cache.
+            for size in _ROWS_PER_STATEMENT:
+                while len(rows) - start >= size:
+                    part = rows[start : start + size]
+                    conn.execute(_upsert(size), [field for row in part for field in row])
+                    start += size
+            self._wrote(conn, now)
 
-        await self._file.run(work)
+        await self._file.write(work)
 
     async def add(self, ns: str, key: str, value: bytes, *, ttl: float | None = None) -> bool:
         # One statement, so atomic: it overwrites only a record that has expired.
@@ -157,7 +169,7 @@ class SQLiteStore(Store):
             self._wrote(conn, now)
             return changed
 
-        return await self._file.run(work)
+        return await self._file.write(work)
 
     async def replace(
         self, ns: str, key: str, expected: bytes, value: bytes, *, ttl: float | None = None
@@ -176,7 +188,7 @@ class SQLiteStore(Store):
             self._wrote(conn, now)
             return changed
 
-        return await self._file.run(work)
+        return await self._file.write(work)
 
     async def delete(self, ns: str, key: str) -> bool:
         check_address(ns, key)
@@ -189,7 +201,7 @@ class SQLiteStore(Store):
                 conn.execute("DELETE FROM records WHERE ns = ? AND key = ?", (ns, key))
             return live == 1
 
-        return await self._file.run(work)
+        return await self._file.write(work)
 
     async def items(self, ns: str) -> AsyncIterator[tuple[str, bytes]]:
         check_ns(ns)
@@ -229,7 +241,7 @@ class SQLiteStore(Store):
             )
             self._wrote(conn, now)
 
-        await self._file.run(work)
+        await self._file.write(work)
         self._events.wake()
 
     @contextlib.asynccontextmanager

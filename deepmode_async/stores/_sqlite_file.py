@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Final, TypeVar
 
 from .._errors import StoreError
+from ._sqlite_writer import GroupWriter
 
 T = TypeVar("T")
 
@@ -42,6 +43,7 @@ class SQLiteFile:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             _WORKERS, thread_name_prefix="deepmode-sqlite"
         )
+        self._writer = GroupWriter(self.connect, self.error)
         self._closed = False
 
     def connect(self) -> sqlite3.Connection:
@@ -80,6 +82,13 @@ class SQLiteFile:
             raise StoreError(f"this SQLiteStore ({self.path}) was closed")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._in_thread, work)
+
+    async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work` inside a write transaction on the write thread, with the writes
+        queued meanwhile (see `GroupWriter`)."""
+        if self._closed:
+            raise StoreError(f"this SQLiteStore ({self.path}) was closed")
+        return await self._writer.run(work)
 
     def error(self, exc: sqlite3.Error) -> StoreError:
         """What went wrong, and what to do about it, without the sqlite3 exception."""
@@ -128,6 +137,7 @@ class SQLiteFile:
     def _shutdown(self, before: Callable[[], None]) -> None:
         before()
         self._executor.shutdown(wait=True)
+        self._writer.stop()
         with self._lock:
             connections, self._connections = self._connections, []
         for conn in connections:
