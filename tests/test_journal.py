@@ -162,6 +162,9 @@ async def test_a_batch_killed_half_way_resumes_without_paying_twice(
         assert code == 128 + how, stderr
         assert "interrupted: run the same command to resume" in stderr, stderr
     requests = requests_for(model)
+    # A call the mock took just before the kill is charged when its latency is over,
+    # the connection gone or not: read the ledger once those have ended.
+    await asyncio.sleep(4 * LATENCY)
     before = charges(served, model)
     calls_before = generate_calls(served, model)
     assert COUNT // 2 <= sum(before.values()) < COUNT
@@ -174,7 +177,11 @@ async def test_a_batch_killed_half_way_resumes_without_paying_twice(
     unknown = [result for result in results if isinstance(result.error, OutcomeUnknownError)]
     assert len(unknown) <= CONCURRENCY
     resumed = [result for result in results if result.resumed]
-    assert {result.request.prompt for result in resumed} == set(before)  # all paid for
+    # Everything paid for is resumed; an unknown one was recorded as sent, but the kill
+    # may have come before its bytes reached the mock, so it may not be charged.
+    unknown_prompts = {result.request.prompt for result in unknown}
+    assert {result.request.prompt for result in resumed} - unknown_prompts <= set(before)
+    assert set(before) <= {result.request.prompt for result in resumed}
     for result in resumed:  # no call for any of them
         assert after[result.request.prompt] == before[result.request.prompt]
     sent = [result for result in results if not result.resumed]
@@ -199,7 +206,6 @@ async def test_a_batch_killed_half_way_resumes_without_paying_twice(
     assert all(result.ok for result in final)
     again = charges(served, model)
     assert sum(not result.resumed for result in final) == len(unknown)
-    unknown_prompts = {result.request.prompt for result in unknown}
     for prompt, count in again.items():
         assert count <= (2 if prompt in unknown_prompts else 1)
     assert set(again) == {request.prompt for request in requests}
