@@ -229,7 +229,7 @@ class LoopPubSub:
 
 async def _close(pubsub: PubSub) -> None:
     try:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed in redis-py 8
     except Exception as exc:  # closing a broken connection may fail again; it is gone
         log.debug("closing a Redis pub/sub connection: %s", type(exc).__name__)
 
