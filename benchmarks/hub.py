@@ -9,6 +9,12 @@ adapters call) one after another, `GAP` apart. Delivery-to-wake is the waiter's
 one clock): p50 and p99 over the 4 x `PER_WAITER` deliveries. Deliveries/s: this process
 delivers `RATE_COUNT` tokens that another hub expects, `AT_ONCE` at a time. MemoryStore
 is one process by design: its waiters and deliverer share the process (and the hub).
+
+MemoryStore against the hub before stores (`BEFORE_STORES`, its package taken from git
+into a temporary directory): the same measurements, plus whole cycles a second (expect,
+deliver, a `wait()` that returns it), in child processes taking turns, `TURNS` each;
+the best of each. The old hub has no `areceive` (its adapters called `receive`) and no
+`.token`: `deliver` and `token_of` speak to both.
 """
 
 from __future__ import annotations
@@ -23,9 +29,6 @@ import tempfile
 import time
 from typing import Any, Final
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import store as save
-
 from deepmode_async.callbacks import CallbackHub
 
 WAITERS: Final = 4
@@ -34,6 +37,10 @@ GAP: Final = 0.005
 RATE_COUNT: Final = 2000
 AT_ONCE: Final = 32
 BASE: Final = "http://127.0.0.1:9/cb"
+#: The last commit of main before the hub was put on stores: "today's hub" of issue 17.
+BEFORE_STORES: Final = "f7d6206"
+TURNS: Final = 3
+CYCLES: Final = 20_000
 BODY: Final = json.dumps(
     {
         "id": "img-1",
@@ -48,19 +55,33 @@ BODY: Final = json.dumps(
 ).encode()
 
 
+def token_of(pending: Any) -> str:
+    return str(pending.url.rpartition("/")[2])
+
+
+async def deliver(hub: Any, token: str) -> tuple[int, str]:
+    if hasattr(hub, "areceive"):
+        return await hub.areceive(token, BODY)  # type: ignore[no-any-return]
+    return hub.receive(token, BODY)  # type: ignore[no-any-return]
+
+
+async def saved(pendings: list[Any]) -> None:
+    """Every expectation's write done, before a clock starts (none before stores)."""
+    await asyncio.gather(*(p.saved() for p in pendings if hasattr(p, "saved")))
+
+
 async def wait_all(hub: CallbackHub, count: int, ready: Any) -> dict[str, float]:
     pendings = [hub.expect("upscale") for _ in range(count)]
-    for pending in pendings:
-        await pending.saved()
+    await saved(pendings)
     woke: dict[str, float] = {}
 
     async def one(pending: Any) -> None:
         await pending.wait(timeout=120)
-        woke[pending.token] = time.time()
+        woke[token_of(pending)] = time.time()
 
     tasks = [asyncio.create_task(one(pending)) for pending in pendings]
     await asyncio.sleep(0.2)  # every wait has begun (and the listener subscribed)
-    ready([pending.token for pending in pendings])
+    ready([token_of(pending) for pending in pendings])
     await asyncio.gather(*tasks)
     return woke
 
@@ -76,32 +97,35 @@ async def deliver_each(hub: CallbackHub, tokens: list[str]) -> dict[str, float]:
     sent: dict[str, float] = {}
     for token in tokens:
         sent[token] = time.time()
-        status, detail = await hub.areceive(token, BODY)
+        status, detail = await deliver(hub, token)
         assert status == 200, detail
         await asyncio.sleep(GAP)
     return sent
 
 
 async def rate(url: str) -> float:
-    expecting = CallbackHub(BASE, store=url, max_pending=RATE_COUNT + 10)
-    # A MemoryStore is this process's alone: one hub both expects and receives.
-    delivering = expecting if url == "memory://" else CallbackHub(BASE, store=url)
+    # A MemoryStore is this process's alone: one hub both expects and receives (and the
+    # hub before stores takes no `store=`).
+    shared = {} if url == "memory://" else {"store": url}
+    expecting = CallbackHub(BASE, max_pending=RATE_COUNT + 10, **shared)  # type: ignore[arg-type]
+    delivering = expecting if not shared else CallbackHub(BASE, **shared)  # type: ignore[arg-type]
     pendings = [expecting.expect("upscale") for _ in range(RATE_COUNT)]
     # Saved before the clock starts: their writes are not deliveries (and in an app the
     # result comes long after its expectation was saved).
-    await asyncio.gather(*(pending.saved() for pending in pendings))
-    tokens = [pending.token for pending in pendings]
+    await saved(pendings)
+    tokens = [token_of(pending) for pending in pendings]
     limit = asyncio.Semaphore(AT_ONCE)
 
     async def one(token: str) -> None:
         async with limit:
-            assert (await delivering.areceive(token, BODY))[0] == 200
+            assert (await deliver(delivering, token))[0] == 200
 
     started = time.perf_counter()
     await asyncio.gather(*(one(token) for token in tokens))
     elapsed = time.perf_counter() - started
     for hub in {expecting, delivering}:
-        hub.close()
+        if hasattr(hub, "close"):
+            hub.close()
     return RATE_COUNT / elapsed
 
 
@@ -139,6 +163,66 @@ async def in_one_process() -> list[float]:
     return [(woke[token] - sent[token]) * 1000 for token in sent]
 
 
+async def cycles() -> float:
+    """Whole cycles a second in one process: expect, deliver, a wait that returns it."""
+    hub = CallbackHub(BASE)
+    started = time.perf_counter()
+    for _ in range(CYCLES):
+        pending = hub.expect("upscale")
+        await deliver(hub, token_of(pending))
+        await pending.wait()
+    return CYCLES / (time.perf_counter() - started)
+
+
+def memory_row() -> dict[str, Any]:
+    """The MemoryStore figures of the deepmode_async this process imports."""
+    latencies = asyncio.run(in_one_process())
+    return {
+        "wake_p50_ms": round(statistics.median(latencies), 2),
+        "wake_p99_ms": round(percentile(latencies, 0.99), 2),
+        "deliveries_per_s": round(asyncio.run(rate("memory://"))),
+        "cycles_per_s": round(asyncio.run(cycles())),
+    }
+
+
+def against_the_hub_before_stores() -> dict[str, Any]:
+    """MemoryStore now and the hub before stores, in child processes taking turns."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs: dict[str, list[dict[str, Any]]] = {"now": [], "before_stores": []}
+    with tempfile.TemporaryDirectory() as old:
+        archive = subprocess.run(  # noqa: S603
+            ["git", "-C", root, "archive", BEFORE_STORES, "deepmode_async"],  # noqa: S607
+            capture_output=True, check=True,
+        ).stdout  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", old], input=archive, check=True)  # noqa: S603, S607
+        for _ in range(TURNS):
+            for name, path in (("now", root), ("before_stores", old)):
+                env = {**os.environ, "PYTHONPATH": path}
+                child = subprocess.run(  # noqa: S603 (this very script)
+                    [sys.executable, __file__, "--memory"],
+                    env=env, capture_output=True, text=True, check=True,
+                )  # fmt: skip
+                row = json.loads(child.stdout)
+                assert row.pop("package").startswith(path), "imported the wrong package"
+                runs[name].append(row)
+    best = {
+        name: {
+            "wake_p50_ms": min(run["wake_p50_ms"] for run in rows),
+            "wake_p99_ms": min(run["wake_p99_ms"] for run in rows),
+            "deliveries_per_s": max(run["deliveries_per_s"] for run in rows),
+            "cycles_per_s": max(run["cycles_per_s"] for run in rows),
+        }
+        for name, rows in runs.items()
+    }
+    now, before = best["now"], best["before_stores"]
+    return {
+        **now,
+        "before_stores": {"commit": BEFORE_STORES, **before},
+        "deliveries_ratio": round(now["deliveries_per_s"] / before["deliveries_per_s"], 2),
+        "cycles_ratio": round(now["cycles_per_s"] / before["cycles_per_s"], 2),
+    }
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
@@ -148,19 +232,26 @@ def main() -> None:
     if sys.argv[1:2] == ["--wait"]:
         asyncio.run(waiter(sys.argv[2]))
         return
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    if sys.argv[1:2] == ["--memory"]:
+        import deepmode_async
+
+        print(json.dumps({"package": deepmode_async.__file__, **memory_row()}))
+        return
+    sys.path[:0] = [
+        os.path.dirname(__file__),
+        os.path.join(os.path.dirname(__file__), "..", "tests"),
+    ]
+    from _common import store as save
     from _redis import RedisServer
 
+    results: dict[str, Any] = {"memory": against_the_hub_before_stores()}
     server = RedisServer()
     server.start()
-    results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        urls = {"memory": "memory://", "sqlite": f"sqlite:///{tmp}/hub.db", "redis": server.url}
+        urls = {"sqlite": f"sqlite:///{tmp}/hub.db", "redis": server.url}
         try:
             for name, url in urls.items():
-                latencies = asyncio.run(
-                    in_one_process() if name == "memory" else across_processes(url)
-                )
+                latencies = asyncio.run(across_processes(url))
                 results[name] = {
                     "wake_p50_ms": round(statistics.median(latencies), 2),
                     "wake_p99_ms": round(percentile(latencies, 0.99), 2),
@@ -176,6 +267,14 @@ def main() -> None:
             f"{name:<8} {row['wake_p50_ms']:>11.2f} {row['wake_p99_ms']:>7.2f}"
             f" {row['deliveries_per_s']:>12,}"
         )
+    memory, before = results["memory"], results["memory"]["before_stores"]
+    print(
+        f"memory against the hub before stores ({BEFORE_STORES}): deliveries/s "
+        f"{memory['deliveries_per_s']:,} vs {before['deliveries_per_s']:,} "
+        f"({memory['deliveries_ratio']:.2f} x), cycles/s {memory['cycles_per_s']:,} vs "
+        f"{before['cycles_per_s']:,} ({memory['cycles_ratio']:.2f} x), wake p50 "
+        f"{memory['wake_p50_ms']} vs {before['wake_p50_ms']} ms"
+    )
     save("hub", results)
 
 

@@ -48,6 +48,7 @@ from deepmode_async.callbacks import (
     parse_model_callback,
     parse_upscale_callback,
 )
+from deepmode_async.stores import MemoryStore
 from deepmode_async.testing import MockDeepMode, sample_image
 
 pytestmark = [pytest.mark.anyio, pytest.mark.dm(max_retries=0, fast=False)]
@@ -1140,3 +1141,28 @@ async def test_an_ambiguous_failure_with_a_hub_says_the_result_may_still_come(
     assert any("may have acted" in note for note in caught.value.__notes__)
     assert len(mock.ledger) == 1
     assert len(hub._state.pending) == 0
+
+
+async def test_outstanding_on_a_memory_store_lists_every_hub_of_the_process() -> None:
+    """A MemoryStore hub writes an expectation down only when something could read it:
+    `outstanding()` (of any hub sharing the store) and `release()` still find them all,
+    and what a wait handed out is gone from it."""
+    store = MemoryStore()
+    one, other = CallbackHub("https://a.example/cb", store=store), CallbackHub(
+        "https://b.example/cb", store=store
+    )
+    held = one.expect("model")
+    let_go = one.expect("generation")
+    let_go.release()
+    elsewhere = other.expect("upscale")
+    handed = other.expect("model")
+    body = json.dumps(DOC_MODEL).encode()
+    status, detail = await other.areceive(handed.token, body)
+    assert status == 200, detail
+    await handed.wait(timeout=1)
+    for hub in (one, other):
+        found = {p.token: p for p in await hub.outstanding()}
+        assert found.keys() == {held.token, let_go.token, elsewhere.token}
+        assert not any(p.done for p in found.values())
+    assert [p.token for p in await other.outstanding("generation")] == [let_go.token]
+    assert (await one.areceive(handed.token, body)) == (200, "already received")

@@ -26,7 +26,7 @@ from ._adapters import AsgiApp, AsgiHub, aiohttp_app
 from ._keeper import UNKNOWN, Keeper, PendingCallback
 from ._parsers import PARSERS, CallbackKind
 from ._registry import Registry
-from ._shared import NAMESPACE, Outcome, encode_registration, registration_key
+from ._shared import NAMESPACE, Outcome
 from ._tokens import KINDS, LATEST, Signer, TokenInfo
 
 if TYPE_CHECKING:
@@ -111,12 +111,7 @@ class CallbackHub:
         lifetime = self.ttl if ttl is None else check.seconds("ttl", ttl)
         info = TokenInfo(kind, min(time.time() + lifetime, LATEST))
         token = self._signing().issue(info.kind, info.expires_at)
-        pending = self._adopt(token, info)
-        pending._held_throughout = True
-        record = encode_registration(kind, info.expires_at)
-        write = self.store.put(NAMESPACE, registration_key(token), record, ttl=lifetime)
-        pending._saved = self._keeper.runner.spawn(write)
-        return pending
+        return self._keeper.expect(PendingCallback(self._keeper, info, token))
 
     def resume(self, token: str) -> PendingCallback[Any]:
         """The expectation of `token` (a `PendingCallback.token`), in another process or
@@ -142,6 +137,7 @@ class CallbackHub:
             raise ValidationError(
                 f"kind must be 'model', 'generation', 'upscale' or None, not {check.shown(kind)}"
             )
+        self._keeper.register_put_off()
         registered, outcomes = await self._keeper.runner.run(self._read_all())
         # Handles this process does not hold yet: a store full of them must not fill
         # `max_pending`; a `wait()` on one holds it.
@@ -177,12 +173,6 @@ class CallbackHub:
         """The handle this process holds for `token`, or a new one it does not hold."""
         return self._state.get(token) or PendingCallback(self._keeper, info, token)
 
-    def _adopt(self, token: str, info: TokenInfo) -> PendingCallback[Any]:
-        deadline = time.monotonic() + (info.expires_at - time.time())
-        return self._state.adopt(
-            token, deadline, lambda: PendingCallback(self._keeper, info, token)
-        )
-
     def _signing(self) -> Signer:
         if self._signer is None:  # a race makes the same Signer twice: harmless
             self._signer = Signer(self.store.secret("callback-hub"))
@@ -213,11 +203,14 @@ class CallbackHub:
 
     async def _receive(self, token: str, body: bytes) -> tuple[int, str]:
         self._state.tidy()
-        info = self._signing().read(token)
+        if (held := self._keeper.held(token)) is not None:  # no need to check its MAC
+            info: TokenInfo | None = held[0]
+            if held[1]:
+                return 200, "already received"  # and already in the store
+        else:
+            info = self._signing().read(token)
         if info is None or info.expires_at <= time.time():
             return UNKNOWN
-        if self._keeper.known_done(token):
-            return 200, "already received"  # and already in the store
         if len(body) > self.max_body_size:
             detail = f"callback bodies are limited to {self.max_body_size} bytes"
             return await self._keeper.refuse(token, 413, detail)

@@ -28,6 +28,7 @@ from ._shared import (
     NAMESPACE,
     Outcome,
     Runner,
+    encode_registration,
     outcome_key,
     registration_key,
     rejection_key,
@@ -62,10 +63,10 @@ class PendingCallback(Generic[T]):
 
     def __init__(self, keeper: Keeper, info: TokenInfo, token: str) -> None:
         self._keeper = keeper
+        self._info: Final = info
         self.kind: Final[CallbackKind] = info.kind
         self.token: Final = token
         self.url: Final = f"{keeper.public_base_url}/{token}"
-        self.expires_at: Final = datetime.datetime.fromtimestamp(info.expires_at, datetime.UTC)
         self._deadline = time.monotonic() + (info.expires_at - time.time())
         self._result: Any = _NOTHING
         self._outcome: Outcome | None = None  # as stored, to mark it handed out
@@ -73,12 +74,18 @@ class PendingCallback(Generic[T]):
         self._rejection: str | None = None  # why the last delivery here was refused
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = []
         self._saved: Any = None  # the write of its registration (a concurrent Future)
+        self._put_off = False  # its registration not written yet (a MemoryStore's)
         # Held by this process since `expect()` made it: with a MemoryStore, every
         # delivery has settled it directly, so a wait need not look in the store.
         self._held_throughout = False
 
     def __repr__(self) -> str:
         return f"<PendingCallback kind={self.kind!r} done={self.done}>"
+
+    @property
+    def expires_at(self) -> datetime.datetime:
+        """When deliveries stop being accepted (an aware datetime, in UTC)."""
+        return datetime.datetime.fromtimestamp(self._info.expires_at, datetime.UTC)
 
     @property
     def done(self) -> bool:
@@ -110,13 +117,13 @@ class PendingCallback(Generic[T]):
         if not self.done and (held := keeper.hold(self)) is not self:
             result: T = await held.wait(timeout)  # this process holds that token already
             return result
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
         with keeper.registry.lock:
             if self._failure is not None:
                 raise self._failure
             known = self._result is not _NOTHING
             if not known:
+                loop = asyncio.get_running_loop()
+                future: asyncio.Future[Any] = loop.create_future()
                 self._waiters.append((loop, future))
                 keeper.waiting += 1
         if not known:
@@ -251,19 +258,54 @@ class Keeper:
             await self.runner.run(self.store.put(NAMESPACE, key, detail.encode(), ttl=3600.0))
         return status, detail
 
+    def expect(self, pending: PendingCallback[Any]) -> PendingCallback[Any]:
+        """Hold a new expectation here and record it in the store: for a shared store in
+        the background (`saved()`); for a MemoryStore only once something could read it
+        (`outstanding()`, or `release()`), as most are handed out first and in-process
+        nothing else can look."""
+        pending = self.hold(pending)
+        pending._held_throughout = True
+        if self.runner.inline:
+            pending._put_off = True
+        else:
+            pending._saved = self.runner.spawn(self._register(pending))
+        return pending
+
+    async def _register(self, pending: PendingCallback[Any]) -> None:
+        keep = pending._deadline - time.monotonic()
+        if keep > 0:
+            record = encode_registration(pending.kind, pending._info.expires_at)
+            await self.store.put(NAMESPACE, registration_key(pending.token), record, ttl=keep)
+
+    def register_put_off(self) -> None:
+        """Write the registrations put off by this process's hubs on a MemoryStore."""
+        for keeper in list(self.neighbours):
+            with keeper.registry.lock:
+                put_off = [p for p in keeper.registry.pending.values() if p._put_off]
+                for pending in put_off:
+                    pending._put_off = False
+            for pending in put_off:
+                if (writing := keeper.runner.spawn(keeper._register(pending))) is not None:
+                    writing.add_done_callback(log_failure)
+
     def hold(self, pending: PendingCallback[Any]) -> PendingCallback[Any]:
         """Hold `pending` in this process (so deliveries settle it): the one held for its
         token, which is `pending` unless another handle of the token is held already."""
-        return self.registry.adopt(pending.token, pending._deadline, lambda: pending)
+        return self.registry.adopt(pending.token, pending, pending._deadline)
 
     def release(self, pending: PendingCallback[Any]) -> None:
         with self.registry.lock:
             self.registry.drop(pending.token, pending)
             pending._held_throughout = False
+            put_off, pending._put_off = pending._put_off, False
+        if put_off and (writing := self.runner.spawn(self._register(pending))) is not None:
+            writing.add_done_callback(log_failure)
 
-    def known_done(self, token: str) -> bool:
+    def held(self, token: str) -> tuple[TokenInfo, bool] | None:
+        """What the expectation of `token` held here says (genuine: this process made or
+        checked it) and whether it is done; None when none is held."""
         local = self.registry.get(token)
-        return local is not None and local.done
+        return None if local is None else (local._info, local.done)
 
     def _settle_token(self, token: str, result: Any, outcome: Outcome) -> None:
         """Settle the expectation held here for `token` with a delivery received here."""
@@ -327,9 +369,10 @@ class Keeper:
             log.warning("callback result handed out but not marked so in the store: %s", reason)
 
     async def _mark(self, old: Outcome, new: Outcome, keep: float) -> None:
+        # One write: the registration is left to expire (a handed-out outcome hides it
+        # from `outstanding()`), as deleting it would cost every wait a second one.
         key = outcome_key(old.token)
         await self.store.replace(NAMESPACE, key, old.encode(), new.encode(), ttl=keep)
-        await self.store.delete(NAMESPACE, registration_key(old.token))
 
     def discard(self, pending: PendingCallback[Any]) -> None:
         with self.registry.lock:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import heapq
 import threading
 import time
-from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from .._errors import DeepModeError
@@ -25,8 +24,8 @@ class Registry(Generic[P]):
         self.deadlines: dict[str, float] = {}
         self.expiry: list[tuple[float, str]] = []  # a heap; stale entries are skipped
 
-    def adopt(self, token: str, deadline: float, make: Callable[[], P]) -> P:
-        """The one expectation of `token`, made by `make` if there is none."""
+    def adopt(self, token: str, candidate: P, deadline: float) -> P:
+        """The one expectation of `token`: the one held already, or `candidate`."""
         with self.lock:
             if (known := self.pending.get(token)) is not None:
                 return known
@@ -36,7 +35,7 @@ class Registry(Generic[P]):
                     f"{len(self.pending)} callbacks are pending, the hub's max_pending; "
                     "wait for some, discard them, or make a hub with a higher limit"
                 )
-            pending = self.pending[token] = make()
+            pending = self.pending[token] = candidate
             self.deadlines[token] = deadline
             heapq.heappush(self.expiry, (deadline, token))
             if len(self.expiry) > 2 * len(self.pending) + 64:

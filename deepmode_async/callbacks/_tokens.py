@@ -2,9 +2,10 @@
 token it issued (its kind and expiry included) from a guess, without a lookup.
 
 A token is 32 bytes in URL-safe base64 (43 characters, as before): the kind, the expiry
-in milliseconds, 72 random bits, and 128 bits of HMAC-SHA256 over those under a key that
-every process sharing the store shares (`Store.secret`). Forging one means guessing the
-MAC; telling two apart needs no more than the random part.
+in milliseconds, 72 random bits, and a 128-bit MAC over those under a key that every
+process sharing the store shares (`Store.secret`): keyed BLAKE2b (RFC 7693's MAC mode,
+a fifth of HMAC-SHA256's time, on every expect and every delivery). Forging
+one means guessing the MAC; telling two apart needs no more than the random part.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ import base64
 import binascii
 import hashlib
 import hmac
-import secrets
-from typing import Final
-
-import attrs
+import os
+from typing import Final, NamedTuple
 
 from ._parsers import CallbackKind
 
@@ -28,8 +27,7 @@ _PAYLOAD: Final = 16  # kind (1) + expiry in ms (6) + random (9)
 _MAC: Final = 16
 
 
-@attrs.frozen
-class TokenInfo:
+class TokenInfo(NamedTuple):  # a tuple: made on every expect and delivery
     """What a genuine token says about itself."""
 
     kind: CallbackKind
@@ -40,7 +38,10 @@ class Signer:
     """Issues and checks tokens under one key."""
 
     def __init__(self, key: bytes) -> None:
-        self._hmac = hmac.new(key, digestmod=hashlib.sha256)  # copied: the key set up once
+        # Keyed once, copied for each MAC: keying is most of BLAKE2b's cost on 16 bytes.
+        if len(key) > 64:  # BLAKE2b's longest key (the stores' secrets are 32 bytes)
+            key = hashlib.blake2b(key).digest()
+        self._keyed = hashlib.blake2b(key=key, digest_size=_MAC)
 
     def __repr__(self) -> str:
         return "<Signer>"  # the key stays out
@@ -51,7 +52,7 @@ class Signer:
         payload = (
             KINDS.index(kind).to_bytes(1, "big")
             + millis.to_bytes(6, "big")
-            + secrets.token_bytes(9)
+            + os.urandom(9)  # what `secrets.token_bytes` returns, one call fewer
         )
         raw = payload + self._mac(payload)
         return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -72,6 +73,6 @@ class Signer:
         return TokenInfo(KINDS[payload[0]], int.from_bytes(payload[1:7], "big") / 1000)
 
     def _mac(self, payload: bytes) -> bytes:
-        mac = self._hmac.copy()
+        mac = self._keyed.copy()
         mac.update(payload)
-        return mac.digest()[:_MAC]
+        return mac.digest()

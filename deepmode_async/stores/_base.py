@@ -181,6 +181,9 @@ def check_items(
 
 def check_address(ns: object, key: object) -> None:
     """A record's namespace and key (see `check_ns`, `check_key`)."""
+    if type(ns) is str and type(key) is str and ns.isascii() and key.isascii():
+        if ns and ":" not in ns:
+            return  # the common case, on every store call: no more to look at
     check_ns(ns)
     check_key(key)
 
@@ -198,6 +201,8 @@ def check_channel(channel: object) -> str:
 
 
 def check_value(value: object) -> bytes:
+    if type(value) is bytes:
+        return value
     if not isinstance(value, bytes | bytearray | memoryview):
         raise ValidationError(f"a store value must be bytes, not {type(value).__name__}")
     return bytes(value)
@@ -207,6 +212,8 @@ def check_ttl(ttl: object) -> float | None:
     """None (no expiry) or a positive, finite number of seconds."""
     if ttl is None:
         return None
+    if type(ttl) is float and 0.0 < ttl < math.inf:
+        return ttl
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
         raise ValidationError(f"ttl must be None or positive seconds, not {ttl!r}")
     return float(ttl)

@@ -53,14 +53,17 @@ class MemoryStore(Store):
         return "MemoryStore()"
 
     def _live(self, ns: str, key: str, now: float) -> _Record | None:
-        record = self._data.get(ns, {}).get(key)
+        records = self._data.get(ns)
+        record = None if records is None else records.get(key)
         if record is None or (record[1] is not None and record[1] <= now):
             return None
         return record
 
     def _set(self, ns: str, key: str, value: bytes, ttl: float | None, now: float) -> None:
         expires = None if ttl is None else now + ttl
-        self._data.setdefault(ns, {})[key] = (value, expires)
+        if (records := self._data.get(ns)) is None:
+            records = self._data[ns] = {}
+        records[key] = (value, expires)
         if expires is not None:
             heapq.heappush(self._expiries, (expires, ns, key))
         self._sweep(now)
