@@ -1148,8 +1148,9 @@ async def test_outstanding_on_a_memory_store_lists_every_hub_of_the_process() ->
     `outstanding()` (of any hub sharing the store) and `release()` still find them all,
     and what a wait handed out is gone from it."""
     store = MemoryStore()
-    one, other = CallbackHub("https://a.example/cb", store=store), CallbackHub(
-        "https://b.example/cb", store=store
+    one, other = (
+        CallbackHub("https://a.example/cb", store=store),
+        CallbackHub("https://b.example/cb", store=store),
     )
     held = one.expect("model")
     let_go = one.expect("generation")
