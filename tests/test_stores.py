@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -500,3 +501,49 @@ async def test_many_loops_and_threads_at_once(store: Store) -> None:
     values = await store.get_many("loops", [str(key) for key in range(150)])
     for worker, keys in enumerate(won):
         assert all(values[int(key)] == b"%d" % worker for key in keys)
+
+
+class _Text(str):
+    """A str subclass: the checks' fast path takes exact types only."""
+
+
+_NAMES = st.one_of(
+    st.text(max_size=8),
+    st.text(max_size=8).map(_Text),
+    st.sampled_from(["callbacks", "journal", "a:b", "", "\udc80", "é"]),
+    st.integers(),
+    st.none(),
+)
+
+
+@given(ns=_NAMES, key=_NAMES)
+def test_the_fast_address_check_agrees_with_the_full_one(ns: object, key: object) -> None:
+    """`check_address` takes the common case first; it must accept and refuse exactly
+    what `check_ns` and `check_key` do."""
+    from deepmode_async.stores._base import check_address, check_key, check_ns
+
+    def outcome(check: Any) -> bool:
+        try:
+            check()
+        except ValidationError:
+            return False
+        return True
+
+    both = outcome(lambda: (check_ns(ns), check_key(key)))
+    assert outcome(lambda: check_address(ns, key)) == both
+
+
+@given(value=st.one_of(st.binary(max_size=8), st.integers(), st.floats(), st.none()))
+def test_the_fast_value_and_ttl_checks_agree_with_the_full_ones(value: object) -> None:
+    from deepmode_async.stores._base import check_ttl, check_value
+
+    for check in (check_value, check_ttl):
+        try:
+            result: object = check(value)
+        except ValidationError:
+            result = ValidationError
+        if isinstance(value, bytes) and check is check_value:
+            assert result == value
+        elif check is check_ttl and isinstance(value, float):
+            ok = 0 < value < float("inf")
+            assert result == (value if ok else ValidationError)

@@ -137,7 +137,6 @@ class CallbackHub:
             raise ValidationError(
                 f"kind must be 'model', 'generation', 'upscale' or None, not {check.shown(kind)}"
             )
-        self._keeper.register_put_off()
         registered, outcomes = await self._keeper.runner.run(self._read_all())
         # Handles this process does not hold yet: a store full of them must not fill
         # `max_pending`; a `wait()` on one holds it.
@@ -203,9 +202,10 @@ class CallbackHub:
 
     async def _receive(self, token: str, body: bytes) -> tuple[int, str]:
         self._state.tidy()
-        if (held := self._keeper.held(token)) is not None:  # no need to check its MAC
-            info: TokenInfo | None = held[0]
-            if held[1]:
+        # A token held here was issued or checked by this process: no MAC to check.
+        if (held := self._keeper.held(token)) is not None:
+            info: TokenInfo | None = held.info
+            if held.done:
                 return 200, "already received"  # and already in the store
         else:
             info = self._signing().read(token)

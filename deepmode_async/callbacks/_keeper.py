@@ -15,7 +15,7 @@ import logging
 import os
 import time
 import weakref
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 from .. import _validate as check
@@ -74,7 +74,6 @@ class PendingCallback(Generic[T]):
         self._rejection: str | None = None  # why the last delivery here was refused
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = []
         self._saved: Any = None  # the write of its registration (a concurrent Future)
-        self._put_off = False  # its registration not written yet (a MemoryStore's)
         # Held by this process since `expect()` made it: with a MemoryStore, every
         # delivery has settled it directly, so a wait need not look in the store.
         self._held_throughout = False
@@ -196,6 +195,13 @@ def _set_outcome(future: asyncio.Future[Any], result: Any, failure: BaseExceptio
         future.set_result(result)
 
 
+class Held(NamedTuple):
+    """An expectation this process holds, as a delivery to it is judged."""
+
+    info: TokenInfo
+    done: bool
+
+
 class Keeper:
     """Settles this process's expectations from deliveries and from the store, and keeps
     their outcomes there (see `_shared` for the records)."""
@@ -259,34 +265,15 @@ class Keeper:
         return status, detail
 
     def expect(self, pending: PendingCallback[Any]) -> PendingCallback[Any]:
-        """Hold a new expectation here and record it in the store: for a shared store in
-        the background (`saved()`); for a MemoryStore only once something could read it
-        (`outstanding()`, or `release()`), as most are handed out first and in-process
-        nothing else can look."""
+        """Hold a new expectation here, and record it in the store (in the background
+        for a shared store: `saved()`)."""
         pending = self.hold(pending)
         pending._held_throughout = True
-        if self.runner.inline:
-            pending._put_off = True
-        else:
-            pending._saved = self.runner.spawn(self._register(pending))
-        return pending
-
-    async def _register(self, pending: PendingCallback[Any]) -> None:
         keep = pending._deadline - time.monotonic()
-        if keep > 0:
-            record = encode_registration(pending.kind, pending._info.expires_at)
-            await self.store.put(NAMESPACE, registration_key(pending.token), record, ttl=keep)
-
-    def register_put_off(self) -> None:
-        """Write the registrations put off by this process's hubs on a MemoryStore."""
-        for keeper in list(self.neighbours):
-            with keeper.registry.lock:
-                put_off = [p for p in keeper.registry.pending.values() if p._put_off]
-                for pending in put_off:
-                    pending._put_off = False
-            for pending in put_off:
-                if (writing := keeper.runner.spawn(keeper._register(pending))) is not None:
-                    writing.add_done_callback(log_failure)
+        record = encode_registration(pending.kind, pending._info.expires_at)
+        write = self.store.put(NAMESPACE, registration_key(pending.token), record, ttl=keep)
+        pending._saved = self.runner.spawn(write)
+        return pending
 
     def hold(self, pending: PendingCallback[Any]) -> PendingCallback[Any]:
         """Hold `pending` in this process (so deliveries settle it): the one held for its
@@ -297,15 +284,12 @@ class Keeper:
         with self.registry.lock:
             self.registry.drop(pending.token, pending)
             pending._held_throughout = False
-            put_off, pending._put_off = pending._put_off, False
-        if put_off and (writing := self.runner.spawn(self._register(pending))) is not None:
-            writing.add_done_callback(log_failure)
 
-    def held(self, token: str) -> tuple[TokenInfo, bool] | None:
-        """What the expectation of `token` held here says (genuine: this process made or
-        checked it) and whether it is done; None when none is held."""
+    def held(self, token: str) -> Held | None:
+        """What the expectation of `token` held here says, and whether it is done; None
+        when none is held. Its token is genuine: this process issued or checked it."""
         local = self.registry.get(token)
-        return None if local is None else (local._info, local.done)
+        return None if local is None else Held(local._info, local.done)
 
     def _settle_token(self, token: str, result: Any, outcome: Outcome) -> None:
         """Settle the expectation held here for `token` with a delivery received here."""
@@ -369,10 +353,9 @@ class Keeper:
             log.warning("callback result handed out but not marked so in the store: %s", reason)
 
     async def _mark(self, old: Outcome, new: Outcome, keep: float) -> None:
-        # One write: the registration is left to expire (a handed-out outcome hides it
-        # from `outstanding()`), as deleting it would cost every wait a second one.
         key = outcome_key(old.token)
         await self.store.replace(NAMESPACE, key, old.encode(), new.encode(), ttl=keep)
+        await self.store.delete(NAMESPACE, registration_key(old.token))
 
     def discard(self, pending: PendingCallback[Any]) -> None:
         with self.registry.lock:

@@ -2,8 +2,7 @@
 
 Records live in the `callbacks` namespace, one per token and purpose:
 - `p:<token>`: an expectation was made (kind, expiry), so `outstanding()` finds the ones
-  whose waiter died before anything arrived; left to expire once its outcome is stored
-  (with a `MemoryStore`, written only when something could read it);
+  whose waiter died before anything arrived;
 - `d:<token>`: its outcome, written once with `add` (the first delivery wins, in every
   process): `delivered` with the body, then `handed_out` once a `wait()` returned it, or
   `discarded`;

@@ -181,8 +181,14 @@ def check_items(
 
 def check_address(ns: object, key: object) -> None:
     """A record's namespace and key (see `check_ns`, `check_key`)."""
-    plain = type(ns) is str and type(key) is str and ns.isascii() and key.isascii()
-    if plain and ns and ":" not in ns:  # type: ignore[operator]
+    if (
+        type(ns) is str
+        and type(key) is str
+        and ns
+        and ":" not in ns
+        and ns.isascii()
+        and key.isascii()
+    ):
         return  # the common case, on every store call: no more to look at
     check_ns(ns)
     check_key(key)
