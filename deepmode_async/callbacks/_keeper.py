@@ -15,7 +15,7 @@ import logging
 import os
 import time
 import weakref
-from typing import Any, Final, Generic, NamedTuple, TypeVar
+from typing import Any, Final, Generic, TypeVar
 from urllib.parse import urlsplit
 
 from .. import _validate as check
@@ -29,11 +29,12 @@ from ._shared import (
     Outcome,
     Runner,
     encode_registration,
+    log_failure,
     outcome_key,
     registration_key,
     rejection_key,
 )
-from ._tokens import TokenInfo
+from ._tokens import Held, TokenInfo
 
 T = TypeVar("T")
 
@@ -193,13 +194,6 @@ def _set_outcome(future: asyncio.Future[Any], result: Any, failure: BaseExceptio
         future.set_exception(failure)
     else:
         future.set_result(result)
-
-
-class Held(NamedTuple):
-    """An expectation this process holds, as a delivery to it is judged."""
-
-    info: TokenInfo
-    done: bool
 
 
 class Keeper:
@@ -452,8 +446,3 @@ class Keeper:
 
 def discarded(kind: CallbackKind) -> DeepModeError:
     return DeepModeError(f"the {kind} callback was discarded")
-
-
-def log_failure(future: Any) -> None:
-    if not future.cancelled() and (error := future.exception()) is not None:
-        log.warning("callback store write failed: %s", error)

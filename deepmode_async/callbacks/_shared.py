@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import logging
 import os
 import threading
 from collections.abc import Coroutine
@@ -34,6 +35,8 @@ from ._parsers import CallbackKind
 from ._tokens import KINDS
 
 T = TypeVar("T")
+
+log: Final = logging.getLogger("deepmode_async")
 
 NAMESPACE: Final = "callbacks"
 CHANNEL: Final = "callbacks:delivered"
@@ -86,6 +89,12 @@ class Outcome:
 
 def encode_registration(kind: CallbackKind, expires_at: float) -> bytes:
     return f'{{"kind": "{kind}", "expires_at": {expires_at!r}}}'.encode()
+
+
+def log_failure(future: Any) -> None:
+    """A done-callback for a write started with `Runner.spawn`: its failure logged."""
+    if not future.cancelled() and (error := future.exception()) is not None:
+        log.warning("callback store write failed: %s", error)
 
 
 class Runner:

@@ -34,6 +34,14 @@ class TokenInfo(NamedTuple):  # a tuple: made on every expect and delivery
     expires_at: float  # seconds since the epoch
 
 
+class Held(NamedTuple):
+    """What the expectation of a token held by this process says, and whether it is done.
+    Its token is genuine: this process issued or checked it."""
+
+    info: TokenInfo
+    done: bool
+
+
 class Signer:
     """Issues and checks tokens under one key."""
 
