@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -547,3 +548,27 @@ def test_the_fast_value_and_ttl_checks_agree_with_the_full_ones(value: object) -
         elif check is check_ttl and isinstance(value, float):
             ok = 0 < value < float("inf")
             assert result == (value if ok else ValidationError)
+
+
+async def test_a_memory_store_rewritten_often_keeps_its_expiry_index_small() -> None:
+    """Each write with a ttl indexes its expiry; rewriting the same records must not
+    keep an index entry a write (they would live as long as the ttl)."""
+    store = MemoryStore()
+
+    async def rewrite(times: int) -> None:
+        for round_ in range(times):
+            await store.put("ns", f"key-{round_ % 10}", b"%d" % round_, ttl=3600.0)
+
+    await rewrite(2_000)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        await rewrite(20_000)  # ~1.5 MiB of index entries if they were all kept
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 100_000, grown
+    assert await store.get("ns", "key-9") == b"19999"
+    await store.put("ns", "short", b"x", ttl=0.01)
+    await asyncio.sleep(0.02)
+    assert await store.get("ns", "short") is None

@@ -43,8 +43,11 @@ class MemoryStore(Store):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._data: dict[str, dict[str, _Record]] = {}
-        # (expiry, ns, key), to drop expired records without scanning them all.
+        # (expiry, ns, key), to drop expired records without scanning them all. A record
+        # written again leaves its old entry behind until that expiry: rebuilt from the
+        # records when it has grown to twice what it was after the last rebuild.
         self._expiries: list[tuple[float, str, str]] = []
+        self._rebuild_at = 64
         self._subscribers = Subscribers()
         self._secrets: dict[str, bytes] = {}
         self._closed = False
@@ -66,6 +69,15 @@ class MemoryStore(Store):
         records[key] = (value, expires)
         if expires is not None:
             heapq.heappush(self._expiries, (expires, ns, key))
+            if len(self._expiries) > self._rebuild_at:
+                self._expiries = [
+                    (record[1], space, name)
+                    for space, records in self._data.items()
+                    for name, record in records.items()
+                    if record[1] is not None
+                ]
+                heapq.heapify(self._expiries)
+                self._rebuild_at = 2 * len(self._expiries) + 64
         self._sweep(now)
 
     def _sweep(self, now: float) -> None:
