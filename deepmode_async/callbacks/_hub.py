@@ -111,7 +111,7 @@ class CallbackHub:
         lifetime = self.ttl if ttl is None else check.seconds("ttl", ttl)
         info = TokenInfo(kind, min(time.time() + lifetime, LATEST))
         token = self._signing().issue(info.kind, info.expires_at)
-        return self._keeper.expect(PendingCallback(self._keeper, info, token))
+        return self._keeper.expect(PendingCallback(self._keeper, info, token), lifetime)
 
     def resume(self, token: str) -> PendingCallback[Any]:
         """The expectation of `token` (a `PendingCallback.token`), in another process or

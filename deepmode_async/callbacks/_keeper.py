@@ -258,14 +258,14 @@ class Keeper:
             await self.runner.run(self.store.put(NAMESPACE, key, detail.encode(), ttl=3600.0))
         return status, detail
 
-    def expect(self, pending: PendingCallback[Any]) -> PendingCallback[Any]:
-        """Hold a new expectation here, and record it in the store (in the background
-        for a shared store: `saved()`)."""
+    def expect(self, pending: PendingCallback[Any], lifetime: float) -> PendingCallback[Any]:
+        """Hold a new expectation here, and record it in the store for `lifetime` seconds
+        (in the background for a shared store: `saved()`)."""
         pending = self.hold(pending)
         pending._held_throughout = True
-        keep = pending._deadline - time.monotonic()
         record = encode_registration(pending.kind, pending._info.expires_at)
-        write = self.store.put(NAMESPACE, registration_key(pending.token), record, ttl=keep)
+        key = registration_key(pending.token)
+        write = self.store.put(NAMESPACE, key, record, ttl=lifetime)
         pending._saved = self.runner.spawn(write)
         return pending
 

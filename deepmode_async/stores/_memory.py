@@ -71,10 +71,10 @@ class MemoryStore(Store):
             heapq.heappush(self._expiries, (expires, ns, key))
             if len(self._expiries) > self._rebuild_at:
                 self._expiries = [
-                    (record[1], space, name)
-                    for space, records in self._data.items()
-                    for name, record in records.items()
-                    if record[1] is not None
+                    (entry[1], space, name)
+                    for space, entries in self._data.items()
+                    for name, entry in entries.items()
+                    if entry[1] is not None
                 ]
                 heapq.heapify(self._expiries)
                 self._rebuild_at = 2 * len(self._expiries) + 64
