@@ -22,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from deepmode_async import DeepModeError, StoreError, ValidationError
+from deepmode_async.callbacks import CallbackHub
 from deepmode_async.stores import (
     MemoryStore,
     RedisStore,
@@ -153,6 +154,34 @@ async def test_ttl_hides_and_then_removes(store: Store) -> None:
     await asyncio.sleep(0.3)
     assert await store.get("t", "forever") is None
     assert await store.get("t", "long") == b"v2"
+
+
+async def test_a_ttl_longer_than_the_store_can_count_is_kept_as_long_as_it_can(
+    store: Store,
+) -> None:
+    # Redis adds a ttl to its clock in 64-bit milliseconds: 1e16 s would overflow it.
+    for ttl in (1e16, 1e300):
+        await store.put("t", "put", b"v", ttl=ttl)
+        assert await store.add("t", f"add-{ttl}", b"v", ttl=ttl) is True
+        assert await store.replace("t", "put", b"v", b"w", ttl=ttl) is True
+        await store.put_many("t", [("many", b"v")], ttl=ttl)
+        assert await store.add_and_publish("t", f"ap-{ttl}", b"v", "c", ttl=ttl) is True
+    assert await store.get_many("t", ["put", "many", "add-1e+300"]) == [b"w", b"v", b"v"]
+
+
+async def test_a_hub_that_keeps_its_callbacks_for_ever_works_on_every_store(
+    store: Store,
+) -> None:
+    hub = CallbackHub("http://127.0.0.1:9/cb", store=store, ttl=1e300)
+    try:
+        pending = hub.expect("upscale")
+        await pending.saved()
+        body = {"id": "i", "file_name": "i.png", "model_id": "m", "prompt": "p"}
+        body["image_url"] = "https://blob.example.com/i.png"
+        assert await hub.areceive(pending.token, json.dumps(body).encode()) == (200, "received")
+        assert (await pending.wait(timeout=5)).id == "i"
+    finally:
+        hub.close()
 
 
 async def test_items_streams_every_live_record(store: Store) -> None:

@@ -396,8 +396,13 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
     return False
 
 
+#: The longest expiry given to Redis, in ms (about 3 million years): a ttl Redis cannot
+#: add to its clock (past 2**63 ms) would fail the write, so a longer one is this.
+_LONGEST_MS: Final = 10**17
+
+
 def _ms(ttl: float | None) -> int | None:
-    return None if ttl is None else max(1, round(ttl * 1000))
+    return None if ttl is None else max(1, min(round(ttl * 1000), _LONGEST_MS))
 
 
 def _scrub(text: str, password: object) -> str:
