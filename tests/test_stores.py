@@ -36,6 +36,7 @@ pytestmark = pytest.mark.anyio
 
 WORKER = str(pathlib.Path(__file__).with_name("_store_worker.py"))
 KINDS = ["memory", "sqlite", "redis"]
+_UNAVAILABLE = "the callback store is unavailable; deliver again later"
 
 
 def make_store(kind: str, tmp_path: pathlib.Path, request: pytest.FixtureRequest) -> Store:
@@ -160,13 +161,13 @@ async def test_a_ttl_longer_than_the_store_can_count_is_kept_as_long_as_it_can(
     store: Store,
 ) -> None:
     # Redis adds a ttl to its clock in 64-bit milliseconds: 1e16 s would overflow it.
-    for ttl in (1e16, 1e300):
+    for ttl in (1e16, 1e300, sys.float_info.max, 10**300):
         await store.put("t", "put", b"v", ttl=ttl)
         assert await store.add("t", f"add-{ttl}", b"v", ttl=ttl) is True
         assert await store.replace("t", "put", b"v", b"w", ttl=ttl) is True
         await store.put_many("t", [("many", b"v")], ttl=ttl)
         assert await store.add_and_publish("t", f"ap-{ttl}", b"v", "c", ttl=ttl) is True
-    assert await store.get_many("t", ["put", "many", "add-1e+300"]) == [b"w", b"v", b"v"]
+    assert await store.get_many("t", ["put", "many", f"add-{10**300}"]) == [b"w", b"v", b"v"]
 
 
 async def test_a_hub_that_keeps_its_callbacks_for_ever_works_on_every_store(
@@ -229,9 +230,9 @@ async def test_keys_and_namespaces_are_checked(store: Store) -> None:
         await store.put("ns", "\ud800", b"v")
     with pytest.raises(ValidationError, match="bytes"):
         await store.put("ns", "k", "text")  # type: ignore[arg-type]
-    for bad_ttl in [0, -1, float("inf"), float("nan"), True]:
+    for bad_ttl in [0, -1, float("inf"), float("nan"), True, "60", 10**400]:
         with pytest.raises(ValidationError, match="ttl"):
-            await store.put("ns", "k", b"v", ttl=bad_ttl)
+            await store.put("ns", "k", b"v", ttl=bad_ttl)  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="channel"):
         await store.publish("", b"m")
 
@@ -261,6 +262,11 @@ async def test_subscribers_get_what_is_published_after(store: Store) -> None:
                 assert [await sub.next(5) for _ in range(5)] == [b"m%d" % i for i in range(5)]
             assert await other.next(0.05) is None
         assert await one.next(0) is None
+        for bad_timeout in ["1", float("nan"), True]:
+            with pytest.raises(ValidationError, match="timeout"):
+                await one.next(bad_timeout)  # type: ignore[arg-type]
+        await store.publish("ch", b"late")
+        assert await one.next(10**400) == b"late"  # beyond a float: no limit
         started = time.monotonic()
         assert await one.next(0.2) is None
         assert time.monotonic() - started >= 0.19
@@ -404,11 +410,60 @@ async def test_sqlite_unusable_paths_raise_store_error(
             store.secret("signing")
 
 
+@pytest.mark.parametrize("timeout", [float("nan"), "10", -1, True, float("inf")])
+def test_sqlite_a_bad_timeout_is_refused_at_once(timeout: Any, tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ValidationError, match="timeout must be seconds"):
+        SQLiteStore(tmp_path / "s.db", timeout=timeout)
+
+
+@pytest.mark.parametrize("path", [123, b"/tmp/x.db", "", ":memory:", "a\0b"])
+def test_sqlite_a_bad_path_is_refused_at_once(path: Any) -> None:
+    with pytest.raises(ValidationError, match="needs the path of a file"):
+        SQLiteStore(path)
+
+
+async def test_sqlite_a_timeout_beyond_what_sqlite_counts_waits_as_long_as_it_can(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with SQLiteStore(tmp_path / "s.db", timeout=10**400) as store:
+        await store.put("ns", "k", b"v")
+        assert await store.get("ns", "k") == b"v"
+
+
 async def test_sqlite_a_file_that_is_not_a_database(tmp_path: pathlib.Path) -> None:
     (tmp_path / "junk.db").write_bytes(b"not sqlite at all" * 100)
     async with SQLiteStore(tmp_path / "junk.db") as store:
         with pytest.raises(StoreError, match="not a usable SQLite database"):
             await store.get("ns", "k")
+        with pytest.raises(StoreError, match="not a usable SQLite database"):
+            await store.put("ns", "k", b"v")  # the write thread's first connection
+        with pytest.raises(StoreError, match="not a usable SQLite database"):
+            store.secret("signing")
+        hub = CallbackHub("http://127.0.0.1:9/cb", store=store)
+        with pytest.raises(StoreError, match="not a usable SQLite database"):
+            hub.expect("model")
+        assert await hub.areceive("A" * 43, b"{}") == (503, _UNAVAILABLE)
+        hub.close()
+
+
+async def test_sqlite_locked_before_its_first_connection(tmp_path: pathlib.Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "locked-early.db"
+    holder = sqlite3.connect(path, isolation_level=None)  # another process's long write
+    holder.execute("CREATE TABLE theirs (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        async with SQLiteStore(path, timeout=0.2) as store:
+            with pytest.raises(StoreError, match=r"stayed locked for more than 0\.2 s"):
+                await store.get("ns", "k")
+            with pytest.raises(StoreError, match=r"stayed locked for more than 0\.2 s"):
+                await store.put("ns", "k", b"v")
+            with pytest.raises(StoreError, match="stayed locked"):
+                store.secret("signing")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
 
 
 async def test_sqlite_a_lock_held_too_long(tmp_path: pathlib.Path) -> None:

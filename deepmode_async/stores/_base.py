@@ -15,6 +15,7 @@ import collections
 import contextlib
 import math
 import re
+import sys
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Final, Self
@@ -222,13 +223,24 @@ def check_ttl(ttl: object) -> float | None:
         return ttl
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
         raise ValidationError(f"ttl must be None or positive seconds, not {ttl!r}")
-    return float(ttl)
+    try:
+        return float(ttl)
+    except OverflowError:  # an int beyond a float's range
+        raise ValidationError(
+            f"ttl must be None or positive seconds, at most {sys.float_info.max:g}"
+        ) from None
 
 
 def check_timeout(timeout: float | None) -> float | None:
-    if timeout is not None and (isinstance(timeout, bool) or not timeout == timeout):
+    if timeout is None:
+        return None
+    usable = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    if not usable or not timeout == timeout:  # NaN is not equal to itself
         raise ValidationError(f"timeout must be None or seconds, not {timeout!r}")
-    return timeout
+    try:
+        return float(timeout)
+    except OverflowError:  # an int beyond a float's range: no limit
+        return None
 
 
 _PASSWORD: Final = re.compile(r"(?<=:)[^:@/]*(?=@)")
@@ -287,7 +299,7 @@ class QueueSubscription(Subscription):
         self._ready.set()
 
     async def next(self, timeout: float | None) -> bytes | None:
-        check_timeout(timeout)
+        timeout = check_timeout(timeout)
         if not self._queue:
             if timeout is not None and timeout <= 0:
                 return None

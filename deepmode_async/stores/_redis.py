@@ -402,7 +402,7 @@ _LONGEST_MS: Final = 10**17
 
 
 def _ms(ttl: float | None) -> int | None:
-    return None if ttl is None else max(1, min(round(ttl * 1000), _LONGEST_MS))
+    return None if ttl is None else max(1, round(min(ttl, _LONGEST_MS / 1000) * 1000))
 
 
 def _scrub(text: str, password: object) -> str:

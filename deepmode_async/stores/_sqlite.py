@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import os
 import secrets
 import sqlite3
@@ -64,14 +65,26 @@ class SQLiteStore(Store):
     """
 
     def __init__(self, path: str | os.PathLike[str], *, timeout: float = 10.0) -> None:
-        raw = os.fspath(path)
+        try:
+            raw = os.fspath(path)
+        except TypeError:
+            raw = path  # type: ignore[assignment]  # refused just below
         if not isinstance(raw, str) or not raw or raw == ":memory:" or "\0" in raw:
             raise ValidationError(
                 f"SQLiteStore needs the path of a file, not {raw!r} (MemoryStore() keeps "
                 "records in memory)"
             )
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 <= timeout < math.inf
+        ):
+            raise ValidationError(
+                f"SQLiteStore's timeout must be seconds (0 or more), not {timeout!r}"
+            )
         self.path = os.path.abspath(raw)
-        self._file = SQLiteFile(self.path, timeout)
+        # SQLite counts its wait for a lock in 32-bit milliseconds (about 24 days).
+        self._file = SQLiteFile(self.path, float(min(timeout, 2**31 // 1000)))
         self._events = EventListener(self._file.connect, self.path)
         self._secrets: dict[str, bytes] = {}
         self._writes = 0

@@ -61,6 +61,9 @@ class SQLiteFile:
                     raise StoreError(f"SQLite store {self.path}: the file cannot use WAL mode")
                 conn.executescript(_SCHEMA)
                 self._schema_ready = True
+        except sqlite3.Error as exc:  # locked, or not a database: on every path, explained
+            conn.close()
+            raise self.error(exc) from None
         except BaseException:
             conn.close()
             raise
