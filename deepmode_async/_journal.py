@@ -29,12 +29,18 @@ from typing import Any, Final, TypeAlias
 
 import attrs
 
-from ._convert import converter
-from ._errors import DeepModeError, OutcomeUnknownError, StoreError, ValidationError
+from ._convert import converter, structure
+from ._errors import (
+    DeepModeError,
+    OutcomeUnknownError,
+    ResponseValidationError,
+    StoreError,
+    ValidationError,
+)
 from ._requests import GenerateRequest, generate_body
 from ._retry import server_may_have_acted
 from ._types import Generation, Image
-from .stores import SQLiteStore, Store, as_store
+from .stores import MemoryStore, SQLiteStore, Store, as_store
 
 #: The store namespace of a batch's records.
 NAMESPACE: Final = "journal"
@@ -46,6 +52,9 @@ WINDOW: Final = 512
 JournalTarget: TypeAlias = "str | os.PathLike[str] | Store"
 #: A fresh `Image` by id (`images.retrieve`): free, for files to be downloaded again.
 Refresh: TypeAlias = Callable[[str], Awaitable[Image]]
+
+#: The latest time a record can say it was sent (the end of year 9999).
+_LATEST: Final = 253402300799.0
 
 _log = logging.getLogger("deepmode_async")
 _dumps: Final = json.JSONEncoder(separators=(",", ":")).encode  # made once: a record a call
@@ -103,10 +112,12 @@ class Entry:
     def decode(cls, index: int, value: bytes) -> Entry:
         try:
             record = json.loads(value)
-            paths = record.get("p")
+            paths, sent_at = record.get("p"), float(record["t"])
+            if not 0.0 <= sent_at <= _LATEST:  # NaN too: a time datetime can show
+                raise ValueError(sent_at)
             return cls(
                 request=dict(record["q"]),
-                sent_at=float(record["t"]),
+                sent_at=sent_at,
                 generation=record.get("g"),
                 paths=None if paths is None else tuple(str(path) for path in paths),
                 error=record.get("e"),
@@ -142,7 +153,14 @@ def open_journal(journal: object) -> tuple[Store, bool]:
     if isinstance(journal, Store):
         return journal, False
     if isinstance(journal, str) and "://" in journal:
-        return as_store(journal), True
+        store = as_store(journal)
+        if isinstance(store, MemoryStore):  # a new one each run: nothing would resume
+            raise ValidationError(
+                "journal='memory://' would be a new, empty MemoryStore for every run, so a "
+                "rerun could never resume: pass a path (an SQLite file), another store's "
+                "URL, or one MemoryStore() object that the runs share"
+            )
+        return store, True
     if isinstance(journal, str | os.PathLike):
         return SQLiteStore(journal), True
     raise ValidationError(
@@ -210,11 +228,20 @@ class BatchJournal:
         )
 
     @staticmethod
-    def recorded(entry: Entry) -> Generation | None:
-        """The generation recorded for a request, if it has one."""
+    def recorded(index: int, entry: Entry) -> Generation | None:
+        """The generation recorded for a request, if it has one. Raises `StoreError`
+        when the record holds something that is not one (it was paid for: the request
+        is not sent again)."""
         if entry.generation is None:
             return None
-        return converter.structure(entry.generation, Generation)
+        try:
+            return structure(entry.generation, Generation, f"requests[{index}]")
+        except ResponseValidationError as error:
+            raise StoreError(
+                f"the journal's record of requests[{index}] holds an answer that is not "
+                f"readable ({error}); it was answered once, so it is not sent again: the "
+                "journal was written by something else, or damaged"
+            ) from None
 
     async def missing_files(
         self,

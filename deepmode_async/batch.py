@@ -30,6 +30,7 @@ import attrs
 from ._errors import (
     DeepModeError,
     ProgressCallbackError,
+    StoreError,
     ValidationError,
     report_progress,
 )
@@ -331,7 +332,7 @@ async def run_batch(
             if task is pulling:
                 pulling = None
                 request = task.result()
-                if isinstance(request, GenerateRequest):
+                if isinstance(request, GenerateRequest) and not stopped:  # not yet recorded
                     submit(request)
                 continue
             running.discard(task)
@@ -390,7 +391,10 @@ class _Call:
     async def resume(self, journal: BatchJournal, entry: Entry | None) -> AnyResult:
         """`run`, unless the journal has its answer, or says it may have been charged."""
         if entry is not None:
-            generation = journal.recorded(entry)
+            try:
+                generation = journal.recorded(self.index, entry)
+            except StoreError as error:
+                return BatchFailure(self.index, self.request, error=error, resumed=True)
             if generation is not None:
                 return await self.refetch(journal, entry, generation)
             unknown = journal.unknown(self.index, self.request, entry)

@@ -697,6 +697,35 @@ async def test_a_progress_callback_failing_at_submission_stops_the_batch(
     assert len(mock.ledger) == len(sent(mock, "generate")) == 1
 
 
+async def test_a_request_pulled_after_the_progress_callback_failed_is_not_sent(
+    mock: MockDeepMode, dm: AsyncClient, model_id: str
+) -> None:
+    mock.set_latency("generate", 0.05)
+
+    async def slow_input() -> AsyncIterator[GenerateRequest]:
+        for request in requests_for(model_id, 4):
+            yield request
+            await asyncio.sleep(0.2)  # the first call ends (and the callback fails) meanwhile
+
+    def fail_at_first_completion(progress: BatchProgress) -> None:
+        if progress.completed:
+            raise RuntimeError("progress bar broke")
+
+    received: list[BatchResult] = []
+
+    async def consume() -> None:
+        batch = dm.images.generate_many(
+            slow_input(), concurrency=4, progress=fail_at_first_completion
+        )
+        async for result in batch:
+            received.append(result)
+
+    with pytest.raises(ProgressCallbackError):
+        await consume()
+    assert [result.index for result in received] == [0]
+    assert len(sent(mock, "generate")) == len(mock.ledger) == 1
+
+
 # ------------------------------------------------------------------ bad input
 
 

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import gc
+import json
 import os
 import pathlib
 import signal
@@ -46,7 +47,7 @@ from deepmode_async import (
 from deepmode_async._convert import converter
 from deepmode_async._journal import NAMESPACE, Entry
 from deepmode_async._requests import generate_body
-from deepmode_async.stores import SQLiteStore
+from deepmode_async.stores import MemoryStore, SQLiteStore
 from deepmode_async.testing import MockDeepMode
 
 pytestmark = pytest.mark.anyio
@@ -404,7 +405,58 @@ async def test_bad_journal_arguments() -> None:
         with pytest.raises(ValidationError, match="journal must be"):
             await run_all(dm, [], journal=42)
         with pytest.raises(ValidationError, match="resend_unknown"):
-            await run_all(dm, [], journal="memory://", resend_unknown="yes")
+            await run_all(dm, [], journal=MemoryStore(), resend_unknown="yes")
+        # A new MemoryStore each run: a rerun would pay for everything again.
+        with pytest.raises(ValidationError, match="could never resume"):
+            await run_all(dm, [], journal="memory://")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda record: {**record, "t": 1e300}, id="sent in the far future"),
+        pytest.param(lambda record: {**record, "t": float("nan")}, id="sent at NaN"),
+        pytest.param(lambda record: {**record, "t": -5.0}, id="sent before 1970"),
+    ],
+)
+async def test_a_record_with_an_impossible_time_is_refused_before_any_call(
+    damage: Any, served: MockDeepMode, model: str, tmp_path: pathlib.Path
+) -> None:
+    journal = tmp_path / "run.db"
+    async with make_client(served) as dm:
+        await run_all(dm, requests_for(model, 3), journal=journal)
+        rewrite_record(journal, "1", damage)
+        calls = generate_calls(served, model)
+        with pytest.raises(StoreError, match=r"requests\[1\] is not readable"):
+            await run_all(dm, requests_for(model, 3), journal=journal)
+    assert generate_calls(served, model) == calls
+
+
+async def test_a_record_whose_answer_is_not_a_generation_is_a_failure_and_not_resent(
+    served: MockDeepMode, model: str, tmp_path: pathlib.Path
+) -> None:
+    journal = tmp_path / "run.db"
+    async with make_client(served) as dm:
+        await run_all(dm, requests_for(model, 3), journal=journal)
+        rewrite_record(journal, "1", lambda record: {**record, "g": {"x": 1}})
+        calls = generate_calls(served, model)
+        results = await run_all(dm, requests_for(model, 3), journal=journal)
+        results.sort(key=lambda result: result.index)
+    assert generate_calls(served, model) == calls  # it was answered once: not paid twice
+    assert [result.resumed for result in results] == [True, True, True]
+    assert [result.ok for result in results] == [True, False, True]
+    error = results[1].error
+    assert isinstance(error, StoreError)
+    assert "holds an answer that is not readable" in str(error)
+    assert "does not fit Generation" in str(error)
+
+
+def rewrite_record(journal: pathlib.Path, key: str, damage: Any) -> None:
+    """Rewrite one record of an SQLite journal as JSON that is not a record of ours."""
+    with sqlite3.connect(journal) as conn:
+        (value,) = conn.execute("SELECT value FROM records WHERE key = ?", (key,)).fetchone()
+        changed = json.dumps(damage(json.loads(value))).encode()
+        conn.execute("UPDATE records SET value = ? WHERE key = ?", (changed, key))
 
 
 @given(
