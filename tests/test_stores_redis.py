@@ -13,6 +13,7 @@ import redis.asyncio
 from _redis import RedisServer, free_port
 
 from deepmode_async import StoreError, ValidationError
+from deepmode_async.callbacks import CallbackHub
 from deepmode_async.stores import RedisStore, Subscription, open_store
 
 pytestmark = pytest.mark.anyio
@@ -129,6 +130,41 @@ async def test_a_password_never_shows(locked_server: RedisServer) -> None:
         with pytest.raises(StoreError) as caught:
             store.secret("signing")
         assert_no_password(caught.value)
+
+
+async def test_a_password_in_the_query_string_works_and_never_shows(
+    locked_server: RedisServer,
+) -> None:
+    url = f"redis://127.0.0.1:{locked_server.port}/0?password={PASSWORD}"
+    async with RedisStore(url) as store:
+        assert PASSWORD not in repr(store)
+        assert "password=***" in repr(store)
+        await store.put("ns", "k", b"v")
+    with pytest.raises(ValidationError, match="unexpected keyword argument 'Password'") as bad:
+        RedisStore(f"{url}&Password={PASSWORD}")  # not a setting redis-py takes
+    assert_no_password(bad.value)
+    refused = f"redis://127.0.0.1:{free_port()}/0?password={PASSWORD}&db=0"
+    async with RedisStore(refused) as store:
+        with pytest.raises(StoreError) as caught:
+            await store.get("ns", "k")
+        assert_no_password(caught.value, repr(store))
+        hub = CallbackHub("http://127.0.0.1:9/cb", store=store)
+        assert PASSWORD not in repr(hub)
+
+
+@pytest.mark.parametrize("odd", ["/", "?", "#", "["])
+def test_a_url_whose_unescaped_password_breaks_parsing_never_shows_it(odd: str) -> None:
+    secret = f"s3cr{odd}{PASSWORD}"
+    with pytest.raises(ValidationError, match="not a Redis URL") as caught:
+        open_store(f"redis://default:{secret}@localhost:6379/0")
+    assert_no_password(caught.value)
+    assert "s3cr" not in str(caught.value)
+    assert "redis://default:***@localhost:6379/0" in str(caught.value)
+
+
+def test_a_password_with_an_at_sign_never_shows() -> None:
+    store = open_store(f"redis://default:s3cr@{PASSWORD}@localhost:6379/0")
+    assert repr(store) == "RedisStore('redis://default:***@localhost:6379/0', prefix='deepmode:')"
 
 
 async def test_no_password_in_the_logs_of_an_outage(

@@ -19,7 +19,6 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Final, Self
-from urllib.parse import urlsplit, urlunsplit
 
 from .. import _validate as check
 from .._errors import ValidationError
@@ -243,25 +242,31 @@ def check_timeout(timeout: float | None) -> float | None:
         return None
 
 
-_PASSWORD: Final = re.compile(r"(?<=:)[^:@/]*(?=@)")
+#: A password given as a query parameter (`?password=...`, which redis-py accepts).
+_QUERY_PASSWORD: Final = re.compile(r"(?i)([?&;]password=)[^&#;]*")
 
 
 def redact_url(url: str) -> str:
-    """`url` with any password replaced by `***`, safe for a message or a repr."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return _PASSWORD.sub("***", url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    with contextlib.suppress(ValueError):
-        if parts.port is not None:
-            host += f":{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """`url` with any password replaced by `***`, safe for a message or a repr.
+
+    Found without parsing, so that a URL no parser accepts (a password with an
+    unescaped `/`, `?` or `#` in it) is redacted too: the password is whatever lies
+    between the first `:` after `scheme://` and the last `@`.
+    """
+    text = _QUERY_PASSWORD.sub(r"\1***", url)
+    scheme, sep, rest = text.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return text
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}:***@{host}" if colon else text
+
+
+def password_of(url: str) -> str:
+    """The password part of `url` as `redact_url` finds it ("" when there is none)."""
+    _, sep, rest = url.partition("://")
+    userinfo, at, _ = rest.rpartition("@")
+    return userinfo.partition(":")[2] if sep and at else ""
 
 
 # ------------------------------------------------------------------ local subscriptions

@@ -26,6 +26,7 @@ from ._base import (
     check_ttl,
     check_value,
     chunks,
+    password_of,
     redact_url,
 )
 from ._redis_pubsub import LoopPubSub
@@ -103,8 +104,11 @@ def _connection_settings(url_or_client: object) -> tuple[dict[str, Any], str, in
         try:
             kwargs = {**_DEFAULTS, **redis.asyncio.connection.parse_url(url_or_client)}
         except (ValueError, TypeError) as exc:
+            reason = _scrub(str(exc), url_or_client)
+            if _quotes_some_of(reason, password_of(url_or_client)):
+                reason = "it does not parse; a password must be percent-encoded"
             raise ValidationError(
-                f"not a Redis URL: {name} ({_scrub(str(exc), url_or_client)}); "
+                f"not a Redis URL: {name} ({reason}); "
                 "use redis://[[user]:password@]host[:port][/db], rediss://... or "
                 "unix:///path/to/redis.sock"
             ) from None
@@ -157,6 +161,13 @@ class RedisStore(Store):
         kwargs["timeout"] = kwargs.get("socket_timeout") or _DEFAULTS["socket_timeout"]
         self._kwargs = kwargs
         self._password = kwargs.get("password")
+        try:  # a setting redis-py does not take (`?Password=`) fails here, not at each call
+            _redis().asyncio.BlockingConnectionPool(**kwargs).make_connection()
+        except TypeError as exc:
+            raise ValidationError(
+                f"RedisStore({self._name!r}): {_scrub(str(exc), self._password)}; see "
+                "redis-py's from_url for the settings a URL's query string may give"
+            ) from None
         self._failures: tuple[type[BaseException], ...] = (_redis().RedisError, OSError)
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _OnLoop] = (
             weakref.WeakKeyDictionary()
@@ -403,6 +414,14 @@ _LONGEST_MS: Final = 10**17
 
 def _ms(ttl: float | None) -> int | None:
     return None if ttl is None else max(1, round(min(ttl, _LONGEST_MS / 1000) * 1000))
+
+
+def _quotes_some_of(text: str, secret: str) -> bool:
+    """Whether `text` holds any three characters in a row of `secret` (a parser's
+    message may quote the piece of a URL it stumbled on)."""
+    if len(secret) < 3:
+        return bool(secret) and secret in text
+    return any(secret[start : start + 3] in text for start in range(len(secret) - 2))
 
 
 def _scrub(text: str, password: object) -> str:
