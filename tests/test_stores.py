@@ -381,6 +381,52 @@ async def test_publish_wakes_a_subscriber_in_another_process(shared_url: str) ->
 # ----------------------------------------------------------------------------- sqlite
 
 
+_FORKED = """
+import asyncio, os, sys
+from deepmode_async.stores import SQLiteStore
+
+store = SQLiteStore(sys.argv[1])
+
+async def parent():
+    await store.put("ns", "k", b"parent")
+    async with store.subscribe("ch") as sub:  # the parent's threads all running
+        await store.publish("ch", b"hello")
+        assert await sub.next(5) == b"hello"
+
+asyncio.run(parent())
+pid = os.fork()
+if pid == 0:
+    async def child():
+        await asyncio.wait_for(store.put("ns", "c", b"child"), 5)
+        assert await asyncio.wait_for(store.get("ns", "k"), 5) == b"parent"
+        async with store.subscribe("ch") as sub:
+            await store.publish("ch", b"from the child")
+            assert await sub.next(5) == b"from the child"
+        assert store.secret("s") == store.secret("s")
+        await store.aclose()
+    try:
+        asyncio.run(child())
+    except BaseException as error:
+        print("child:", repr(error), flush=True)
+        os._exit(1)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, "the child failed"
+assert asyncio.run(store.get("ns", "c")) == b"child"  # and the parent's store goes on
+print("ok")
+"""
+
+
+def test_sqlite_a_store_inherited_by_a_forked_child_works_there(tmp_path: pathlib.Path) -> None:
+    # A fresh interpreter: forking pytest itself (threads and all) is not the test.
+    done = subprocess.run(  # noqa: S603
+        [sys.executable, "-c", _FORKED, str(tmp_path / "s.db")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "ok"
+
+
 async def test_sqlite_keeps_its_records_across_instances(tmp_path: pathlib.Path) -> None:
     async with SQLiteStore(tmp_path / "s.db") as first:
         await first.put("ns", "k", b"kept")

@@ -10,11 +10,13 @@ listener at once.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
 from typing import Final
 
+from .._errors import StoreError
 from ._base import QueueSubscription, Subscribers
 
 log: Final = logging.getLogger("deepmode_async")
@@ -38,6 +40,7 @@ class EventListener:
         self._cursor: int | None = None
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pid = 0  # the process that `_thread` runs in
         self._stopped = False
 
     def register(self, channel: str, sub: QueueSubscription, after: int) -> None:
@@ -47,7 +50,9 @@ class EventListener:
             self._delivered[sub] = after
             # Read again from `after`: an event the thread already passed may be newer.
             self._cursor = after if self._cursor is None else min(self._cursor, after)
-            if self._thread is None and not self._stopped:
+            # A forked child has its parent's record of a thread, but not the thread.
+            if (self._thread is None or self._pid != os.getpid()) and not self._stopped:
+                self._pid = os.getpid()
                 self._thread = threading.Thread(
                     target=self._run, name=f"deepmode-sqlite-events {self._name}", daemon=True
                 )
@@ -92,7 +97,7 @@ class EventListener:
                         if self._read(conn, cursor):
                             continue  # a full page: there may be more
                     failing = False
-                except sqlite3.Error as exc:
+                except (sqlite3.Error, StoreError) as exc:  # StoreError: from connecting
                     if not failing:  # once per outage, not every 10 ms
                         log.warning("SQLite store %s: reading events failed: %s", self._name, exc)
                     failing = True

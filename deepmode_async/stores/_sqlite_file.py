@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -36,15 +37,29 @@ class SQLiteFile:
     def __init__(self, path: str, timeout: float) -> None:
         self.path = path
         self._timeout = timeout
+        self._schema_ready = False
+        self._inherited: list[sqlite3.Connection] = []
+        self._begin()
+        self._writer = GroupWriter(self.connect, self.error)
+        self._closed = False
+
+    def _begin(self) -> None:
+        """The threads and connections of this process (again in a forked child: no
+        thread survives a fork, and SQLite's connections must not be used across one)."""
+        self._pid = os.getpid()
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
-        self._schema_ready = False
         self._executor = concurrent.futures.ThreadPoolExecutor(
             _WORKERS, thread_name_prefix="deepmode-sqlite"
         )
-        self._writer = GroupWriter(self.connect, self.error)
-        self._closed = False
+
+    def _check_process(self) -> None:
+        if self._pid != os.getpid():
+            # The parent's connections stay open, unused: closing one here could end
+            # what the parent holds on the file.
+            self._inherited += self._connections
+            self._begin()
 
     def connect(self) -> sqlite3.Connection:
         try:
@@ -83,6 +98,7 @@ class SQLiteFile:
     async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed:
             raise StoreError(f"this SQLiteStore ({self.path}) was closed")
+        self._check_process()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._in_thread, work)
 
@@ -120,6 +136,7 @@ class SQLiteFile:
         """`work` on the calling thread (for synchronous callers), on a connection of its own."""
         if self._closed:
             raise StoreError(f"this SQLiteStore ({self.path}) was closed")
+        self._check_process()
         conn = self.connect()
         try:
             return work(conn)
