@@ -148,6 +148,12 @@ def _head(request: dict[str, Any], sent_at: float) -> bytes:
     return b'{"q":%s,"t":%s' % (_dumps(request).encode(), when.encode())
 
 
+def _retrieve(done: asyncio.Future[None]) -> None:
+    """A done-callback for a write no one awaits: its failure is logged, not left."""
+    if not done.cancelled() and (error := done.exception()) is not None:
+        _log.warning("journal: a record was not written: %s", error)
+
+
 def open_journal(journal: object) -> tuple[Store, bool]:
     """The store of `journal=`, and whether the batch owns it (and so closes it)."""
     if isinstance(journal, Store):
@@ -271,10 +277,18 @@ class BatchJournal:
     # ------------------------------------------------------------------ writing
 
     async def sent(self, index: int, request: GenerateRequest) -> Entry:
-        """Record that request `index` is about to be sent; returns once it is durable."""
+        """Record that request `index` is about to be sent; returns once it is durable.
+        The request must go out only once this has returned."""
         body, now = generate_body(request), time.time()
         entry = Entry(body, now, head=_head(body, now))
-        await self._write(index, entry)
+        try:
+            await self._write(index, entry)
+        except asyncio.CancelledError:
+            # Stopped before it was sent: the record, written all the same, is followed
+            # by one that says so, or a rerun would take it for "may have been charged".
+            stopped = entry.evolve(error="stopped before it was sent", acted=False)
+            self._enqueue(index, stopped).add_done_callback(_retrieve)  # none waits for it
+            raise
         return entry
 
     async def ended(self, index: int, entry: Entry) -> None:
@@ -299,13 +313,17 @@ class BatchJournal:
         return entry.evolve(paths=tuple(str(path) for path in paths))
 
     async def _write(self, index: int, entry: Entry) -> None:
+        # A waiter cancelled here cancels only its future: the record is written anyway.
+        await self._enqueue(index, entry)
+
+    def _enqueue(self, index: int, entry: Entry) -> asyncio.Future[None]:
+        """Queue a record for the next group write (after those queued before it)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._pending.append((str(index), entry.encode(), done))
         if self._writer is None:
             self._writer = loop.create_task(self._write_pending())
-        # A waiter cancelled here cancels only its future: the record is written anyway.
-        await done
+        return done
 
     async def _write_pending(self) -> None:
         try:

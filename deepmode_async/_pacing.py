@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from typing import Final
+from collections.abc import Awaitable, Callable
+from typing import Final, TypeAlias
 
 from ._errors import APIError
 from ._retry import asks_to_wait, server_asks_to_wait
@@ -22,24 +23,34 @@ from ._shared_backoff import SharedBackoff
 #: that refuses one call for good while letting others through must not stall a batch.
 _MAX_FORGIVEN: Final = 8
 
-_CURRENT: Final[contextvars.ContextVar[Pacer | None]] = contextvars.ContextVar(
-    "deepmode_async_pacer", default=None
+#: Awaited once a call has its slot, before its first try goes out (see `pacing`).
+BeforeSend: TypeAlias = Callable[[], Awaitable[None]]
+
+_CURRENT: Final[contextvars.ContextVar[tuple[Pacer, BeforeSend | None] | None]] = (
+    contextvars.ContextVar("deepmode_async_pacer", default=None)
 )
 
 
 class pacing:
     """Pace every call made inside this scope (in this task, and in the tasks it starts
     meanwhile) with `pacer`'s other calls: open it in each task of a batch. (A class, not
-    a `contextlib.contextmanager`: a batch opens one a call, and a generator costs more.)"""
+    a `contextlib.contextmanager`: a batch opens one a call, and a generator costs more.)
 
-    __slots__ = ("_pacer", "_token")
+    `before_send`, when given, is awaited by each call once it has its slot and every
+    pause is over, just before its first try: what must be done before a request may
+    reach the server (a journal's record that it is sent), and not while it still
+    waits (a call stopped while waiting was never sent). Should it raise, the call
+    fails with that error and nothing is sent.
+    """
 
-    def __init__(self, pacer: Pacer) -> None:
-        self._pacer = pacer
+    __slots__ = ("_scope", "_token")
+
+    def __init__(self, pacer: Pacer, before_send: BeforeSend | None = None) -> None:
+        self._scope = (pacer, before_send)
 
     def __enter__(self) -> Pacer:
-        self._token = _CURRENT.set(self._pacer)
-        return self._pacer
+        self._token = _CURRENT.set(self._scope)
+        return self._scope[0]
 
     def __exit__(self, *exc_info: object) -> None:
         _CURRENT.reset(self._token)
@@ -69,9 +80,9 @@ class Pacer:
         self._wave = 0  # bumped when the limit halves: one halving per wave of 429s
         self._changed = asyncio.Event()
 
-    def call(self) -> PacedCall:
+    def call(self, before_send: BeforeSend | None = None) -> PacedCall:
         """The pacing of one call, for all of its attempts."""
-        return _SharedCall(self)
+        return _SharedCall(self, before_send)
 
     async def _enter(self) -> int:
         while True:
@@ -131,14 +142,22 @@ class PacedCall:
 class _SharedCall(PacedCall):
     """One call's tries under a `Pacer`."""
 
-    def __init__(self, pacer: Pacer) -> None:
+    def __init__(self, pacer: Pacer, before_send: BeforeSend | None) -> None:
         self._pacer = pacer
+        self._before_send = before_send
         self._wave = 0
         self._successes = pacer.successes  # the batch's, at this call's previous try
         self._forgiven = 0
 
     async def enter(self) -> None:
         self._wave = await self._pacer._enter()
+        if self._before_send is not None:
+            before, self._before_send = self._before_send, None
+            try:
+                await before()
+            except BaseException:
+                self.failed()  # the slot back: nothing was sent
+                raise
 
     def succeeded(self) -> None:
         self._pacer._leave(self._wave, None, 0.0, succeeded=True)
@@ -196,6 +215,6 @@ class _HeldCall(PacedCall):
 def paced_call(backoff: SharedBackoff | None = None) -> PacedCall:
     """The pacing of a call starting now: its batch's, or none when it is on its own;
     held by `backoff` too, when its client shares one."""
-    pacer = _CURRENT.get()
-    call = _ALONE if pacer is None else pacer.call()
+    scope = _CURRENT.get()
+    call = _ALONE if scope is None else scope[0].call(scope[1])
     return call if backoff is None else _HeldCall(call, backoff)

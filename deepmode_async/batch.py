@@ -400,17 +400,21 @@ class _Call:
             unknown = journal.unknown(self.index, self.request, entry)
             if unknown is not None:
                 return BatchFailure(self.index, self.request, error=unknown, resumed=True)
+        sent: Entry | None = None
+
+        async def record_sent() -> None:  # once its slot is free and every pause over
+            nonlocal sent
+            sent = await journal.sent(self.index, self.request)
+
         try:
-            entry = await journal.sent(self.index, self.request)
-        except DeepModeError as error:  # not recorded as sent, so not sent
-            return self.failure(error)
-        try:
-            with pacing(self.pacer):
+            with pacing(self.pacer, before_send=record_sent):
                 generation = await self.generate(self.request)
         except DeepModeError as error:
-            await journal.ended(self.index, journal.failed(entry, error))
+            if sent is not None:  # else never recorded as sent, so never sent
+                await journal.ended(self.index, journal.failed(sent, error))
             return self.failure(error)
-        entry = journal.succeeded(entry, generation)
+        assert sent is not None, "a generation without a try"
+        entry = journal.succeeded(sent, generation)
         await journal.ended(self.index, entry)
         result = await self.fetch(generation)
         if result.paths is not None:

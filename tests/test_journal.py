@@ -21,7 +21,7 @@ import signal
 import sqlite3
 import sys
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -45,7 +45,7 @@ from deepmode_async import (
     ValidationError,
 )
 from deepmode_async._convert import converter
-from deepmode_async._journal import NAMESPACE, Entry
+from deepmode_async._journal import NAMESPACE, BatchJournal, Entry
 from deepmode_async._requests import generate_body
 from deepmode_async.stores import MemoryStore, SQLiteStore
 from deepmode_async.testing import MockDeepMode
@@ -398,6 +398,63 @@ async def test_a_journal_where_nothing_can_be_written_is_refused_before_any_call
         with pytest.raises(StoreError, match="writable"):
             await run_all(dm, requests_for(model, 3), journal="/proc/deepmode-journal.db")
     assert generate_calls(served, model) == 0
+
+
+class SlowJournal(MemoryStore):
+    """A store whose writes take a while (a loaded disk): a batch left early has
+    requests cancelled while their record that they are sent is being written."""
+
+    async def put_many(
+        self, ns: str, items: Sequence[tuple[str, bytes]], *, ttl: float | None = None
+    ) -> None:
+        await asyncio.sleep(0.2)
+        await super().put_many(ns, items, ttl=ttl)
+
+
+async def test_a_request_stopped_while_recorded_as_sent_is_not_taken_for_sent() -> None:
+    # Leaving a batch early (break, Ctrl+C) can cancel a request while its record
+    # that it is sent is being written: it never went out, and a rerun must send it.
+    store = SlowJournal()
+    request = GenerateRequest(model_id="m", prompt="p")
+    journal = BatchJournal(store, owned=False, resend_unknown=False, refresh=no_refresh)
+    recording = asyncio.create_task(journal.sent(0, request))
+    await asyncio.sleep(0.05)  # the write is under way
+    recording.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await recording
+    await journal.aclose()  # the writes under way end
+    entry = (await journal.window(0))[0]
+    assert journal.unknown(0, request, entry) is None  # so it is sent again
+    assert entry.error == "stopped before it was sent"
+    # One that was recorded in full, then stopped, may have gone out: unknown.
+    journal = BatchJournal(store, owned=False, resend_unknown=False, refresh=no_refresh)
+    await journal.sent(1, request)
+    await journal.aclose()
+    assert journal.unknown(1, request, (await journal.window(0))[1]) is not None
+
+
+async def no_refresh(image_id: str) -> Image:
+    raise AssertionError("not called")
+
+
+async def test_a_request_waiting_out_a_pause_when_stopped_is_sent_on_the_rerun(
+    served: MockDeepMode, model: str, tmp_path: pathlib.Path
+) -> None:
+    journal, requests = tmp_path / "run.db", requests_for(model, 6)
+    async with make_client(served) as dm:
+        served.fail("generate", 429, retry_after=5)  # request 0: the batch pauses 5 s
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1.0):  # stopped while the others wait it out
+                await run_all(dm, requests, concurrency=2, journal=journal)
+        again = sorted(
+            await run_all(dm, requests, concurrency=2, journal=journal), key=lambda r: r.index
+        )
+    assert [r.index for r in again] == list(range(6))
+    # Request 0 reached the server (its 429) and its retry was stopped: unknown, as
+    # the journal cannot tell. The ones that waited for the pause were never sent.
+    assert isinstance(again[0].error, OutcomeUnknownError)
+    assert all(r.ok for r in again[1:])
+    assert sum(charges(served, model).values()) == 5
 
 
 async def test_bad_journal_arguments() -> None:
