@@ -123,6 +123,14 @@ def safe_file_name(name: str, fallback: str = "image.jpeg") -> str:
     return (stem.rstrip(" .") or "image") + suffix
 
 
+def file_names(images: Sequence[Image | RemixResult]) -> list[str]:
+    """The names that downloading `images` together gives their files (before a `-2`
+    for a name taken in the directory already)."""
+    return unique_names(
+        [safe_file_name(image.file_name, safe_file_name(f"{image.id}.jpeg")) for image in images]
+    )
+
+
 def unique_names(names: Sequence[str]) -> list[str]:
     """`names` with `-2`, `-3`... added where one repeats (ignoring case, as some disks do)."""
     seen: set[str] = set()
@@ -184,12 +192,7 @@ class Downloader:
         The first failure cancels the downloads still running and is raised; files
         already complete stay.
         """
-        names = unique_names(
-            [
-                safe_file_name(image.file_name, safe_file_name(f"{image.id}.jpeg"))
-                for image in images
-            ]
-        )
+        names = file_names(images)
         tracker = _Tracker(len(images), progress)
 
         async def one(index: int) -> pathlib.Path:

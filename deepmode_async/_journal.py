@@ -30,6 +30,7 @@ from typing import Any, Final, TypeAlias
 import attrs
 
 from ._convert import converter, structure
+from ._downloads import file_names
 from ._errors import (
     DeepModeError,
     OutcomeUnknownError,
@@ -179,12 +180,20 @@ class BatchJournal:
     """A batch's journal: its records by index, grouped writes, and the resume rules."""
 
     def __init__(
-        self, store: Store, *, owned: bool, resend_unknown: bool, refresh: Refresh
+        self,
+        store: Store,
+        *,
+        owned: bool,
+        resend_unknown: bool,
+        refresh: Refresh,
+        directory: pathlib.Path | None = None,
     ) -> None:
         self.store = store
         self.owned = owned
         self.resend_unknown = resend_unknown
         self.refresh = refresh
+        #: Where this run downloads (`download_to`): a recorded file elsewhere is not one.
+        self.directory = directory
         self._pending: list[tuple[str, bytes, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -255,24 +264,29 @@ class BatchJournal:
         paths: tuple[str, ...] | None,
         download: Callable[[Sequence[Image]], Awaitable[list[pathlib.Path]]],
     ) -> tuple[pathlib.Path, ...]:
-        """The files of a recorded generation, those missing downloaded again (with
-        fresh URLs from `refresh`: no charge)."""
-        known = [pathlib.Path(path) for path in paths] if paths is not None else []
-        if len(known) != len(generation.images):
-            known = []
-        wanted = [
-            position
-            for position in range(len(generation.images))
-            if not known or not known[position].is_file()
-        ]
-        if not wanted:
-            return tuple(known)
-        fresh = [await self.refresh(generation.images[position].id) for position in wanted]
-        fetched = iter(await download(fresh))
-        result = known or [pathlib.Path()] * len(generation.images)
-        for position in wanted:
-            result[position] = next(fetched)
-        return tuple(result)
+        """The files of a recorded generation in this run's directory, those missing
+        downloaded again (with fresh URLs from `refresh`: no charge).
+
+        A file is there if it is the one recorded, or, when none is recorded (a run
+        whose download of another image failed records none), if one has the name the
+        download gives it: downloads are atomic, so a file of that name is complete.
+        """
+        images = generation.images
+        assert self.directory is not None, "files without a download directory"
+        here = self.directory.resolve()
+        recorded = [pathlib.Path(path) for path in paths] if paths is not None else []
+        if len(recorded) != len(images):
+            recorded = []
+        found: list[pathlib.Path | None] = []
+        for position, name in enumerate(file_names(images)):
+            path = recorded[position] if recorded else self.directory / name
+            found.append(path if path.parent.resolve() == here and path.is_file() else None)
+        wanted = [position for position, path in enumerate(found) if path is None]
+        if wanted:
+            fresh = [await self.refresh(images[position].id) for position in wanted]
+            for position, path in zip(wanted, await download(fresh), strict=True):
+                found[position] = path
+        return tuple(path for path in found if path is not None)
 
     # ------------------------------------------------------------------ writing
 

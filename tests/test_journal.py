@@ -335,6 +335,43 @@ async def test_missing_files_of_resumed_results_are_fetched_again_free(
     )  # no temporary file left, nothing twice
 
 
+async def test_a_rerun_into_another_directory_downloads_its_files_there_free(
+    served: MockDeepMode, model: str, tmp_path: pathlib.Path
+) -> None:
+    journal, first_dir, second_dir = tmp_path / "run.db", tmp_path / "A", tmp_path / "B"
+    requests = requests_for(model, 3)
+    async with make_client(served) as dm:
+        first = await run_all(dm, requests, journal=journal, download_to=first_dir)
+        charged = sum(charges(served, model).values())
+        again = await run_all(dm, requests, journal=journal, download_to=second_dir)
+    assert sum(charges(served, model).values()) == charged
+    assert all(r.resumed and r.ok and r.paths for r in again)
+    assert {path.parent for r in again for path in r.paths} == {second_dir}
+    assert sorted(path.name for path in second_dir.iterdir()) == sorted(
+        path.name for r in first for path in r.paths
+    )
+    assert len(list(first_dir.iterdir())) == 3  # the first run's files left as they were
+
+
+async def test_files_a_failed_download_left_are_kept_and_not_fetched_twice(
+    served: MockDeepMode, model: str, tmp_path: pathlib.Path
+) -> None:
+    journal, out = tmp_path / "run.db", tmp_path / "out"
+    requests = [GenerateRequest(model_id=model, prompt="two", num_images=2)]
+    async with make_client(served) as dm:
+        (first,) = await run_all(dm, requests, journal=journal, download_to=out)
+        kept, lost = first.paths
+        # As a run whose second download failed leaves it: no paths recorded, one file.
+        rewrite_record(journal, "0", lambda record: {k: v for k, v in record.items() if k != "p"})
+        lost.unlink()
+        kept_at = kept.stat().st_mtime_ns
+        (again,) = await run_all(dm, requests, journal=journal, download_to=out)
+    assert again.resumed
+    assert again.paths == (kept, lost)
+    assert kept.stat().st_mtime_ns == kept_at  # not downloaded again
+    assert sorted(out.iterdir()) == sorted([kept, lost])  # no "-2" copy
+
+
 async def test_a_journal_that_is_not_a_database_is_refused_before_any_call(
     served: MockDeepMode, model: str, tmp_path: pathlib.Path
 ) -> None:

@@ -150,7 +150,11 @@ class Batching(Resource):
                 return await self.retrieve(image_id, timeout=call_timeout)
 
             recorder = BatchJournal(
-                store, owned=owned, resend_unknown=resend_unknown, refresh=refresh
+                store,
+                owned=owned,
+                resend_unknown=resend_unknown,
+                refresh=refresh,
+                directory=directory,
             )
         results = run_batch(
             requests,
