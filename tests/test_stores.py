@@ -84,6 +84,8 @@ async def test_get_many_keeps_order_and_gaps(store: Store) -> None:
     values = await store.get_many("many", keys)
     assert values == [str(i).encode() if i % 2 == 0 else None for i in range(1200)]
     assert await store.get_many("many", []) == []
+    some = (key for key in ["0", "1", "2"])  # any iterable, read once
+    assert await store.get_many("many", some) == [b"0", None, b"2"]  # type: ignore[arg-type]
 
 
 async def test_put_many_writes_them_all(store: Store) -> None:
@@ -247,6 +249,22 @@ async def test_a_closed_store_says_so(
         await store.aclose()  # idempotent
         with pytest.raises(StoreError, match="closed"):
             await store.get("ns", "k")
+
+
+async def test_closing_a_store_wakes_its_subscribers_for_good(
+    tmp_path: pathlib.Path, request: pytest.FixtureRequest
+) -> None:
+    for kind in KINDS:
+        store = make_store(kind, tmp_path, request)
+        async with store.subscribe("ch") as sub:
+            waiting = asyncio.create_task(sub.next(None))
+            await asyncio.sleep(0.05)
+            await store.aclose()
+            assert await asyncio.wait_for(waiting, 5) is None, kind  # a gap: look again
+            with pytest.raises(StoreError, match="closed"):
+                await store.get("ns", "k")  # which says why
+            with pytest.raises(StoreError, match="closed"):
+                await sub.next(None)  # and it never waits again
 
 
 # ----------------------------------------------------------------------------- pub/sub

@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Final, Self
 
 from .. import _validate as check
-from .._errors import ValidationError
+from .._errors import StoreError, ValidationError
 
 #: How many queued messages a subscription keeps for a reader that does not keep up;
 #: past that, the oldest are dropped and `next()` reports the gap (returns None).
@@ -275,13 +275,20 @@ def password_of(url: str) -> str:
 class QueueSubscription(Subscription):
     """A subscription fed by `deliver()` from any thread, read on the loop it was made on.
 
-    `deliver(None)` reports a gap (the reader re-reads its state).
+    `deliver(None)` reports a gap (the reader re-reads its state); `end()`, the store's
+    closing: a gap, then `StoreError` from every `next()` with nothing left to read.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._queue: collections.deque[bytes | None] = collections.deque()
         self._ready = asyncio.Event()
+        self._ended = False
+
+    def end(self) -> None:
+        """The store was closed: wake the reader (a gap; its re-read fails), for good."""
+        self._ended = True
+        self.deliver(None)
 
     def deliver(self, message: bytes | None) -> None:
         """Queue `message` (or a gap, None); callable from any thread."""
@@ -306,6 +313,8 @@ class QueueSubscription(Subscription):
     async def next(self, timeout: float | None) -> bytes | None:
         timeout = check_timeout(timeout)
         if not self._queue:
+            if self._ended:
+                raise StoreError("the store of this subscription was closed")
             if timeout is not None and timeout <= 0:
                 return None
             try:

@@ -102,6 +102,7 @@ class MemoryStore(Store):
 
     async def get_many(self, ns: str, keys: Sequence[str]) -> list[bytes | None]:
         check_ns(ns)
+        keys = keys if isinstance(keys, list | tuple) else list(keys)  # read once
         for key in keys:
             check_key(key)
         with self._lock:
@@ -211,3 +212,6 @@ class MemoryStore(Store):
             self._closed = True
             self._data.clear()
             self._expiries.clear()
+            subscribers = self._subscribers.everyone()
+        for sub in subscribers:
+            sub.end()

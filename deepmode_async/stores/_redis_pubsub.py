@@ -218,6 +218,9 @@ class LoopPubSub:
 
     async def aclose(self) -> None:
         self._closed = True
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.end()
         reader, pubsub = self._reader, self._pubsub
         self._pubsub = None
         if reader is not None and reader is not asyncio.current_task():

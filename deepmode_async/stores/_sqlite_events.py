@@ -72,6 +72,9 @@ class EventListener:
         with self._lock:
             self._stopped = True
             thread = self._thread
+            subscribers = self._subscribers.everyone()
+        for sub in subscribers:
+            sub.end()
         self._wake.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join()
