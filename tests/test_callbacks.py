@@ -633,6 +633,18 @@ async def test_a_discarded_callback_is_404_and_its_waiters_fail(
     pending.discard()  # twice is harmless
 
 
+async def test_discarding_one_handle_fails_the_wait_on_another_of_its_token() -> None:
+    hub = CallbackHub("http://127.0.0.1:9/cb")
+    first = hub.expect("upscale")
+    first.release()
+    again = hub.resume(first.token)  # another handle of the same token, which waits
+    waiter = await waiting(again)
+    first.discard()
+    with pytest.raises(DeepModeError, match="discarded"):
+        await asyncio.wait_for(waiter, 5)
+    hub.close()
+
+
 async def test_an_expired_callback_is_404(serve: StartHub, plain: aiohttp.ClientSession) -> None:
     hub = await serve(ttl=0.05)
     pending = hub.expect("upscale")

@@ -357,9 +357,8 @@ class Keeper:
             if pending._failure is None and not pending.done:
                 pending._settle(_NOTHING, discarded(pending.kind))
         gone = Outcome("discarded", pending.kind, pending.token)
-        for keeper in list(self.neighbours):
-            if keeper is not self:
-                keeper.settle_from(gone)
+        for keeper in list(self.neighbours):  # this one too: another handle may be held
+            keeper.settle_from(gone)
         keep = max(pending._deadline - time.monotonic(), 1.0)
         if (writing := self.runner.spawn(self._forget(gone, keep))) is not None:
             writing.add_done_callback(log_failure)
