@@ -149,6 +149,10 @@ def _head(request: dict[str, Any], sent_at: float) -> bytes:
     return b'{"q":%s,"t":%s' % (_dumps(request).encode(), when.encode())
 
 
+def _is_file_in(path: pathlib.Path, directory: pathlib.Path) -> bool:
+    return path.parent.resolve() == directory and path.is_file()
+
+
 def _retrieve(done: asyncio.Future[None]) -> None:
     """A done-callback for a write no one awaits: its failure is logged, not left."""
     if not done.cancelled() and (error := done.exception()) is not None:
@@ -267,9 +271,9 @@ class BatchJournal:
         """The files of a recorded generation in this run's directory, those missing
         downloaded again (with fresh URLs from `refresh`: no charge).
 
-        A file is there if it is the one recorded, or, when none is recorded (a run
-        whose download of another image failed records none), if one has the name the
-        download gives it: downloads are atomic, so a file of that name is complete.
+        A file is there if it is the one recorded, or else (none recorded: a run whose
+        download of another image failed records none; or recorded elsewhere) if one
+        has the name the download gives it: downloads are atomic, so it is complete.
         """
         images = generation.images
         assert self.directory is not None, "files without a download directory"
@@ -279,8 +283,9 @@ class BatchJournal:
             recorded = []
         found: list[pathlib.Path | None] = []
         for position, name in enumerate(file_names(images)):
-            path = recorded[position] if recorded else self.directory / name
-            found.append(path if path.parent.resolve() == here and path.is_file() else None)
+            candidates = [recorded[position]] if recorded else []
+            candidates.append(self.directory / name)
+            found.append(next((path for path in candidates if _is_file_in(path, here)), None))
         wanted = [position for position, path in enumerate(found) if path is None]
         if wanted:
             fresh = [await self.refresh(images[position].id) for position in wanted]

@@ -26,8 +26,19 @@ _MAX_FORGIVEN: Final = 8
 #: Awaited once a call has its slot, before its first try goes out (see `pacing`).
 BeforeSend: TypeAlias = Callable[[], Awaitable[None]]
 
-_CURRENT: Final[contextvars.ContextVar[tuple[Pacer, BeforeSend | None] | None]] = (
-    contextvars.ContextVar("deepmode_async_pacer", default=None)
+
+class _Scope:
+    """What a `pacing` scope gives the calls made in it."""
+
+    __slots__ = ("before_send", "pacer")
+
+    def __init__(self, pacer: Pacer, before_send: BeforeSend | None) -> None:
+        self.pacer = pacer
+        self.before_send = before_send  # for the scope's first call only
+
+
+_CURRENT: Final[contextvars.ContextVar[_Scope | None]] = contextvars.ContextVar(
+    "deepmode_async_pacer", default=None
 )
 
 
@@ -36,21 +47,21 @@ class pacing:
     meanwhile) with `pacer`'s other calls: open it in each task of a batch. (A class, not
     a `contextlib.contextmanager`: a batch opens one a call, and a generator costs more.)
 
-    `before_send`, when given, is awaited by each call once it has its slot and every
-    pause is over, just before its first try: what must be done before a request may
-    reach the server (a journal's record that it is sent), and not while it still
-    waits (a call stopped while waiting was never sent). Should it raise, the call
-    fails with that error and nothing is sent.
+    `before_send`, when given, is awaited by the scope's first call once it has its
+    slot and the pauses in force then are over, just before its first try: what must
+    be done before a request may reach the server (a journal's record that it is
+    sent), and not while it still waits (a call stopped while waiting was never sent).
+    Should it raise, the call fails with that error and nothing is sent.
     """
 
     __slots__ = ("_scope", "_token")
 
     def __init__(self, pacer: Pacer, before_send: BeforeSend | None = None) -> None:
-        self._scope = (pacer, before_send)
+        self._scope = _Scope(pacer, before_send)
 
     def __enter__(self) -> Pacer:
         self._token = _CURRENT.set(self._scope)
-        return self._scope[0]
+        return self._scope.pacer
 
     def __exit__(self, *exc_info: object) -> None:
         _CURRENT.reset(self._token)
@@ -216,5 +227,9 @@ def paced_call(backoff: SharedBackoff | None = None) -> PacedCall:
     """The pacing of a call starting now: its batch's, or none when it is on its own;
     held by `backoff` too, when its client shares one."""
     scope = _CURRENT.get()
-    call = _ALONE if scope is None else scope[0].call(scope[1])
+    if scope is None:
+        call = _ALONE
+    else:
+        before_send, scope.before_send = scope.before_send, None  # the first call's
+        call = scope.pacer.call(before_send)
     return call if backoff is None else _HeldCall(call, backoff)

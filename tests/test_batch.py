@@ -705,7 +705,7 @@ async def test_a_request_pulled_after_the_progress_callback_failed_is_not_sent(
     async def slow_input() -> AsyncIterator[GenerateRequest]:
         for request in requests_for(model_id, 4):
             yield request
-            await asyncio.sleep(0.2)  # the first call ends (and the callback fails) meanwhile
+            await asyncio.sleep(0.5)  # the first call ends (and the callback fails) meanwhile
 
     def fail_at_first_completion(progress: BatchProgress) -> None:
         if progress.completed:

@@ -344,13 +344,16 @@ async def test_a_rerun_into_another_directory_downloads_its_files_there_free(
         first = await run_all(dm, requests, journal=journal, download_to=first_dir)
         charged = sum(charges(served, model).values())
         again = await run_all(dm, requests, journal=journal, download_to=second_dir)
+        # Back to the first directory: its files are still there, under their names.
+        back = await run_all(dm, requests, journal=journal, download_to=first_dir)
+    assert sorted(p for r in back for p in r.paths) == sorted(p for r in first for p in r.paths)
     assert sum(charges(served, model).values()) == charged
     assert all(r.resumed and r.ok and r.paths for r in again)
     assert {path.parent for r in again for path in r.paths} == {second_dir}
     assert sorted(path.name for path in second_dir.iterdir()) == sorted(
         path.name for r in first for path in r.paths
     )
-    assert len(list(first_dir.iterdir())) == 3  # the first run's files left as they were
+    assert len(list(first_dir.iterdir())) == 3  # no "-2" copies there
 
 
 async def test_files_a_failed_download_left_are_kept_and_not_fetched_twice(
@@ -487,10 +490,12 @@ async def test_a_request_waiting_out_a_pause_when_stopped_is_sent_on_the_rerun(
             await run_all(dm, requests, concurrency=2, journal=journal), key=lambda r: r.index
         )
     assert [r.index for r in again] == list(range(6))
-    # Request 0 reached the server (its 429) and its retry was stopped: unknown, as
-    # the journal cannot tell. The ones that waited for the pause were never sent.
-    assert isinstance(again[0].error, OutcomeUnknownError)
-    assert all(r.ok for r in again[1:])
+    # The request that met the 429 (0 or 1, both went at once) had its retry stopped:
+    # unknown, as the journal cannot tell. Those that waited out the pause were not sent.
+    unknown = [r for r in again if isinstance(r.error, OutcomeUnknownError)]
+    assert len(unknown) == 1
+    assert unknown[0].index in (0, 1)
+    assert all(r.ok for r in again if r is not unknown[0])
     assert sum(charges(served, model).values()) == 5
 
 

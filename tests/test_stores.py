@@ -421,7 +421,9 @@ if pid == 0:
             await store.publish("ch", b"from the child")
             assert await sub.next(5) == b"from the child"
         assert store.secret("s") == store.secret("s")
+        inherited = list(store._file._inherited)  # the parent's, never used here
         await store.aclose()
+        assert inherited and all(conn.total_changes >= 0 for conn in inherited)  # still open
     try:
         asyncio.run(child())
     except BaseException as error:

@@ -162,6 +162,31 @@ def test_a_url_whose_unescaped_password_breaks_parsing_never_shows_it(odd: str) 
     assert "redis://default:***@localhost:6379/0" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "query", [f"pass%77ord={PASSWORD}", f"PASSWORD={PASSWORD}", f"db=0;password=x#{PASSWORD}"]
+)
+def test_a_query_password_however_spelled_never_shows(query: str) -> None:
+    try:
+        shown = repr(open_store(f"redis://localhost:6379/0?{query}"))
+    except ValidationError as error:  # a spelling redis-py does not take: said at once
+        shown = str(error)
+    assert PASSWORD not in shown
+    assert "=***" in shown
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://localhost/0?protocol=7", "protocol must be either 2 or 3"),
+        ("rediss://localhost/0?ssl_cert_reqs=bogus", "Invalid SSL Certificate"),
+        ("redis://localhost/0?connection_class=x", "not callable"),
+    ],
+)
+def test_a_setting_redis_py_refuses_is_a_validation_error_at_once(url: str, says: str) -> None:
+    with pytest.raises(ValidationError, match=says):
+        RedisStore(url)
+
+
 def test_a_password_with_an_at_sign_never_shows() -> None:
     store = open_store(f"redis://default:s3cr@{PASSWORD}@localhost:6379/0")
     assert repr(store) == "RedisStore('redis://default:***@localhost:6379/0', prefix='deepmode:')"

@@ -14,11 +14,13 @@ import asyncio
 import collections
 import contextlib
 import math
+import numbers
 import re
 import sys
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Final, Self
+from urllib.parse import unquote
 
 from .. import _validate as check
 from .._errors import StoreError, ValidationError
@@ -233,7 +235,7 @@ def check_ttl(ttl: object) -> float | None:
 def check_timeout(timeout: float | None) -> float | None:
     if timeout is None:
         return None
-    usable = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    usable = isinstance(timeout, numbers.Real) and not isinstance(timeout, bool)
     if not usable or not timeout == timeout:  # NaN is not equal to itself
         raise ValidationError(f"timeout must be None or seconds, not {timeout!r}")
     try:
@@ -242,31 +244,43 @@ def check_timeout(timeout: float | None) -> float | None:
         return None
 
 
-#: A password given as a query parameter (`?password=...`, which redis-py accepts).
-_QUERY_PASSWORD: Final = re.compile(r"(?i)([?&;]password=)[^&#;]*")
-
-
 def redact_url(url: str) -> str:
     """`url` with any password replaced by `***`, safe for a message or a repr.
 
     Found without parsing, so that a URL no parser accepts (a password with an
     unescaped `/`, `?` or `#` in it) is redacted too: the password is whatever lies
-    between the first `:` after `scheme://` and the last `@`.
+    between the first `:` after `scheme://` and the last `@`, and the value of a query
+    parameter named `password` (as redis-py reads the name: decoded, any case).
     """
-    text = _QUERY_PASSWORD.sub(r"\1***", url)
-    scheme, sep, rest = text.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not sep or not at:
-        return text
-    user, colon, _ = userinfo.partition(":")
-    return f"{scheme}://{user}:***@{host}" if colon else text
+    text = _redact_query(url)
+    parts = _userinfo(text)
+    return text if parts is None else f"{parts[0]}://{parts[1]}:***@{parts[3]}"
 
 
 def password_of(url: str) -> str:
-    """The password part of `url` as `redact_url` finds it ("" when there is none)."""
-    _, sep, rest = url.partition("://")
-    userinfo, at, _ = rest.rpartition("@")
-    return userinfo.partition(":")[2] if sep and at else ""
+    """The password in `url`'s user information as `redact_url` finds it ("" if none)."""
+    parts = _userinfo(url)
+    return "" if parts is None else parts[2]
+
+
+def _userinfo(url: str) -> tuple[str, str, str, str] | None:
+    """(scheme, user, password, what follows the last `@`), or None without a password."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, after = rest.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    return (scheme, user, password, after) if sep and at and colon else None
+
+
+def _redact_query(url: str) -> str:
+    base, mark, query = url.partition("?")
+    if not mark:
+        return url
+    pieces = re.split(r"([&;])", query)  # separators kept, at the odd positions
+    for at in range(0, len(pieces), 2):
+        name, equals, _ = pieces[at].partition("=")
+        if equals and unquote(name).strip().lower() == "password":
+            pieces[at] = f"{name}=***"  # to the next separator, a '#' included
+    return f"{base}?{''.join(pieces)}"
 
 
 # ------------------------------------------------------------------ local subscriptions

@@ -163,7 +163,7 @@ class RedisStore(Store):
         self._password = kwargs.get("password")
         try:  # a setting redis-py does not take (`?Password=`) fails here, not at each call
             _redis().asyncio.BlockingConnectionPool(**kwargs).make_connection()
-        except TypeError as exc:
+        except (TypeError, ValueError, _redis().RedisError) as exc:
             raise ValidationError(
                 f"RedisStore({self._name!r}): {_scrub(str(exc), self._password)}; see "
                 "redis-py's from_url for the settings a URL's query string may give"

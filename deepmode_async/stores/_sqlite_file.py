@@ -62,6 +62,7 @@ class SQLiteFile:
             self._begin()
 
     def connect(self) -> sqlite3.Connection:
+        self._check_process()  # the writer's and the events' threads connect here too
         try:
             conn = sqlite3.connect(
                 self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
@@ -107,6 +108,7 @@ class SQLiteFile:
         queued meanwhile (see `GroupWriter`)."""
         if self._closed:
             raise StoreError(f"this SQLiteStore ({self.path}) was closed")
+        self._check_process()
         return await self._writer.run(work)
 
     def error(self, exc: sqlite3.Error) -> StoreError:
@@ -152,6 +154,7 @@ class SQLiteFile:
         if self._closed:
             return
         self._closed = True
+        self._check_process()  # a child closes its own connections, never its parent's
         await asyncio.get_running_loop().run_in_executor(None, self._shutdown, before)
 
     def _shutdown(self, before: Callable[[], None]) -> None:
