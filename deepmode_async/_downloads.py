@@ -58,9 +58,8 @@ _SLOW_WRITE: Final = 0.002
 _MAX_NAME_BYTES: Final = 200
 _UNSAFE_CHARACTERS: Final = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
 _WINDOWS_RESERVED: Final = frozenset(
-    {"con", "prn", "aux", "nul"}
-    | {f"com{i}" for i in range(1, 10)}
-    | {f"lpt{i}" for i in range(1, 10)}
+    {"con", "prn", "aux", "nul", "conin$", "conout$"}
+    | {f"{port}{digit}" for port in ("com", "lpt") for digit in "0123456789\u00b9\u00b2\u00b3"}
 )
 
 
@@ -115,12 +114,13 @@ def safe_file_name(name: str, fallback: str = "image.jpeg") -> str:
     if not dot or len(suffix) > 16:
         stem, suffix = name, ""
     stem = stem[:_MAX_NAME_BYTES]  # characters first, so that trimming bytes below is short
-    if stem.split(".")[0].lower() in _WINDOWS_RESERVED:
-        stem = f"_{stem}"
     suffix = f".{suffix}" if suffix else ""
     while len((stem + suffix).encode()) > _MAX_NAME_BYTES:
         stem = stem[:-1]
-    return (stem.rstrip(" .") or "image") + suffix
+    stem = stem.rstrip(" .") or "image"  # before the check: Windows drops them too
+    if stem.split(".")[0].rstrip(" ").lower() in _WINDOWS_RESERVED:
+        stem = f"_{stem}"
+    return stem + suffix
 
 
 def file_names(images: Sequence[Image | RemixResult]) -> list[str]:

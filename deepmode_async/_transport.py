@@ -89,7 +89,10 @@ class Request:
 
 
 def redact_url(url: URL) -> str:
-    """The URL without its query string, which for an image URL is a signed secret."""
+    """The URL without its query string, which for an image URL is a signed secret, and
+    without any user and password in it."""
+    if url.raw_user is not None or url.raw_password is not None:
+        url = url.with_user(None)
     text = str(url)
     base, sep, _ = text.partition("?")
     return f"{base}?[redacted]" if sep else text

@@ -88,6 +88,8 @@ class UploadFile:
     size: int
     source: pathlib.Path | bytes | IO[bytes]
     start: int = 0  # where a file object's image begins
+    #: A path's file as checked (device, inode, size, mtime): what it must still be.
+    version: tuple[int, int, int, int] | None = None
 
     def payload(self, counter: _SentCounter | None = None) -> aiohttp.payload.Payload:
         """A fresh payload for one attempt to send this file (counted by `counter`)."""
@@ -126,6 +128,7 @@ class _StreamedFile(aiohttp.payload.Payload):
         try:
             if isinstance(upload.source, pathlib.Path):
                 file = await anyio.to_thread.run_sync(_open, upload.source, upload, opened)
+                _check_unchanged(upload, file, "since it was checked")
             else:
                 file = upload.source  # a file object: bytes returned above
                 await anyio.to_thread.run_sync(file.seek, upload.start)
@@ -145,6 +148,8 @@ class _StreamedFile(aiohttp.payload.Payload):
                     f"{upload.filename!r} grew while it was uploaded (it had {upload.size} "
                     "bytes when checked); upload it again once it is complete"
                 )
+            if isinstance(upload.source, pathlib.Path):  # rewritten in place, same size
+                _check_unchanged(upload, file, "while it was uploaded")
         finally:
             opened.close()
             if not isinstance(upload.source, pathlib.Path):
@@ -180,6 +185,20 @@ class _OpenFiles:
             files, self._files = self._files, []
         for file in files:
             file.close()
+
+
+def _version(file: IO[bytes]) -> tuple[int, int, int, int]:
+    info = os.fstat(file.fileno())
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _check_unchanged(upload: UploadFile, file: IO[bytes], when: str) -> None:
+    """Raise (aborting the body, so nothing is charged) if the file is not the one checked."""
+    if upload.version is not None and _version(file) != upload.version:
+        raise UploadSourceChanged(
+            f"{upload.filename!r} was changed or replaced {when}; upload it again once "
+            "it is complete"
+        )
 
 
 def _open(path: pathlib.Path, upload: UploadFile, opened: _OpenFiles) -> IO[bytes]:
@@ -313,8 +332,9 @@ def _inspect(label: str, field: str, item: ImageInput) -> UploadFile:
 def _inspect_source(label: str, field: str, source: object, filename: str | None) -> UploadFile:
     if isinstance(source, str | os.PathLike):
         path = check.local_path(label, source)
-        head, size = _inspect_path(label, path)
-        return _described(label, field, head, size, path, filename or path.name)
+        head, version = _inspect_path(label, path)
+        upload = _described(label, field, head, version[2], path, filename or path.name)
+        return attrs.evolve(upload, version=version)
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
         return _described(label, field, data[:SNIFF_BYTES], len(data), data, filename)
@@ -326,14 +346,14 @@ def _inspect_source(label: str, field: str, source: object, filename: str | None
     )
 
 
-def _inspect_path(label: str, path: pathlib.Path) -> tuple[bytes, int]:
+def _inspect_path(label: str, path: pathlib.Path) -> tuple[bytes, tuple[int, int, int, int]]:
     try:
         with open_regular_file(path) as file:
             head = file.read(SNIFF_BYTES)
-            size = os.fstat(file.fileno()).st_size
+            version = _version(file)
     except (OSError, NotARegularFile) as exc:
         raise ValidationError(f"{label}: {str(path)!r} {why_unreadable(exc)}") from None
-    return head, size
+    return head, version
 
 
 def _inspect_file_object(label: str, field: str, file: Any, filename: str | None) -> UploadFile:

@@ -348,6 +348,21 @@ def test_safe_file_name_makes_any_text_a_plain_file_name(name: str) -> None:
     assert stem not in {"con", "prn", "aux", "nul"}
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "con .jpeg", "nul .png", "aux. .jpg", "COM\u00b9.jpeg", "lpt\u00b3.png",
+        "CONIN$.jpeg", "conout$", "LPT0.jpeg", "com0.tar.gz", "prn . .jpeg",
+    ],
+)  # fmt: skip
+def test_no_name_windows_reserves_comes_out_under_any_spelling(name: str) -> None:
+    # Windows reads a name up to its first dot, trailing spaces and dots dropped, and
+    # reserves the devices under every case: each of these is one of them.
+    result = safe_file_name(name, "fallback.jpeg")
+    assert result.startswith("_"), result
+    assert_safe_name(result)
+
+
 @given(st.lists(st.one_of(st.sampled_from(["a.jpeg", "A.JPEG", "a-2.jpeg", "b", "B"]), NAMES)))
 def test_unique_names_are_unique_ignoring_case(names: list[str]) -> None:
     safe = [safe_file_name(name, "image.jpeg") for name in names]

@@ -25,6 +25,14 @@ async def send(dm: AsyncClient, photo: pathlib.Path, change: str) -> DeepModeErr
     files = await check_files("images", [photo])  # checked here...
     if change == "shrunk":
         photo.write_bytes(sample_image("jpeg"))
+    elif change == "rewritten":  # the same size, other bytes
+        data = bytearray(photo.read_bytes())
+        data[-1000:] = bytes(1000)
+        photo.write_bytes(data)
+    elif change == "replaced":  # another file of the same size renamed over it
+        other = photo.with_name("other.jpg")
+        other.write_bytes(photo.read_bytes())
+        other.replace(photo)
     else:
         photo.unlink()
     body = multipart(FIELDS, files)  # ...sent after the file changed
@@ -37,7 +45,12 @@ async def send(dm: AsyncClient, photo: pathlib.Path, change: str) -> DeepModeErr
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [("shrunk", "became shorter while it was uploaded"), ("deleted", "could not be opened")],
+    [
+        ("shrunk", "was changed or replaced since it was checked"),
+        ("rewritten", "was changed or replaced since it was checked"),
+        ("replaced", "was changed or replaced since it was checked"),
+        ("deleted", "could not be opened"),
+    ],
 )
 async def test_a_file_that_changes_mid_upload_is_a_clear_error(
     dm: AsyncClient, mock: MockDeepMode, photo: pathlib.Path, change: str, message: str
@@ -58,3 +71,24 @@ async def test_a_retry_sends_the_whole_file_again(
     assert first.status == 429
     assert second.status == 200
     assert second.files[0].size == photo.stat().st_size
+
+
+async def test_a_file_rewritten_in_place_during_its_upload_is_not_sent_as_is(
+    dm: AsyncClient, mock: MockDeepMode, photo: pathlib.Path
+) -> None:
+    size = photo.stat().st_size
+
+    def rewrite_the_rest(progress: object) -> None:  # after the first chunk went out
+        if photo.stat().st_size == size and not rewritten:
+            with photo.open("r+b") as file:
+                file.seek(size // 2)
+                file.write(bytes(size - size // 2))
+            rewritten.append(True)
+
+    rewritten: list[bool] = []
+    with pytest.raises(DeepModeError, match="was changed or replaced while it was uploaded"):
+        await dm.models.create(
+            images=[photo], gender="woman", model_type="amateur", progress=rewrite_the_rest
+        )
+    assert rewritten
+    assert mock.ledger == []  # the body was cut short: nothing charged

@@ -399,6 +399,23 @@ async def each_failure(
         assert exposures(error) == [], (label, error)
 
 
+async def test_credentials_inside_an_image_url_never_show(
+    closed_port: int, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with MockDeepMode() as mock:
+        model = mock.add_model()
+        async with fast(AsyncClient(mock.api_key, base_url=mock.base_url)) as dm:
+            (image,) = (await dm.images.generate(model_id=model.id, prompt="x")).images
+            url = f"http://user:hunter2-secret@127.0.0.1:{closed_port}/x.jpeg?sig=sig-secret"
+            error = await caught(
+                dm.images.download(attrs.evolve(image, image_url=url), tmp_path / "out")
+            )
+    shown = [str(error), repr(error), "".join(traceback.format_exception(error)), caplog.text]
+    assert all("hunter2-secret" not in text and "sig-secret" not in text for text in shown)
+    assert f"127.0.0.1:{closed_port}/x.jpeg?[redacted]" in str(error)
+
+
 # ------------------------------------------------------------------ logs
 
 
