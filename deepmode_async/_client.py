@@ -125,8 +125,14 @@ class AsyncClient:
 
         `timeout`, `max_retries` and `default_headers` take what the constructor takes
         (`default_headers` replaces the client's, it does not add to them). Closing the
-        new client ends its own calls only; closing this one closes both.
+        new client ends its own calls only; closing this one closes both. Anything else
+        (`api_key`, `base_url`: another account or host) is refused: make a new client.
         """
+        if unknown := sorted(set(options) - ClientOptions.__optional_keys__):
+            raise ValidationError(
+                f"with_options() changes timeout, max_retries and default_headers only, not "
+                f"{', '.join(unknown)}: for another key or host, make a new client"
+            )
         transport = self._transport
         derived = copy.copy(self)
         derived._transport = transport.derive(

@@ -247,6 +247,32 @@ def test_generate_batch_plain_lines_with_out(
         assert path.read_bytes() == mock.image_bytes
 
 
+def test_images_paid_for_are_shown_when_their_download_fails(
+    mock: MockDeepMode, env: dict[str, str], model_id: str, tmp_path: pathlib.Path
+) -> None:
+    mock.fail("download", 500, times=1000)
+    art, mask = write_photos(tmp_path, 2)
+    generated, remixed = run_all(
+        env,
+        command("generate", "--model-id", model_id, "--prompt", "a cat", "--num-images", "2",
+                "--out", str(tmp_path / "g"), "--max-retries", "0"),
+        command("remix", "--model-id", model_id, "--artwork-image", art, "--mask-image", mask,
+                "--out", str(tmp_path / "r"), "--max-retries", "0"),
+    )  # fmt: skip
+    assert generated.returncode == remixed.returncode == 1
+    # Each image's id and URL on stdout (`deepmode download ID` fetches it again), the
+    # failure on stderr.
+    (line,) = generated.stdout.splitlines()
+    assert line.startswith("[0] ")
+    ids = line.split()[1::2]
+    assert sorted(ids) == sorted(image.id for image in mock.images.values())
+    assert "failed" in generated.stderr
+    remix_id = remixed.stdout.split()[0]
+    assert remix_id in mock.remixes
+    assert not list((tmp_path / "g").glob("*"))
+    assert not list((tmp_path / "r").glob("*"))
+
+
 def test_generate_prompts_file(
     mock: MockDeepMode, env: dict[str, str], model_id: str, tmp_path: pathlib.Path
 ) -> None:
@@ -322,6 +348,47 @@ def test_generate_validation_before_any_request(
         assert normalized(needle) in normalized(line), line
         assert result.stdout == ""
     assert mock.requests == []
+
+
+def test_a_journal_that_cannot_be_opened_says_so_without_a_resume_hint(
+    mock: MockDeepMode, env: dict[str, str], model_id: str, tmp_path: pathlib.Path
+) -> None:
+    done = run(env, "generate", "--model-id", model_id, "--prompt", "x", "--journal", str(tmp_path))
+    assert done.returncode == 1
+    line = assert_one_error_line(done.stderr)  # nothing was interrupted: no resume hint
+    assert "cannot write the SQLite store" in line, line
+    assert generate_requests(mock) == []
+
+
+def test_an_interrupted_json_batch_still_prints_what_was_paid_for(
+    mock: MockDeepMode, env: dict[str, str], model_id: str
+) -> None:
+    mock.set_latency("generate", 0.3)
+    args = ("generate", "--model-id", model_id, "--count", "40", "--concurrency", "2", "--json")
+    child = subprocess.Popen(  # noqa: S603
+        command(*args, "--prompt", "x"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    # Charged when the mock takes a call: with 2 at a time, 6 charges mean 4 answered.
+    wait_until(lambda: len(mock.ledger) >= 6, within=TIMEOUT)
+    child.send_signal(signal.SIGINT)
+    stdout, stderr = child.communicate(timeout=TIMEOUT)
+    assert child.returncode == 130, stderr
+    printed = json.loads(stdout)
+    assert 2 <= len(printed) <= len(mock.ledger)
+    assert all(item["ok"] and item["generation"]["images"] for item in printed)
+
+
+def test_output_that_cannot_be_written_is_one_error_line(env: dict[str, str]) -> None:
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(  # noqa: S603
+            command("balance"), env=env, stdout=full, stderr=subprocess.PIPE, text=True,
+            timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert assert_one_error_line(done.stderr) == (
+        "error: cannot write the output: No space left on device"
+    )
 
 
 def test_generate_bad_ratio_is_an_argparse_error(

@@ -16,6 +16,7 @@ from deepmode_async import (
     NotFoundError,
     RetryPolicy,
     Timeout,
+    ValidationError,
 )
 from deepmode_async.testing import MockDeepMode
 
@@ -110,6 +111,11 @@ async def test_bad_options_are_refused_as_the_constructor_refuses_them(
             dm.with_options(default_headers={"Authorization": "x"})
         with pytest.raises(DeepModeError):
             dm.with_options(timeout="soon")  # type: ignore[arg-type]
+        # Another account or host is a new client, never a silently ignored option.
+        with pytest.raises(ValidationError, match="api_key, base_url: for another key"):
+            dm.with_options(api_key="key-b", base_url="http://127.0.0.1:9")  # type: ignore[call-arg]
+        with pytest.raises(ValidationError, match="not retries"):
+            dm.with_options(retries=3)  # type: ignore[call-arg]
 
 
 def test_the_blocking_client_has_it_too() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import pathlib
@@ -229,12 +230,22 @@ async def generate_batch(
             ) as stream:
                 async for result in stream:
                     results.append(result)
-                    if not options.json:
-                        # A failure's detail goes with the other failure lines, on stderr.
-                        where = sys.stdout if result.ok else sys.stderr
-                        print(describe(result), file=where, flush=True)
-    except BaseException:
-        if journal is not None:
+                    if options.json:
+                        continue
+                    if not result.ok and result.generation is not None:
+                        # Paid for, its download failed: the images (ids, URLs) still
+                        # go out, so that `deepmode download ID` can fetch them.
+                        images = " ".join(map(image_line, result.generation.images))
+                        print(f"[{result.index}] {images}", flush=True)
+                    # A failure's detail goes with the other failure lines, on stderr.
+                    where = sys.stdout if result.ok else sys.stderr
+                    print(describe(result), file=where, flush=True)
+    except BaseException as error:
+        # Stopped by a signal (a cancel inside the loop), or failed part way: what was
+        # paid for so far is shown still, as JSON too.
+        if options.json and results:
+            print(dumps(jsonable(sorted(results, key=lambda result: result.index))))
+        if journal is not None and (results or isinstance(error, asyncio.CancelledError)):
             say(f"{journal_summary(results)}; interrupted: run the same command to resume")
         raise
     if journal is not None:
@@ -308,7 +319,11 @@ def _emit_image(
 async def download_one(
     options: argparse.Namespace, dm: AsyncClient, image: Image | RemixResult
 ) -> pathlib.Path:
-    (path,) = await dm.images.download(image, options.out)
+    try:
+        (path,) = await dm.images.download(image, options.out)
+    except DeepModeError:
+        emit(options, image, image_line(image))  # paid for: the image is still shown
+        raise
     return path
 
 
