@@ -424,6 +424,22 @@ def test_no_key_at_all(mock: MockDeepMode, env: dict[str, str]) -> None:
     assert mock.requests == []
 
 
+def test_an_empty_key_and_a_missing_demo_photo_are_said_in_cli_terms(
+    mock: MockDeepMode, env: dict[str, str], tmp_path: pathlib.Path
+) -> None:
+    empty, photo = run_all(
+        env,
+        command("balance", "--api-key", ""),  # with DEEPMODE_API_KEY set too
+        command("demo", "--live", "--yes", "--photo", str(tmp_path / "none.jpg")),
+    )
+    assert empty.returncode == photo.returncode == 2
+    assert assert_one_error_line(empty.stderr) == (
+        "error: --api-key is empty: give the key, or leave the option out"
+    )
+    assert assert_one_error_line(photo.stderr).startswith("error: --photo: ")
+    assert mock.ledger == []
+
+
 def test_common_options_before_or_after_the_command(
     mock: MockDeepMode, env: dict[str, str]
 ) -> None:

@@ -87,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
 #: SDK parameters whose option has another name.
 _OPTION_DESTS: Final = {"dest": "out", "public_base_url": "public_url"}
+#: Where a command has no option of the parameter's name: the one that gives it.
+_FALLBACK_DESTS: Final = {"images": "photos"}  # `demo --photo`
 
 
 def _as_option(message: str, parser: argparse.ArgumentParser) -> str:
@@ -97,6 +99,9 @@ def _as_option(message: str, parser: argparse.ArgumentParser) -> str:
     if found is None:
         return message
     dest = _OPTION_DESTS.get(found[1], found[1])
+    dests = {action.dest for action in parser._actions}
+    if dest not in dests:
+        dest = _FALLBACK_DESTS.get(dest, dest)
     for action in parser._actions:
         if action.dest == dest and action.help != argparse.SUPPRESS:
             name = max(action.option_strings, key=len) if action.option_strings else None

@@ -39,6 +39,8 @@ def check_client_options(options: argparse.Namespace) -> None:
     """Refuse a missing key, a bad `--timeout` or `--max-retries` before the command
     does anything (the demo against its own mock needs no key)."""
     needs_key = getattr(options, "live", True)
+    if options.api_key == "":
+        raise ValidationError("--api-key is empty: give the key, or leave the option out")
     if needs_key and not options.api_key and not os.environ.get("DEEPMODE_API_KEY"):
         raise ValidationError(
             "no API key: give --api-key KEY or set DEEPMODE_API_KEY (keys are at "
