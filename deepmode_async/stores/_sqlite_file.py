@@ -54,6 +54,12 @@ class SQLiteFile:
             _WORKERS, thread_name_prefix="deepmode-sqlite"
         )
 
+    def _ready(self) -> None:
+        """Before any work: refuse it once closed; in a forked child, fresh threads."""
+        if self._closed:
+            raise StoreError(f"this SQLiteStore ({self.path}) was closed")
+        self._check_process()
+
     def _check_process(self) -> None:
         if self._pid != os.getpid():
             # The parent's connections stay open, unused: closing one here could end
@@ -97,18 +103,14 @@ class SQLiteFile:
             raise self.error(exc) from None
 
     async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        if self._closed:
-            raise StoreError(f"this SQLiteStore ({self.path}) was closed")
-        self._check_process()
+        self._ready()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._in_thread, work)
 
     async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """`work` inside a write transaction on the write thread, with the writes
         queued meanwhile (see `GroupWriter`)."""
-        if self._closed:
-            raise StoreError(f"this SQLiteStore ({self.path}) was closed")
-        self._check_process()
+        self._ready()
         return await self._writer.run(work)
 
     def error(self, exc: sqlite3.Error) -> StoreError:
@@ -136,9 +138,7 @@ class SQLiteFile:
 
     def run_here(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """`work` on the calling thread (for synchronous callers), on a connection of its own."""
-        if self._closed:
-            raise StoreError(f"this SQLiteStore ({self.path}) was closed")
-        self._check_process()
+        self._ready()
         conn = self.connect()
         try:
             return work(conn)
