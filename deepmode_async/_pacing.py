@@ -90,22 +90,32 @@ class Pacer:
         self._streak = 0  # successes since the limit last changed
         self._wave = 0  # bumped when the limit halves: one halving per wave of 429s
         self._changed = asyncio.Event()
+        self._waiting = 0  # calls waiting on `_changed` for a slot
 
     def call(self, before_send: BeforeSend | None = None) -> PacedCall:
         """The pacing of one call, for all of its attempts."""
         return _SharedCall(self, before_send)
 
+    def _take(self) -> int | None:
+        """A slot now, if one is free and no pause is in force: the batch's wave; else
+        None (then `_enter` waits for one). No coroutine for the common case."""
+        if self.in_flight < self.limit and self._resume_at <= time.monotonic():
+            self.in_flight += 1
+            return self._wave
+        return None
+
     async def _enter(self) -> int:
-        while True:
+        while (wave := self._take()) is None:
             pause = self._resume_at - time.monotonic()
             if pause > 0:
                 await asyncio.sleep(pause)
-            elif self.in_flight < self.limit:
-                break
-            else:
-                await self._changed.wait()
-        self.in_flight += 1
-        return self._wave
+            elif self.in_flight >= self.limit:
+                self._waiting += 1
+                try:
+                    await self._changed.wait()
+                finally:
+                    self._waiting -= 1
+        return wave
 
     def _leave(self, wave: int, error: APIError | None, pause: float, *, succeeded: bool) -> None:
         self.in_flight -= 1
@@ -121,8 +131,9 @@ class Pacer:
                 self._wave += 1
                 self._streak = 0
             self._resume_at = max(self._resume_at, time.monotonic() + pause)
-        self._changed.set()  # wake every waiter to look again; few enough to be cheap
-        self._changed = asyncio.Event()
+        if self._waiting:  # wake every waiter to look again; few enough to be cheap
+            self._changed.set()
+            self._changed = asyncio.Event()
 
 
 class PacedCall:
@@ -161,7 +172,8 @@ class _SharedCall(PacedCall):
         self._forgiven = 0
 
     async def enter(self) -> None:
-        self._wave = await self._pacer._enter()
+        wave = self._pacer._take()  # a free slot: no coroutine to await
+        self._wave = wave if wave is not None else await self._pacer._enter()
         if self._before_send is not None:
             before, self._before_send = self._before_send, None
             try:
