@@ -200,6 +200,9 @@ class BatchJournal:
         self.directory = directory
         self._pending: list[tuple[str, bytes, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
+        #: Set when a request could not be recorded as sent: the batch starts no more
+        #: (each would wait for the store and fail the same way) and raises it at the end.
+        self.failure: StoreError | None = None
 
     # ------------------------------------------------------------------ reading
 
@@ -302,6 +305,15 @@ class BatchJournal:
         entry = Entry(body, now, head=_head(body, now))
         try:
             await self._write(index, entry)
+        except StoreError as error:
+            if self.failure is None:
+                self.failure = StoreError(
+                    f"the batch stopped: its journal could not record requests[{index}] "
+                    f"before sending it ({error}); that request and those after it were not "
+                    "sent. Run the batch again with the same journal to resume once the "
+                    "store works"
+                )
+            raise
         except asyncio.CancelledError:
             # Stopped before it was sent: the record, written all the same, is followed
             # by one that says so, or a rerun would take it for "may have been charged".

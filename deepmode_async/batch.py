@@ -280,10 +280,11 @@ async def run_batch(
     `journal`, when given, records each request and resumes from what it recorded.
 
     When the input fails (or holds something other than a `GenerateRequest`, or does
-    not match the journal), or the progress callback raises, no more requests are
-    started; those in flight still finish and yield (they are paid for), then the error
-    is raised. Leaving early (break, an exception, cancellation) cancels what is in
-    flight and waits for it to clean up.
+    not match the journal), the progress callback raises, or the journal cannot record
+    a request before it is sent, no more requests are started; those in flight still
+    finish and yield (they are paid for), then the error is raised. Leaving early
+    (break, an exception, cancellation) cancels what is in flight and waits for it to
+    clean up.
     """
     source = _Input(requests, journal)
     pacer = Pacer(concurrency)
@@ -302,6 +303,11 @@ async def run_batch(
         except ProgressCallbackError as error:
             progress, stopped = None, error  # called no more; raised once the batch ends
 
+    def going() -> bool:
+        """Whether more requests may start: the progress callback has not raised, and
+        the journal (if any) could record the last request it was asked to."""
+        return not stopped and (journal is None or journal.failure is None)
+
     def start(coroutine: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coroutine)
         task.add_done_callback(finished.put_nowait)
@@ -319,7 +325,7 @@ async def run_batch(
 
     try:
         while True:
-            while source.open and not stopped and pulling is None and len(running) < concurrency:
+            while source.open and going() and pulling is None and len(running) < concurrency:
                 if source.ready:
                     request = source.next_now()
                     if isinstance(request, GenerateRequest):
@@ -332,7 +338,7 @@ async def run_batch(
             if task is pulling:
                 pulling = None
                 request = task.result()
-                if isinstance(request, GenerateRequest) and not stopped:  # not yet recorded
+                if isinstance(request, GenerateRequest) and going():  # not yet recorded
                     submit(request)
                 continue
             running.discard(task)
@@ -343,6 +349,8 @@ async def run_batch(
             yield result
         if stopped is not None:
             raise stopped
+        if journal is not None and journal.failure is not None:
+            raise journal.failure
         if source.error is not None:
             raise source.error
     finally:

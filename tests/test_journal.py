@@ -20,6 +20,7 @@ import pathlib
 import signal
 import sqlite3
 import sys
+import time
 import tracemalloc
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -409,23 +410,40 @@ async def test_a_damaged_record_is_refused_before_any_call(
     assert generate_calls(served, model) == calls
 
 
-async def test_a_locked_journal_sends_nothing_and_says_why(
+async def test_a_locked_journal_sends_nothing_says_why_and_stops_the_batch(
     served: MockDeepMode, model: str, tmp_path: pathlib.Path
 ) -> None:
     path = tmp_path / "run.db"
+    count = 40
     async with make_client(served) as dm:
         await run_all(dm, requests_for(model, 2), journal=path)  # the file and its table
         calls = generate_calls(served, model)
         holder = sqlite3.connect(path, isolation_level=None)
         holder.execute("BEGIN EXCLUSIVE")  # another process writing, and taking its time
+        outcome: list[Any] = []
+
+        async def run(journal: SQLiteStore) -> None:
+            batch = dm.images.generate_many(
+                requests_for(model, count), concurrency=4, journal=journal
+            )
+            async for result in batch:
+                outcome.append(result)
+
+        started = time.monotonic()
         try:
             async with SQLiteStore(path, timeout=0.3) as journal:
-                outcome = await run_all(dm, requests_for(model, 4), journal=journal)
+                with pytest.raises(StoreError, match=r"the batch stopped: .*locked") as stop:
+                    await run(journal)
         finally:
             holder.rollback()
             holder.close()
+        # One wait for the lock, not one a request: the batch stopped at the first.
+        assert time.monotonic() - started < 3.0
+        assert "run the batch again" in str(stop.value).lower()
         assert generate_calls(served, model) == calls  # not one request went out unrecorded
-        assert sorted(result.index for result in outcome) == [0, 1, 2, 3]
+        indexes = sorted(result.index for result in outcome)
+        assert indexes[:2] == [0, 1]
+        assert len(indexes) < count  # the rest were never started
         for result in outcome:  # the recorded ones can still be read (WAL): resumed
             if result.index < 2:
                 assert result.resumed
@@ -434,8 +452,9 @@ async def test_a_locked_journal_sends_nothing_and_says_why(
                 assert isinstance(result.error, StoreError), result
                 assert "locked" in str(result.error)
         # Nothing lost: once the lock is gone the batch resumes where it was.
-        results = await run_all(dm, requests_for(model, 4), journal=path)
+        results = await run_all(dm, requests_for(model, count), journal=path)
     assert sum(result.resumed for result in results) == 2
+    assert len(results) == count
     assert all(result.ok for result in results)
 
 
