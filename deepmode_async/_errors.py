@@ -123,14 +123,17 @@ class CallbackTimeoutError(DeepModeError, TimeoutError):
     """No valid callback arrived in time.
 
     From `pending.wait(timeout=...)`, `.pending` is that `PendingCallback`, which can be
-    awaited again until the hub's `ttl` for it ends.
+    awaited again until the hub's `ttl` for it ends. `.refused` is why the hub refused
+    the last delivery (a body that does not parse, one too large), or None when no
+    delivery reached it.
     """
 
     _local_attributes = frozenset({"pending"})
 
-    def __init__(self, message: str, *, pending: Any = None) -> None:
+    def __init__(self, message: str, *, pending: Any = None, refused: str | None = None) -> None:
         super().__init__(message)
         self.pending = pending
+        self.refused = refused
 
 
 class CallbackNotFoundError(DeepModeError):

@@ -797,6 +797,7 @@ async def test_a_wait_times_out_and_can_be_waited_again(
     assert error.pending is pending
     assert "no upscale callback arrived" in str(error)
     assert "refused" not in str(error)
+    assert error.refused is None
     again = await waiting(error.pending)
     assert await post(plain, pending.url, image_body("late")) == (200, "received")
     assert (await again).id == "late"
@@ -813,6 +814,9 @@ async def test_a_timeout_after_a_refused_delivery_says_why(
     message = str(caught.value)
     assert "refused" in message
     assert "$.images[0].id" in message
+    assert caught.value.refused is not None
+    assert "$.images[0].id" in caught.value.refused
+    assert caught.value.refused in message
 
 
 async def test_a_timeout_after_a_413_says_the_body_was_too_large(

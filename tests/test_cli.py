@@ -783,6 +783,23 @@ def test_models_create_from_urls_plain_and_json(mock: MockDeepMode, env: dict[st
         assert request.json == {"gender": "woman", "model_type": "amateur", "image_urls": urls}
 
 
+def test_models_create_wait_timeout_is_said_in_command_terms(
+    mock: MockDeepMode, env: dict[str, str], tmp_path: pathlib.Path
+) -> None:
+    mock.training_delay = 30.0  # still training when the wait ends
+    photos = write_photos(tmp_path, 1)
+    args = ("models", "create", *photos, "--gender", "man", "--model-type", "professional")
+    done = run(env, *args, "--wait", "--wait-timeout", "0.5", "--callback-port", "0")
+    assert done.returncode == 1, done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: no model callback arrived within --wait-timeout (0.5 s)")
+    assert "--callback-port" in error
+    assert "longer --wait-timeout" in error
+    for library_term in ("adapter", "mounted", "hub", "wait("):
+        assert library_term not in error
+    assert done.stdout == ""
+
+
 def test_models_create_wait_prints_the_trained_model(
     mock: MockDeepMode, env: dict[str, str], tmp_path: pathlib.Path
 ) -> None:

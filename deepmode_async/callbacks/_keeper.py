@@ -156,8 +156,9 @@ class PendingCallback(Generic[T]):
             async with asyncio.timeout(max(limit - (time.monotonic() - started), 0.0)):
                 await future
         except TimeoutError:
-            message = await keeper.timeout_message(self, limit)
-            raise CallbackTimeoutError(message, pending=self) from None
+            refused = await keeper.refusal(self)
+            message = keeper.timeout_message(self, limit, refused)
+            raise CallbackTimeoutError(message, pending=self, refused=refused) from None
 
     def release(self) -> None:
         """Stop holding this expectation in this process (it no longer counts toward
@@ -423,17 +424,24 @@ class Keeper:
                 if raw is not None and (outcome := Outcome.decode(raw)) is not None:
                     self.settle_from(outcome)
 
-    async def timeout_message(self, pending: PendingCallback[Any], waited: float) -> str:
+    async def refusal(self, pending: PendingCallback[Any]) -> str | None:
+        """Why the last delivery of `pending` was refused, here or (a courtesy look in
+        the store) by another process; None when none was."""
+        if pending._rejection is not None:
+            return pending._rejection
+        with contextlib.suppress(StoreError, TimeoutError):
+            async with asyncio.timeout(_LOOK):
+                key = rejection_key(pending.token)
+                raw = await self.runner.run(self.store.get(NAMESPACE, key))
+                return raw.decode(errors="replace") if raw is not None else None
+        return None
+
+    def timeout_message(
+        self, pending: PendingCallback[Any], waited: float, refused: str | None
+    ) -> str:
         message = f"no {pending.kind} callback arrived within {max(waited, 0.0):.3g} s"
-        rejection = pending._rejection
-        if rejection is None:  # refused by another process, perhaps: a courtesy look
-            with contextlib.suppress(StoreError, TimeoutError):
-                async with asyncio.timeout(_LOOK):
-                    key = rejection_key(pending.token)
-                    raw = await self.runner.run(self.store.get(NAMESPACE, key))
-                    rejection = raw.decode(errors="replace") if raw is not None else None
-        if rejection is not None:
-            return f"{message}; the last delivery was refused: {rejection}"
+        if refused is not None:
+            return f"{message}; the last delivery was refused: {refused}"
         path = urlsplit(self.public_base_url).path or "/"
         return (
             f"{message}, and no delivery reached the hub. The API was given a URL under "

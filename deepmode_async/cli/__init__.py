@@ -68,19 +68,19 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         # Python from complaining again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(EXIT_FAILED)
-    except OSError as error:  # the output cannot be written (`> /dev/full`: a full disk)
-        if options.debug:
-            raise
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print(f"error: cannot write the output: {error.strerror or error}", file=sys.stderr)
-        sys.exit(EXIT_FAILED)
-    except DeepModeError as error:
+    except DeepModeError as error:  # before OSError: CallbackTimeoutError is a TimeoutError
         if options.debug:
             raise
         if isinstance(error, ValidationError):
             print(f"error: {_as_option(in_cli_terms(error), options.parser)}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
         print(f"error: {in_cli_terms(error)}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+    except OSError as error:  # the output cannot be written (`> /dev/full`: a full disk)
+        if options.debug:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"error: cannot write the output: {error.strerror or error}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
     sys.exit(0)
 

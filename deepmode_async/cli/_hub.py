@@ -8,7 +8,7 @@ import socket
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
-from .._errors import ValidationError
+from .._errors import CallbackTimeoutError, ValidationError
 from ..callbacks import CallbackHub, is_loopback
 
 
@@ -49,8 +49,28 @@ async def local_hub(
     try:
         async with hub.serve(port=port):
             yield hub
+    except CallbackTimeoutError as error:  # said again in the command's terms
+        raise CallbackTimeoutError(
+            _timed_out(error, ttl, port, public_url), pending=error.pending, refused=error.refused
+        ) from None
     finally:
         hub.close()
+
+
+def _timed_out(error: CallbackTimeoutError, ttl: float, port: int, public_url: str | None) -> str:
+    kind = getattr(error.pending, "kind", "the")
+    message = f"no {kind} callback arrived within --wait-timeout ({ttl:g} s)"
+    if error.refused is not None:
+        return f"{message}; the last delivery to this machine was refused: {error.refused}"
+    if public_url is not None:
+        return (
+            f"{message}, and none reached --callback-port {port} here: check that "
+            f"--public-url {public_url} forwards to it from where the API runs"
+        )
+    return (
+        f"{message}, and none reached --callback-port {port} here: the work may not "
+        "be done yet; give a longer --wait-timeout"
+    )
 
 
 def _free_port() -> int:
