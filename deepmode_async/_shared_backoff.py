@@ -38,6 +38,8 @@ _FIRST_LOOK: Final = 1.0
 _RELISTEN: Final = 5.0
 #: A deadline later than the known one by less than this is not news worth a push.
 _NEWS: Final = 0.05
+#: Tries to write a pause that other clients keep writing over meanwhile.
+_WRITE_TRIES: Final = 8
 
 
 def _encode(until: float) -> bytes:
@@ -162,13 +164,30 @@ class SharedBackoff:
             message = _encode(announced)
             try:
                 await self.store.publish(self._channel, message)
-                ttl = announced - time.time()
-                if ttl > 0:
-                    await self.store.put(NAMESPACE, self._key, message, ttl=ttl)
+                await self._keep_latest(announced, message)
             except Exception as error:
                 self._unreachable(error)
                 return
             self._reachable()
+
+    async def _keep_latest(self, until: float, message: bytes) -> None:
+        """Write the pause `until` under the account's key, unless a later one is there:
+        another client's, told at the same time, must not be cut short by this one for
+        the clients that look later."""
+        for _ in range(_WRITE_TRIES):  # each lost race means another pause was written
+            ttl = until - time.time()
+            if ttl <= 0:
+                return
+            found = await self.store.get(NAMESPACE, self._key)
+            if found is None:
+                if await self.store.add(NAMESPACE, self._key, message, ttl=ttl):
+                    return
+                continue
+            known = _decode(found)
+            if known is not None and known >= until:
+                return
+            if await self.store.replace(NAMESPACE, self._key, found, message, ttl=ttl):
+                return
 
     def _unreachable(self, error: Exception) -> None:
         if self._down:

@@ -15,6 +15,7 @@ from _redis import RedisServer
 from conftest import eventually
 
 from deepmode_async import AsyncClient, Client, RetryPolicy
+from deepmode_async._shared_backoff import SharedBackoff
 from deepmode_async.stores import MemoryStore, RedisStore, SQLiteStore, Store
 from deepmode_async.testing import MockDeepMode
 
@@ -243,3 +244,27 @@ async def test_a_client_from_with_options_shares_the_pause_and_leaves_it_open(
         assert time.monotonic() - told >= PAUSE - SLACK
         await call
     assert "unreachable" not in caplog.text
+
+
+async def test_a_shorter_pause_told_meanwhile_never_cuts_a_longer_one_short(
+    opener: Opener,
+) -> None:
+    """Two clients told to wait at once, neither having heard the other: the store
+    keeps the later deadline, which a client starting afterwards is held by."""
+    longer, shorter = (SharedBackoff(opener(), "acct", cap=60.0, owns_store=False) for _ in "ab")
+    try:
+        for backoff in (longer, shorter):
+            await backoff.hold()  # listening; no pause yet
+        longer.told(5.0)
+        shorter.told(1.0)  # before it hears of the longer one
+        await asyncio.gather(*(b._announcer for b in (longer, shorter) if b._announcer))
+        late = SharedBackoff(opener(), "acct", cap=60.0, owns_store=False)
+        try:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(late.hold(), 0.5)  # held by what it found
+            assert late.until > time.time() + 3.0
+        finally:
+            await late.aclose()
+    finally:
+        for backoff in (longer, shorter):
+            await backoff.aclose()
