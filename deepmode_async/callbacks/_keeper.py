@@ -156,9 +156,7 @@ class PendingCallback(Generic[T]):
             async with asyncio.timeout(max(limit - (time.monotonic() - started), 0.0)):
                 await future
         except TimeoutError:
-            refused = await keeper.refusal(self)
-            message = keeper.timeout_message(self, limit, refused)
-            raise CallbackTimeoutError(message, pending=self, refused=refused) from None
+            raise await keeper.timed_out(self, limit) from None
 
     def release(self) -> None:
         """Stop holding this expectation in this process (it no longer counts toward
@@ -424,31 +422,28 @@ class Keeper:
                 if raw is not None and (outcome := Outcome.decode(raw)) is not None:
                     self.settle_from(outcome)
 
-    async def refusal(self, pending: PendingCallback[Any]) -> str | None:
-        """Why the last delivery of `pending` was refused, here or (a courtesy look in
-        the store) by another process; None when none was."""
-        if pending._rejection is not None:
-            return pending._rejection
-        with contextlib.suppress(StoreError, TimeoutError):
-            async with asyncio.timeout(_LOOK):
-                key = rejection_key(pending.token)
-                raw = await self.runner.run(self.store.get(NAMESPACE, key))
-                return raw.decode(errors="replace") if raw is not None else None
-        return None
-
-    def timeout_message(
-        self, pending: PendingCallback[Any], waited: float, refused: str | None
-    ) -> str:
+    async def timed_out(self, pending: PendingCallback[Any], waited: float) -> CallbackTimeoutError:
+        """A wait's that ran out: why the last delivery was refused (here, or by another
+        process: a look in the store), or else the two usual causes of none arriving."""
+        refused = pending._rejection
+        if refused is None:
+            with contextlib.suppress(StoreError, TimeoutError):
+                async with asyncio.timeout(_LOOK):
+                    key = rejection_key(pending.token)
+                    raw = await self.runner.run(self.store.get(NAMESPACE, key))
+                    refused = raw.decode(errors="replace") if raw is not None else None
         message = f"no {pending.kind} callback arrived within {max(waited, 0.0):.3g} s"
         if refused is not None:
-            return f"{message}; the last delivery was refused: {refused}"
-        path = urlsplit(self.public_base_url).path or "/"
-        return (
-            f"{message}, and no delivery reached the hub. The API was given a URL under "
-            f"{self.public_base_url}/ (the last segment is the token): check that this "
-            "address reaches your app from where the API runs, and that the hub's "
-            f"adapter is mounted at {path!r} so that it serves POST {path.rstrip('/')}/<token>"
-        )
+            message += f"; the last delivery was refused: {refused}"
+        else:
+            path = urlsplit(self.public_base_url).path or "/"
+            message += (
+                f", and no delivery reached the hub. The API was given a URL under "
+                f"{self.public_base_url}/ (the last segment is the token): check that this "
+                "address reaches your app from where the API runs, and that the hub's "
+                f"adapter is mounted at {path!r} so that it serves POST {path.rstrip('/')}/<token>"
+            )
+        return CallbackTimeoutError(message, pending=pending, refused=refused)
 
 
 def discarded(kind: CallbackKind) -> DeepModeError:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import os
 import pathlib
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -16,17 +13,16 @@ import attrs
 from .. import _validate as check
 from .._client import AsyncClient
 from .._downloads import DownloadProgress, check_destination
-from .._errors import DeepModeError, OutcomeUnknownError, ValidationError
+from .._errors import DeepModeError, ValidationError
 from .._mock_options import MOCK_API_KEY
 from .._pacing import Pacer, pacing
-from .._requests import GenerateRequest
 from .._tasks import map_bounded
 from .._types import Accepted, Image, Model, ModelCreated, RemixResult
 from .._uploads import UploadProgress
-from ..batch import BatchResult
 from . import _signals
+from ._batch import Requests, generate_batch
 from ._hub import local_hub
-from ._terminal import Bar, describe, dumps, emit, image_line, jsonable, progress_bar, say
+from ._terminal import Bar, dumps, emit, image_line, jsonable, progress_bar, say
 
 T = TypeVar("T")
 
@@ -172,99 +168,31 @@ def models_extend(options: argparse.Namespace) -> None:
 
 def generate(options: argparse.Namespace) -> None:
     check.positive("--concurrency", options.concurrency)
-    requests = [
-        GenerateRequest(
-            model_id=options.model_id,
-            prompt=prompt,
-            negative_prompt=options.negative_prompt,
-            num_images=options.num_images,
-            upscale=options.upscale,
-            ratio=options.ratio,
-        )
-        for prompt in _prompts(options)
-    ]
+    requests = Requests(options)
     if options.resend_unknown and options.journal is None:
         raise ValidationError("--resend-unknown needs --journal")
     if options.callback is not None:
         if options.journal is not None:
             raise ValidationError("--journal is for batches in sync mode: drop --callback")
-        if len(requests) > 1:
+        if requests.count > 1:
             raise ValidationError("--callback takes one --prompt, not a batch")
         if options.out is not None:
             raise ValidationError("--out needs the images now: drop --callback")
-        request = requests[0]
+        (request,) = requests
         accepted = run(
             options,
             lambda dm: dm.images.generate(**attrs.asdict(request), callback=options.callback),
         )
         emit(options, accepted, accepted.message)
         return
-    results = run(options, lambda dm: generate_batch(options, dm, requests))
+    tally = run(
+        options,
+        lambda dm: generate_batch(options, dm, requests, total=requests.count, keep=options.json),
+    )
     if options.json:
-        print(dumps(jsonable(results)))
-    failures = [result for result in results if not result.ok]
-    if failures:
-        raise BatchFailed(f"{len(failures)} of {len(results)} requests failed")
-
-
-async def generate_batch(
-    options: argparse.Namespace, dm: AsyncClient, requests: list[GenerateRequest]
-) -> list[BatchResult]:
-    """Run `requests` through `generate_many`, a line (or a bar) per result; in order.
-
-    With `--journal`, a summary (resumed, sent, unknown, failed) goes to stderr at the
-    end, also when the batch is interrupted, saying how to resume it.
-    """
-    results = []
-    journal = getattr(options, "journal", None)
-    try:
-        with progress_bar(options, "generating", len(requests)) as bar:
-            report = None if bar is None else lambda p: bar.update(p.completed)
-            async with contextlib.aclosing(
-                dm.images.generate_many(
-                    requests,
-                    concurrency=options.concurrency,
-                    download_to=options.out,
-                    progress=report,
-                    journal=journal,
-                    resend_unknown=getattr(options, "resend_unknown", False),
-                )
-            ) as stream:
-                async for result in stream:
-                    results.append(result)
-                    if options.json:
-                        continue
-                    if not result.ok and result.generation is not None:
-                        # Paid for, its download failed: the images (ids, URLs) still
-                        # go out, so that `deepmode download ID` can fetch them.
-                        images = " ".join(map(image_line, result.generation.images))
-                        print(f"[{result.index}] {images}", flush=True)
-                    # A failure's detail goes with the other failure lines, on stderr.
-                    where = sys.stdout if result.ok else sys.stderr
-                    print(describe(result), file=where, flush=True)
-    except BaseException as error:
-        # Stopped by a signal (a cancel inside the loop), or failed part way: what was
-        # paid for so far is shown still, as JSON too.
-        if options.json and results:
-            print(dumps(jsonable(sorted(results, key=lambda result: result.index))))
-        if journal is not None and (results or isinstance(error, asyncio.CancelledError)):
-            say(f"{journal_summary(results)}; interrupted: run the same command to resume")
-        raise
-    if journal is not None:
-        say(journal_summary(results))
-    return sorted(results, key=lambda result: result.index)
-
-
-def journal_summary(results: list[BatchResult]) -> str:
-    """How a journalled batch went: results resumed, calls sent, unknown and failed."""
-    unknown = sum(isinstance(result.error, OutcomeUnknownError) for result in results)
-    resumed = sum(result.resumed for result in results) - unknown
-    sent = len(results) - resumed - unknown
-    failed = sum(not result.ok for result in results) - unknown
-    text = f"journal: {resumed} resumed, {sent} sent, {unknown} unknown, {failed} failed"
-    if unknown:
-        text += " (unknown: sent earlier, may have been charged; --resend-unknown sends them)"
-    return text
+        print(dumps(jsonable(tally.results)))
+    if tally.failed:
+        raise BatchFailed(f"{tally.failed} of {tally.total} requests failed")
 
 
 def upscale(options: argparse.Namespace) -> None:
@@ -379,27 +307,6 @@ def mock_serve(options: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _prompts(options: argparse.Namespace) -> list[str]:
-    if options.prompts_file is not None:
-        if options.prompt is not None:
-            raise ValidationError("give --prompt or --prompts-file, not both")
-        if options.count != 1:
-            raise ValidationError("--count is for --prompt; --prompts-file makes a call a line")
-        try:
-            text = pathlib.Path(options.prompts_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValidationError(f"cannot read --prompts-file: {exc}") from None
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-        if not prompts:
-            raise ValidationError("--prompts-file has no prompts (one a line)")
-        return prompts
-    if options.prompt is None:
-        raise ValidationError("give --prompt or --prompts-file")
-    if options.count < 1:
-        raise ValidationError(f"--count must be at least 1, not {options.count}")
-    return [options.prompt] * options.count
 
 
 def _check_out(options: argparse.Namespace) -> None:

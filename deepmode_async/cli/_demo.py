@@ -23,7 +23,8 @@ from .._downloads import check_destination
 from .._errors import ValidationError
 from .._requests import GenerateRequest
 from . import _signals
-from ._commands import BatchFailed, client, generate_batch, train_and_wait
+from ._batch import generate_batch
+from ._commands import BatchFailed, client, train_and_wait
 from ._terminal import dumps, say
 
 PROMPTS: Final = tuple(
@@ -111,7 +112,8 @@ async def _run(options: argparse.Namespace) -> Summary:
         batch_options = argparse.Namespace(
             json=options.json, concurrency=CONCURRENCY, out=options.out
         )
-        results = await generate_batch(batch_options, dm, requests)
+        tally = await generate_batch(batch_options, dm, requests, total=len(requests), keep=True)
+        results = tally.results
         generated = time.perf_counter()
         after = (await dm.account.balance()).remaining_balance
 
