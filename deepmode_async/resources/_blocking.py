@@ -232,6 +232,10 @@ class BlockingImages(Protocol):
         stretch of the input (the first `512` requests: before any call at all). A
         journal holds one batch: use a new file (or store) for a new batch. Resumed
         images carry the URLs recorded with them, which expire: `retrieve` signs anew.
+        A journal that cannot record a request before it is sent (its file locked past
+        the store's timeout, its Redis down) fails that request with `StoreError`
+        (nothing sent), starts no more, and raises `StoreError` once those in flight
+        have yielded.
 
         Breaking out of the loop, or cancelling it, cancels what is in flight and waits
         for it to clean up; use `contextlib.aclosing` around the iterator for this to
