@@ -309,9 +309,9 @@ class BatchJournal:
             if self.failure is None:
                 self.failure = StoreError(
                     f"the batch stopped: its journal could not record requests[{index}] "
-                    f"before sending it ({error}); that request and those after it were not "
-                    "sent. Run the batch again with the same journal to resume once the "
-                    "store works"
+                    f"before sending it ({error}), so it was not sent, and no request was "
+                    "started after it (those in flight finished). Run the batch again with "
+                    "the same journal to resume once the store works"
                 )
             raise
         except asyncio.CancelledError:

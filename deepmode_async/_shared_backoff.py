@@ -184,9 +184,15 @@ class SharedBackoff:
                     return
                 continue
             known = _decode(found)
-            if known is not None and known >= until:
-                return
-            if await self.store.replace(NAMESPACE, self._key, found, message, ttl=ttl):
+            if known is None or known < until:
+                if await self.store.replace(NAMESPACE, self._key, found, message, ttl=ttl):
+                    return
+                continue
+            # A later deadline is there, perhaps from a clock ahead of ours, whose record
+            # lives only as long as that client's pause: kept, and kept until its
+            # deadline as this clock reads it (capped), or this pause's end if later.
+            keep = max(ttl, min(known - time.time(), self._cap))
+            if await self.store.replace(NAMESPACE, self._key, found, found, ttl=keep):
                 return
 
     def _unreachable(self, error: Exception) -> None:

@@ -290,6 +290,41 @@ def test_generate_prompts_file(
     assert len(mock.ledger) == 3
 
 
+def test_generate_prompts_from_a_pipe_with_every_line_break_and_a_bad_line_named(
+    mock: MockDeepMode, env: dict[str, str], model_id: str, tmp_path: pathlib.Path
+) -> None:
+    args = ("generate", "--model-id", model_id, "--json")
+    piped = subprocess.run(  # noqa: S603 (our own entry point)
+        command(*args, "--prompts-file", "/dev/stdin"),
+        env=env,
+        input="a cat\na dog\n",
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert piped.returncode == 0, piped.stderr  # a pipe is read once, and kept
+    assert [item["prompt"] for item in json.loads(piped.stdout)] == ["a cat", "a dog"]
+    breaks = tmp_path / "breaks.txt"
+    breaks.write_text("a cat\u2028a dog\x0ca bird\r\na fish\ra bee\n", encoding="utf-8")
+    split = run(env, *args, "--prompts-file", str(breaks))
+    assert split.returncode == 0, split.stderr  # lines as str.splitlines sees them
+    assert [item["prompt"] for item in json.loads(split.stdout)] == [
+        "a cat",
+        "a dog",
+        "a bird",
+        "a fish",
+        "a bee",
+    ]
+    calls = len(mock.ledger)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"a cat\n" * 3000 + b"a \xff dog\n")
+    refused = run(env, "generate", "--model-id", model_id, "--prompts-file", str(bad))
+    assert refused.returncode == 2
+    assert "line 3001 is not UTF-8" in refused.stderr
+    assert len(mock.ledger) == calls == 7  # nothing sent for a file with a bad line
+
+
 def test_a_long_prompts_file_runs_in_flat_memory(tmp_path: pathlib.Path) -> None:
     """Prompts are streamed from the file and results counted, not kept: 12,000 prompts
     take about the memory of 2,000 (keeping them took ~1.1 KiB each)."""

@@ -15,7 +15,7 @@ from _redis import RedisServer
 from conftest import eventually
 
 from deepmode_async import AsyncClient, Client, RetryPolicy
-from deepmode_async._shared_backoff import SharedBackoff
+from deepmode_async._shared_backoff import NAMESPACE, SharedBackoff, _encode
 from deepmode_async.stores import MemoryStore, RedisStore, SQLiteStore, Store
 from deepmode_async.testing import MockDeepMode
 
@@ -246,6 +246,18 @@ async def test_a_client_from_with_options_shares_the_pause_and_leaves_it_open(
     assert "unreachable" not in caplog.text
 
 
+async def pause_found_by_a_new_client(opener: Opener) -> float:
+    """What is left of the pause a client starting now finds in the store (it is held
+    by it on its first call), in seconds."""
+    late = SharedBackoff(opener(), "acct", cap=60.0, owns_store=False)
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(late.hold(), 0.5)  # held by what it found
+        return late.until - time.time()
+    finally:
+        await late.aclose()
+
+
 async def test_a_shorter_pause_told_meanwhile_never_cuts_a_longer_one_short(
     opener: Opener,
 ) -> None:
@@ -258,13 +270,25 @@ async def test_a_shorter_pause_told_meanwhile_never_cuts_a_longer_one_short(
         longer.told(5.0)
         shorter.told(1.0)  # before it hears of the longer one
         await asyncio.gather(*(b._announcer for b in (longer, shorter) if b._announcer))
-        late = SharedBackoff(opener(), "acct", cap=60.0, owns_store=False)
-        try:
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(late.hold(), 0.5)  # held by what it found
-            assert late.until > time.time() + 3.0
-        finally:
-            await late.aclose()
+        assert await pause_found_by_a_new_client(opener) > 3.0
     finally:
         for backoff in (longer, shorter):
             await backoff.aclose()
+
+
+async def test_a_later_deadline_from_a_clock_ahead_is_kept_until_it_ends(opener: Opener) -> None:
+    """A client whose clock runs 10 s ahead wrote a deadline 10.3 s off by this clock,
+    in a record that lives its 0.3 s pause: a pause told here (3 s) keeps that deadline,
+    and keeps its record until then, so a client starting a second later is held."""
+    store = opener()
+    told = SharedBackoff(store, "acct", cap=60.0, owns_store=False)
+    try:
+        await told.hold()  # listening; no pause yet
+        await store.put(NAMESPACE, told._key, _encode(time.time() + 10.3), ttl=0.3)
+        told.told(3.0)
+        if told._announcer is not None:
+            await told._announcer
+        await asyncio.sleep(0.6)  # the record's own 0.3 s are over
+        assert await pause_found_by_a_new_client(opener) > 1.5
+    finally:
+        await told.aclose()

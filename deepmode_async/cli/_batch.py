@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import pathlib
+import stat
 import sys
 from collections.abc import Iterable, Iterator
 
@@ -26,34 +28,48 @@ from ._terminal import describe, dumps, image_line, jsonable, progress_bar, say
 
 class Requests:
     """The requests of `generate`: `--prompt` `--count` times, or a `--prompts-file` a
-    call a line (blank lines skipped). Every one is checked when this is made;
-    iterating makes them again, as they are needed."""
+    call a line (blank lines skipped, lines split as `str.splitlines` does). Every one
+    is checked when this is made; iterating makes them again, as they are needed. A
+    prompts file that is not a regular file (a pipe, `/dev/stdin`) can be read once
+    only: its prompts are kept."""
 
     def __init__(self, options: argparse.Namespace) -> None:
         self._options = options
         self._file: pathlib.Path | None = None
+        self._kept: list[str] | None = None
         if options.prompts_file is not None:
             if options.prompt is not None:
                 raise ValidationError("give --prompt or --prompts-file, not both")
             if options.count != 1:
                 raise ValidationError("--count is for --prompt; --prompts-file makes a call a line")
             self._file = pathlib.Path(options.prompts_file)
-            self.count = sum(1 for _ in map(self._request, self._lines()))
-            if not self.count:
+            try:
+                regular = stat.S_ISREG(self._file.stat().st_mode)
+            except OSError as exc:
+                raise ValidationError(f"cannot read --prompts-file: {exc}") from None
+            if not regular:
+                self._kept = list(self._lines())
+            requests = map(self._request, self._prompts())
+            first = next(requests, None)
+            if first is None:
                 raise ValidationError("--prompts-file has no prompts (one a line)")
+            self.first: GenerateRequest = first
+            self.count = 1 + sum(1 for _ in requests)
             return
         if options.prompt is None:
             raise ValidationError("give --prompt or --prompts-file")
         if options.count < 1:
             raise ValidationError(f"--count must be at least 1, not {options.count}")
-        self._request(options.prompt)  # the same request each time: checked once
+        self.first = self._request(options.prompt)  # the same request each time
         self.count = options.count
 
     def __iter__(self) -> Iterator[GenerateRequest]:
         if self._file is None:
-            request = self._request(self._options.prompt)
-            return (request for _ in range(self.count))
-        return map(self._request, self._lines())
+            return itertools.repeat(self.first, self.count)
+        return map(self._request, self._prompts())
+
+    def _prompts(self) -> Iterable[str]:
+        return self._kept if self._kept is not None else self._lines()
 
     def _request(self, prompt: str) -> GenerateRequest:
         options = self._options
@@ -67,13 +83,23 @@ class Requests:
         )
 
     def _lines(self) -> Iterator[str]:
+        """The file's prompts, read a line at a time (bytes, so that a line that is not
+        UTF-8 is named by its number)."""
         assert self._file is not None
         try:
-            with self._file.open(encoding="utf-8") as lines:
-                for line in lines:
-                    if prompt := line.strip():
-                        yield prompt
-        except (OSError, UnicodeDecodeError) as exc:
+            with self._file.open("rb") as lines:
+                for number, raw in enumerate(lines, 1):
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise ValidationError(
+                            f"cannot read --prompts-file: line {number} is not UTF-8 text "
+                            f"({exc.reason} at byte {exc.start + 1} of the line)"
+                        ) from None
+                    for line in text.splitlines():
+                        if prompt := line.strip():
+                            yield prompt
+        except OSError as exc:
             raise ValidationError(f"cannot read --prompts-file: {exc}") from None
 
 

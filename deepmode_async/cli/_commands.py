@@ -178,7 +178,7 @@ def generate(options: argparse.Namespace) -> None:
             raise ValidationError("--callback takes one --prompt, not a batch")
         if options.out is not None:
             raise ValidationError("--out needs the images now: drop --callback")
-        (request,) = requests
+        request = requests.first
         accepted = run(
             options,
             lambda dm: dm.images.generate(**attrs.asdict(request), callback=options.callback),
