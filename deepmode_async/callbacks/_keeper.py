@@ -423,8 +423,8 @@ class Keeper:
                     self.settle_from(outcome)
 
     async def timed_out(self, pending: PendingCallback[Any], waited: float) -> CallbackTimeoutError:
-        """A wait's that ran out: why the last delivery was refused (here, or by another
-        process: a look in the store), or else the two usual causes of none arriving."""
+        """The error of a wait that ran out: why the last delivery was refused (here, or
+        by another process: a look in the store), or else why none may have arrived."""
         refused = pending._rejection
         if refused is None:
             with contextlib.suppress(StoreError, TimeoutError):
