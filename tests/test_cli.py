@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
 import datetime as dt
 import http.server
@@ -872,6 +874,24 @@ def test_models_create_wait_timeout_is_said_in_command_terms(
     for library_term in ("adapter", "mounted", "hub", "wait("):
         assert library_term not in error
     assert done.stdout == ""
+
+
+def test_a_wait_with_no_wait_timeout_option_names_none() -> None:
+    """The demo's wait (no --wait-timeout option) runs out in its own terms."""
+    from deepmode_async import CallbackTimeoutError
+    from deepmode_async.cli._hub import local_hub
+
+    async def wait() -> str:
+        options = argparse.Namespace(callback_port=0, public_url=None)  # as the demo's
+        with pytest.raises(CallbackTimeoutError) as caught:
+            async with local_hub("http://127.0.0.1:9", options, ttl=0.3) as hub:
+                await hub.expect("model").wait()
+        return str(caught.value)
+
+    message = asyncio.run(wait())
+    assert message.startswith("no model callback arrived within 0.3 s"), message
+    assert "--callback-port" in message
+    assert "--wait-timeout" not in message
 
 
 def test_models_create_wait_prints_the_trained_model(
