@@ -1429,10 +1429,11 @@ def signalled(
     argv: list[str], env: dict[str, str], watched: pathlib.Path, signum: int
 ) -> subprocess.Popen[str]:
     """Run `argv` until a file shows up under `watched`, then send it `signum` and let it
-    finish (killed after 10 s)."""
+    finish. One still running 20 s later is made to print where each of its threads is
+    (faulthandler, on SIGABRT), and the test fails with that."""
     process = subprocess.Popen(  # noqa: S603 (our own entry point)
         argv,
-        env=env,
+        env=env | {"PYTHONFAULTHANDLER": "1"},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -1441,7 +1442,11 @@ def signalled(
     try:
         wait_until(lambda: watched.exists() and any(watched.rglob("*.*")), within=TIMEOUT)
         process.send_signal(signum)
-        process.wait(timeout=10)
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        _, stderr = process.communicate(timeout=10)
+        pytest.fail(f"still running 20 s after {signal.Signals(signum).name}:\n{stderr}")
     except BaseException:
         process.kill()
         process.communicate()
