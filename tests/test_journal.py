@@ -48,6 +48,7 @@ from deepmode_async import (
 from deepmode_async._convert import converter
 from deepmode_async._journal import NAMESPACE, BatchJournal, Entry
 from deepmode_async._requests import generate_body
+from deepmode_async.cli._batch import Tally
 from deepmode_async.stores import MemoryStore, SQLiteStore
 from deepmode_async.testing import MockDeepMode
 
@@ -451,6 +452,15 @@ async def test_a_locked_journal_sends_nothing_says_why_and_stops_the_batch(
             else:
                 assert isinstance(result.error, StoreError), result
                 assert "locked" in str(result.error)
+        # `deepmode generate --journal` counts them as not sent, as they were not.
+        tally = Tally(keep=False)
+        for result in outcome:
+            tally.add(result)
+        unsent = len(outcome) - 2
+        assert tally.journal_summary() == (
+            f"journal: 2 resumed, 0 sent, {unsent} not sent (the journal could not record "
+            f"them), 0 unknown, {unsent} failed"
+        )
         # Nothing lost: once the lock is gone the batch resumes where it was.
         results = await run_all(dm, requests_for(model, count), journal=path)
     assert sum(result.resumed for result in results) == 2

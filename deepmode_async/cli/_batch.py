@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 import attrs
 
 from .._client import AsyncClient
-from .._errors import OutcomeUnknownError, ValidationError
+from .._errors import OutcomeUnknownError, StoreError, ValidationError
 from .._requests import GenerateRequest
 from ..batch import BatchResult
 from ._terminal import describe, dumps, image_line, jsonable, progress_bar, say
@@ -114,12 +114,16 @@ class Tally:
     failed: int = 0
     resumed: int = 0
     unknown: int = 0
+    #: Failed before they were sent: the journal could not record them (the batch then
+    #: stops; a rerun sends them).
+    unsent: int = 0
 
     def add(self, result: BatchResult) -> None:
         self.total += 1
         self.failed += not result.ok
         self.resumed += result.resumed
         self.unknown += isinstance(result.error, OutcomeUnknownError)
+        self.unsent += isinstance(result.error, StoreError) and not result.resumed
         if self.keep:
             self.kept.append(result)
 
@@ -130,11 +134,15 @@ class Tally:
 
     def journal_summary(self) -> str:
         """How a journalled batch went: results resumed, calls sent, unknown and failed
-        (an unknown one is resumed and failed too: counted as unknown only)."""
+        (an unknown one is resumed and failed too: counted as unknown only; failed
+        counts the resumed and sent that failed, and those not sent)."""
         resumed = self.resumed - self.unknown
-        sent = self.total - resumed - self.unknown
+        sent = self.total - resumed - self.unknown - self.unsent
         failed = self.failed - self.unknown
-        text = f"journal: {resumed} resumed, {sent} sent, {self.unknown} unknown, {failed} failed"
+        text = f"journal: {resumed} resumed, {sent} sent, "
+        if self.unsent:
+            text += f"{self.unsent} not sent (the journal could not record them), "
+        text += f"{self.unknown} unknown, {failed} failed"
         if self.unknown:
             text += " (unknown: sent earlier, may have been charged; --resend-unknown sends them)"
         return text
