@@ -4,10 +4,14 @@ memory readings, and benchmarks/results.json."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import pathlib
 import platform
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -16,6 +20,30 @@ from aiohttp import web
 from deepmode_async.testing import MockProcess, mock_process, sample_image
 
 RESULTS = pathlib.Path(__file__).with_name("results.json")
+#: One way of making a benchmark's calls: `run(tag)` returns (wall seconds, answers ok).
+Run = Callable[[str], Awaitable[tuple[float, int]]]
+
+
+async def cpu_per_call(
+    ways: Mapping[str, Run], rounds: int, calls: int, *, pause: float = 0.0
+) -> dict[str, float]:
+    """Each way run in turn, a round unmeasured then `rounds` measured (after `pause`
+    seconds each time): the median CPU a call of each (`time.process_time()`, all
+    threads), in microseconds. A way with an answer not ok raises."""
+    cpu: dict[str, list[float]] = {name: [] for name in ways}
+    for round_ in ["warm", *map(str, range(rounds))]:
+        for name, run in ways.items():
+            if pause:
+                await asyncio.sleep(pause)
+            gc.collect()
+            started = time.process_time()
+            _, ok = await run(f"{round_}-{name}")
+            spent = time.process_time() - started
+            if ok != calls:
+                raise RuntimeError(f"{name}: {ok} of {calls} calls succeeded")
+            if round_ != "warm":
+                cpu[name].append(spent)
+    return {name: statistics.median(runs) / calls * 1e6 for name, runs in cpu.items()}
 
 
 def cpu_seconds(pid: int) -> float:

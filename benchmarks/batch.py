@@ -51,9 +51,12 @@ from _common import served, store, trained_model
 
 from deepmode_async import AsyncClient, Client, GenerateRequest
 from deepmode_async._connection import KEEPALIVE_SECONDS
+from deepmode_async.stores import Store
 
 IN_FLIGHT, THREADS, LATENCY, WARM_UP = 100, 16, 0.05, 100
 SLOW = 8.0  # a contender this many times slower than raw aiohttp in round 1 runs once
+#: What `generate_many(journal=...)` takes.
+Journal = str | pathlib.Path | Store | None
 
 
 class Contender:
@@ -75,17 +78,24 @@ class Bench:
         self.url = f"{base_url}/api/images/generate"
         self.headers = {"Authorization": f"Bearer {api_key}"}
 
+    def session(self) -> aiohttp.ClientSession:
+        """Raw aiohttp's session: `IN_FLIGHT` connections, kept idle as long as the SDK's."""
+        connector = aiohttp.TCPConnector(limit=IN_FLIGHT, keepalive_timeout=KEEPALIVE_SECONDS)
+        return aiohttp.ClientSession(connector=connector, headers=self.headers)
+
     def body(self, tag: str, index: int) -> dict[str, str]:
         return {"model_id": self.model_id, "prompt": f"a lighthouse {tag}-{index}"}
 
-    async def generate_many(self, dm: AsyncClient, calls: int, tag: str) -> tuple[float, int]:
+    async def generate_many(
+        self, dm: AsyncClient, calls: int, tag: str, *, journal: Journal = None
+    ) -> tuple[float, int]:
         started = time.perf_counter()
         batch = (
             GenerateRequest(model_id=self.model_id, prompt=f"a lighthouse {tag}-{index}")
             for index in range(calls)
         )
         ok = 0
-        async for result in dm.images.generate_many(batch, concurrency=IN_FLIGHT):
+        async for result in dm.images.generate_many(batch, concurrency=IN_FLIGHT, journal=journal):
             ok += result.ok and result.generation is not None and bool(result.generation.images)
         return time.perf_counter() - started, ok
 
@@ -159,11 +169,8 @@ def uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 async def async_contenders(bench: Bench, loop: Loop, blocking: list[Contender]) -> list[Contender]:
     """The contenders running on `loop`: all of them on asyncio's, the two of B6 on uvloop."""
     clients, suffix = loop.clients, "" if loop.name == "asyncio" else f", {loop.name}"
-    connector = aiohttp.TCPConnector(limit=IN_FLIGHT, keepalive_timeout=KEEPALIVE_SECONDS)
     adm = await clients.enter_async_context(AsyncClient(bench.api_key, base_url=bench.base_url))
-    session = await clients.enter_async_context(
-        aiohttp.ClientSession(connector=connector, headers=bench.headers)
-    )
+    session = await clients.enter_async_context(bench.session())
     contenders = [
         Contender(f"generate_many{suffix}", IN_FLIGHT, lambda n, t: bench.generate_many(adm, n, t)),
         Contender(f"raw aiohttp{suffix}", IN_FLIGHT, lambda n, t: bench.raw(session, n, t)),

@@ -19,24 +19,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import pathlib
-import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
-
-import aiohttp
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _common import served
+from _common import Run, cpu_per_call, served
 from batch import IN_FLIGHT, LATENCY, Bench, train
 
 from deepmode_async import AsyncClient, Timeout
 from deepmode_async._connection import KEEPALIVE_SECONDS
 
 CALLS = 1000
-Run = Callable[[str], Awaitable[tuple[float, int]]]
 
 
 async def gathered(dm: AsyncClient, model_id: str, tag: str) -> tuple[float, int]:
@@ -60,9 +54,8 @@ async def measure(rounds: int) -> dict[str, float]:
     with served(LATENCY) as mock:
         model_id = await train(mock.base_url, mock.api_key)
         bench = Bench(mock.base_url, mock.api_key, model_id)
-        connector = aiohttp.TCPConnector(limit=IN_FLIGHT, keepalive_timeout=KEEPALIVE_SECONDS)
         async with (
-            aiohttp.ClientSession(connector=connector, headers=bench.headers) as session,
+            bench.session() as session,
             AsyncClient(mock.api_key, base_url=mock.base_url) as dm,
             AsyncClient(mock.api_key, base_url=mock.base_url, timeout=untimed) as bare,
         ):
@@ -75,19 +68,8 @@ async def measure(rounds: int) -> dict[str, float]:
                     bare, model_id, tag
                 ),
             }
-            cpu: dict[str, list[float]] = {name: [] for name in ways}
-            for round_ in ["warm", *map(str, range(rounds))]:
-                for name, run in ways.items():
-                    await asyncio.sleep(KEEPALIVE_SECONDS + 0.5)  # every run connects anew
-                    gc.collect()
-                    started = time.process_time()
-                    _, ok = await run(f"{round_}-{name}")
-                    spent = time.process_time() - started
-                    if ok != CALLS:
-                        raise RuntimeError(f"{name}: {ok} of {CALLS} calls succeeded")
-                    if round_ != "warm":
-                        cpu[name].append(spent)
-    return {name: statistics.median(runs) / CALLS * 1e6 for name, runs in cpu.items()}
+            # Before each run, a pause longer than clients keep idle connections.
+            return await cpu_per_call(ways, rounds, CALLS, pause=KEEPALIVE_SECONDS + 0.5)
 
 
 def main() -> None:
