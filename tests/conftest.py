@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import pathlib
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -29,6 +30,14 @@ FAST = 0.001  # backoff base for tests: retries without sleeping
 hypothesis.settings.register_profile("ci", derandomize=True, database=None, deadline=None)
 hypothesis.settings.register_profile("explore", deadline=None)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or "ci")
+
+# The Ctrl+C tests send SIGINT, to this process and to children. A suite started as a
+# background job of a shell without job control (`make test &` in a script) inherits
+# SIGINT ignored, which children inherit in turn, and Python then never raises
+# KeyboardInterrupt: a handler here is what a terminal gives, and children start with
+# the default again (a handled signal is reset at exec, an ignored one is not).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class Served(Protocol):
