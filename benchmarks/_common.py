@@ -25,24 +25,34 @@ Run = Callable[[str], Awaitable[tuple[float, int]]]
 
 
 async def cpu_per_call(
-    ways: Mapping[str, Run], rounds: int, calls: int, *, pause: float = 0.0
+    ways: Mapping[str, Run],
+    rounds: int,
+    calls: int,
+    *,
+    pause: float = 0.0,
+    walls: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Each way run in turn, a round unmeasured then `rounds` measured (after `pause`
     seconds each time): the median CPU a call of each (`time.process_time()`, all
-    threads), in microseconds. A way with an answer not ok raises."""
+    threads), in microseconds; into `walls`, if given, each way's median wall time in
+    seconds. A way with an answer not ok raises."""
     cpu: dict[str, list[float]] = {name: [] for name in ways}
+    wall: dict[str, list[float]] = {name: [] for name in ways}
     for round_ in ["warm", *map(str, range(rounds))]:
         for name, run in ways.items():
             if pause:
                 await asyncio.sleep(pause)
             gc.collect()
             started = time.process_time()
-            _, ok = await run(f"{round_}-{name}")
+            seconds, ok = await run(f"{round_}-{name}")
             spent = time.process_time() - started
             if ok != calls:
                 raise RuntimeError(f"{name}: {ok} of {calls} calls succeeded")
             if round_ != "warm":
                 cpu[name].append(spent)
+                wall[name].append(seconds)
+    if walls is not None:
+        walls.update({name: statistics.median(runs) for name, runs in wall.items()})
     return {name: statistics.median(runs) / calls * 1e6 for name, runs in cpu.items()}
 
 

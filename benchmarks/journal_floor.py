@@ -11,10 +11,12 @@ own process), rounds interleaved, each way on a fresh SQLite file where it has o
   record that can be checked (it stores the answer's raw bytes); the errors, and the
   requests that are cancelled; and a store interface (checked keys and values) that
   Redis serves too.
-- `generate_many` without a journal, with an SQLite file, and with a `MemoryStore`
-  (the journal's own Python, without SQLite or a thread).
-Prints the median CPU a call (`time.process_time()`, all threads) and what each journal
-adds to its own way without one. Not in `make bench`: a diagnosis for B8, run by hand.
+- `generate_many` without a journal, with an SQLite file, with a `MemoryStore` (the
+  journal's own Python, without SQLite or a thread), and with `LeastStore`: the SDK's
+  journal writing through the least journal's thread (what `SQLiteStore` itself adds).
+Prints the median CPU a call (`time.process_time()`, all threads) and wall time, and
+what each journal adds to its own way without one. Not in `make bench`: a diagnosis for
+B8, run by hand.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import aiohttp
 
@@ -60,13 +62,13 @@ class LeastJournal:
         self._thread = threading.Thread(target=self._serve, args=(path,), daemon=True)
         self._thread.start()
 
-    async def write(self, key: str, value: bytes) -> None:
-        """Return once the record is durable."""
+    async def write(self, rows: _Rows) -> None:
+        """Return once the records `(key, value)` are durable."""
         if self._group is None:
             self._group = self._loop.create_future()
             self._loop.call_soon(self._flush)  # what else this turn of the loop writes joins
         group = self._group
-        self._rows.append((key, value))
+        self._rows += rows
         await group
 
     def close(self) -> None:
@@ -106,6 +108,23 @@ class LeastJournal:
         conn.close()
 
 
+class LeastStore(MemoryStore):
+    """A store for `generate_many(journal=...)` whose writes go through `LeastJournal`
+    (unchecked) and whose reads find nothing: a fresh journal's, on the least thread."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        super().__init__()
+        self._path = path
+        self.journal: LeastJournal | None = None  # made on the loop, at the first write
+
+    async def put_many(
+        self, ns: str, items: Sequence[tuple[str, bytes]], *, ttl: float | None = None
+    ) -> None:
+        if self.journal is None:
+            self.journal = LeastJournal(self._path)
+        await self.journal.write(list(items))
+
+
 async def raw(
     bench: Bench, session: aiohttp.ClientSession, tag: str, journal: LeastJournal | None
 ) -> tuple[float, int]:
@@ -117,11 +136,11 @@ async def raw(
             body = bench.body(tag, index)
             if journal is not None:
                 sent = b'{"q":%s,"t":%r}' % (json.dumps(body).encode(), time.time())
-                await journal.write(str(index), sent)
+                await journal.write([(str(index), sent)])
             async with session.post(bench.url, json=body) as response:
                 answer = await response.read()
             if journal is not None:
-                await journal.write(str(index), answer)
+                await journal.write([(str(index), answer)])
             return response.status == 200 and bool(json.loads(answer)["images"])
 
     started = time.perf_counter()
@@ -129,7 +148,9 @@ async def raw(
     return time.perf_counter() - started, ok
 
 
-async def measure(rounds: int, folder: pathlib.Path) -> tuple[dict[str, float], list[int]]:
+async def measure(
+    rounds: int, folder: pathlib.Path, walls: dict[str, float]
+) -> tuple[dict[str, float], list[int]]:
     files = iter(folder / f"{n}.db" for n in range(1_000_000))
     transactions: list[int] = []
     with served(LATENCY) as mock:
@@ -148,6 +169,14 @@ async def measure(rounds: int, folder: pathlib.Path) -> tuple[dict[str, float], 
                     journal.close()
                     transactions.append(journal.transactions)
 
+            async def least_store(tag: str) -> tuple[float, int]:
+                store = LeastStore(next(files))
+                try:
+                    return await bench.generate_many(dm, CALLS, tag, journal=store)
+                finally:
+                    if store.journal is not None:
+                        store.journal.close()
+
             def sdk(journal: Callable[[], Journal]) -> Run:
                 return lambda tag: bench.generate_many(dm, CALLS, tag, journal=journal())
 
@@ -157,8 +186,9 @@ async def measure(rounds: int, folder: pathlib.Path) -> tuple[dict[str, float], 
                 "generate_many": sdk(lambda: None),
                 "generate_many, journal= an SQLite file": sdk(lambda: next(files)),
                 "generate_many, journal= a MemoryStore": sdk(MemoryStore),
+                "generate_many, journal= LeastStore": least_store,
             }
-            us = await cpu_per_call(ways, rounds, CALLS)
+            us = await cpu_per_call(ways, rounds, CALLS, walls=walls)
     return us, transactions[1:]  # the first: the round unmeasured
 
 
@@ -166,16 +196,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=9, help="rounds measured (default: 9)")
     args = parser.parse_args()
+    walls: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="deepmode-floor-") as folder:
-        us, transactions = asyncio.run(measure(args.rounds, pathlib.Path(folder)))
+        us, transactions = asyncio.run(measure(args.rounds, pathlib.Path(folder), walls))
     print(f"B8 floor: {CALLS} calls, {LATENCY * 1000:.0f} ms latency, {IN_FLIGHT} in flight;")
-    print(f"median CPU a call over {args.rounds} rounds, asyncio's loop")
-    print("| way | CPU a call | added by the journal |\n|---|---|---|")
-    bases = {"raw aiohttp": us["raw aiohttp"], "generate_many": us["generate_many"]}
+    print(f"medians over {args.rounds} rounds, asyncio's loop")
+    print("| way | CPU a call | added by the journal | wall | against no journal |")
+    print("|---|---|---|---|---|")
     for name, value in us.items():
-        base = bases["raw aiohttp" if name.startswith("raw") else "generate_many"]
-        added = "" if name in bases else f"{value - base:+.1f} us"
-        print(f"| {name} | {value:.0f} us | {added} |")
+        base = "raw aiohttp" if name.startswith("raw") else "generate_many"
+        added = "" if name == base else f"{value - us[base]:+.1f} us"
+        ratio = walls[name] / walls[base]
+        print(f"| {name} | {value:.0f} us | {added} | {walls[name]:.3f} s | {ratio:.3f} x |")
     print(f"the least journal's transactions a run: {statistics.median(transactions):.0f}")
 
 
