@@ -83,29 +83,39 @@ class LeastJournal:
         rows, group, self._rows, self._group = self._rows, self._group, [], None
         self._jobs.put((rows, group))
 
-    def _committed(self, group: asyncio.Future[None]) -> None:
-        group.set_result(None)
+    def _settled(self, group: asyncio.Future[None], error: sqlite3.Error | None) -> None:
+        if error is None:
+            group.set_result(None)
+        else:  # its writers fail (and so the run), rather than wait for ever
+            group.set_exception(error)
         self._committing = False
         # What was written meanwhile, and what the requests just woken write (they
         # run first): the SDK's journal gathers the same way.
         self._loop.call_soon(self._flush)
 
     def _serve(self, path: pathlib.Path) -> None:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("CREATE TABLE records (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+        conn: sqlite3.Connection | None = None
         upsert = (
             "INSERT INTO records VALUES (?, ?)"
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
         )
         while (job := self._jobs.get()) is not None:
             rows, group = job
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(upsert, rows)
-            conn.execute("COMMIT")
-            self._loop.call_soon_threadsafe(self._committed, group)
-        conn.close()
+            try:
+                if conn is None:
+                    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                    conn.execute("PRAGMA journal_mode = WAL")
+                    conn.execute("PRAGMA synchronous = NORMAL")
+                    conn.execute("CREATE TABLE records (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(upsert, rows)
+                conn.execute("COMMIT")
+            except sqlite3.Error as error:
+                self._loop.call_soon_threadsafe(self._settled, group, error)
+            else:
+                self._loop.call_soon_threadsafe(self._settled, group, None)
+        if conn is not None:
+            conn.close()
 
 
 class LeastStore(MemoryStore):
@@ -196,6 +206,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=9, help="rounds measured (default: 9)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     walls: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="deepmode-floor-") as folder:
         us, transactions = asyncio.run(measure(args.rounds, pathlib.Path(folder), walls))

@@ -1445,7 +1445,11 @@ def signalled(
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.send_signal(signal.SIGABRT)
-        _, stderr = process.communicate(timeout=10)
+        try:
+            _, stderr = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # not even SIGABRT ended it
+            process.kill()
+            _, stderr = process.communicate()
         pytest.fail(f"still running 20 s after {signal.Signals(signum).name}:\n{stderr}")
     except BaseException:
         process.kill()
